@@ -1,0 +1,199 @@
+//! The shim's one persistent broker connection: opened lazily, re-opened with a short backoff
+//! when it breaks, and never trusted past a request's deadline.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use extauth_broker::extauth::Command;
+use extauth_broker::wire::{self, ClientMsg, Hello, Request, ServerMsg};
+
+use crate::options::{Addr, Options};
+
+/// First pause between connection attempts; doubled after each failed round, up to the cap.
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Relays requests to the first broker that answers.
+pub struct Relay<'a> {
+    options: &'a Options,
+    conn: Option<Stream>,
+    next_id: u64,
+}
+
+impl<'a> Relay<'a> {
+    /// A relay with no connection yet (the first request opens it).
+    pub fn new(options: &'a Options) -> Self {
+        Relay { options, conn: None, next_id: 1 }
+    }
+
+    /// Asks a broker about `command` and returns its verdict, or `false` when no answer arrived
+    /// before `deadline`. A connection that timed out is dropped, so a late answer can never be
+    /// taken for the next request's.
+    pub fn call(&mut self, command: Command, deadline: Instant) -> bool {
+        let id = self.next_id;
+        self.next_id += 1;
+        let (user, server) = command.jid_parts();
+        let what = format!("{} {user}@{server}", command.name());
+        let mut request = ClientMsg::Request(Request { id, deadline_ms: 0, command });
+        // A kept connection may have been closed by a broker restart since the last request;
+        // one fresh attempt is safe because every command is idempotent at the broker.
+        for _attempt in 0..2 {
+            let reused = self.conn.is_some();
+            let Some(mut conn) = self.conn.take().or_else(|| self.connect(deadline)) else {
+                eprintln!("extauth-shim: no broker reachable; refusing {what}");
+                return false;
+            };
+            if let ClientMsg::Request(r) = &mut request {
+                r.deadline_ms = remaining_ms(deadline);
+            }
+            match exchange(&mut conn, &request, id, deadline) {
+                Ok(ok) => {
+                    self.conn = Some(conn);
+                    return ok;
+                }
+                Err(e) if reused && !is_timeout(&e) && Instant::now() < deadline => continue,
+                Err(e) => {
+                    eprintln!("extauth-shim: broker did not answer {what}: {e}; refusing");
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
+    /// Tries every broker in order, then backs off and tries again, until one completes the
+    /// handshake or the connect budget (bounded by `deadline`) is spent.
+    fn connect(&self, deadline: Instant) -> Option<Stream> {
+        let give_up = deadline.min(Instant::now() + self.options.connect_timeout);
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            for addr in &self.options.brokers {
+                match Stream::open(addr, give_up).and_then(|s| self.handshake(s, give_up)) {
+                    Ok(stream) => return Some(stream),
+                    Err(e) => eprintln!("extauth-shim: broker {addr:?}: {e}"),
+                }
+            }
+            let now = Instant::now();
+            if now + backoff >= give_up {
+                return None;
+            }
+            sleep(backoff);
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    fn handshake(&self, mut stream: Stream, deadline: Instant) -> io::Result<Stream> {
+        let hello = ClientMsg::Hello(Hello {
+            version: wire::VERSION,
+            node: self.options.node.clone(),
+            pid: std::process::id(),
+        });
+        stream.set_deadline(deadline)?;
+        wire::write_msg(&mut stream, &hello)?;
+        match wire::read_msg(&mut stream, wire::MAX_FRAME)? {
+            ServerMsg::Welcome(_) => Ok(stream),
+            ServerMsg::Refused(r) => Err(io::Error::other(format!(
+                "refused handshake (broker protocol {}, ours {}): {}",
+                r.version,
+                wire::VERSION,
+                r.reason
+            ))),
+            ServerMsg::Response(_) => Err(io::Error::other("response before handshake")),
+        }
+    }
+}
+
+/// Sends one request and waits for the response with its id (skipping any other).
+fn exchange(conn: &mut Stream, request: &ClientMsg, id: u64, deadline: Instant) -> io::Result<bool> {
+    conn.set_deadline(deadline)?;
+    wire::write_msg(conn, request)?;
+    loop {
+        conn.set_deadline(deadline)?;
+        match wire::read_msg(conn, wire::MAX_FRAME)? {
+            ServerMsg::Response(r) if r.id == id => return Ok(r.ok),
+            ServerMsg::Response(_) => continue,
+            _ => return Err(io::Error::other("unexpected message from broker")),
+        }
+    }
+}
+
+fn remaining_ms(deadline: Instant) -> u32 {
+    let left = deadline.saturating_duration_since(Instant::now()).as_millis();
+    u32::try_from(left).unwrap_or(u32::MAX)
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+/// A connected Unix or TCP stream.
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn open(addr: &Addr, deadline: Instant) -> io::Result<Stream> {
+        match addr {
+            Addr::Unix(path) => UnixStream::connect(path).map(Stream::Unix),
+            Addr::Tcp(hostport) => {
+                let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+                for sa in hostport.to_socket_addrs()? {
+                    match TcpStream::connect_timeout(&sa, time_left(deadline)?) {
+                        Ok(s) => {
+                            s.set_nodelay(true)?;
+                            return Ok(Stream::Tcp(s));
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
+        }
+    }
+
+    /// Makes every blocking read and write fail once `deadline` has passed.
+    fn set_deadline(&self, deadline: Instant) -> io::Result<()> {
+        let left = Some(time_left(deadline)?);
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(left).and_then(|()| s.set_write_timeout(left)),
+            Stream::Tcp(s) => s.set_read_timeout(left).and_then(|()| s.set_write_timeout(left)),
+        }
+    }
+}
+
+fn time_left(deadline: Instant) -> io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+    }
+    Ok(left)
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.flush(),
+            Stream::Tcp(s) => s.flush(),
+        }
+    }
+}

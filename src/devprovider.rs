@@ -1,0 +1,123 @@
+//! A development OAuth provider speaking RFC 7662 introspection, for the demo and the tests.
+//!
+//! `POST /introspect` with HTTP Basic client authentication and the form field `token`. A known
+//! token gets its claims (with `"active": true` unless the claims say otherwise); an unknown one
+//! gets `{"active": false}`; a wrong client secret gets 401. Every call is counted, so tests can
+//! assert how many calls the broker made. Not for production: tokens live in memory.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use base64::prelude::{Engine as _, BASE64_STANDARD};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Form, Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// A running development provider; stops when dropped.
+pub struct DevProvider {
+    addr: SocketAddr,
+    state: Arc<ProviderState>,
+    stop: CancellationToken,
+}
+
+struct ProviderState {
+    /// `base64(client_id:client_secret)`, the expected HTTP Basic credentials.
+    basic: String,
+    tokens: Mutex<HashMap<String, Value>>,
+    calls: AtomicU64,
+    latency_ms: AtomicU64,
+    /// When set, every call gets this HTTP status (e.g. 503) instead of an answer.
+    fail_status: AtomicU64,
+}
+
+#[derive(Deserialize)]
+struct IntrospectForm {
+    token: String,
+}
+
+impl DevProvider {
+    /// Starts on `127.0.0.1:0` (a free port) accepting `client_id`/`client_secret`.
+    ///
+    /// # Errors
+    /// When the port cannot be bound.
+    pub async fn start(client_id: &str, client_secret: &str) -> std::io::Result<DevProvider> {
+        let state = Arc::new(ProviderState {
+            basic: BASE64_STANDARD.encode(format!("{client_id}:{client_secret}")),
+            tokens: Mutex::new(HashMap::new()),
+            calls: AtomicU64::new(0),
+            latency_ms: AtomicU64::new(0),
+            fail_status: AtomicU64::new(0),
+        });
+        let app = Router::new().route("/introspect", post(introspect)).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let until = stop.clone().cancelled_owned();
+        tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(until).await });
+        Ok(DevProvider { addr, state, stop })
+    }
+
+    /// The introspection endpoint URL.
+    pub fn url(&self) -> String {
+        format!("http://{}/introspect", self.addr)
+    }
+
+    /// Registers `token` with these introspection claims (`active` defaults to true).
+    pub fn insert(&self, token: &str, mut claims: Value) {
+        if let Some(map) = claims.as_object_mut() {
+            map.entry("active").or_insert(Value::Bool(true));
+        }
+        self.state.tokens.lock().expect("token table").insert(token.to_owned(), claims);
+    }
+
+    /// Introspection calls answered so far (including failed ones).
+    pub fn calls(&self) -> u64 {
+        self.state.calls.load(Ordering::SeqCst)
+    }
+
+    /// Delays every answer by `latency` (to make concurrent requests overlap).
+    pub fn set_latency(&self, latency: Duration) {
+        self.state.latency_ms.store(latency.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Makes every call answer HTTP `status` (0 restores normal answers).
+    pub fn set_fail_status(&self, status: u16) {
+        self.state.fail_status.store(status.into(), Ordering::SeqCst);
+    }
+}
+
+impl Drop for DevProvider {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn introspect(State(state): State<Arc<ProviderState>>, headers: HeaderMap, Form(form): Form<IntrospectForm>) -> Response {
+    state.calls.fetch_add(1, Ordering::SeqCst);
+    let latency = state.latency_ms.load(Ordering::SeqCst);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    let fail = state.fail_status.load(Ordering::SeqCst) as u16;
+    if let Ok(status) = StatusCode::from_u16(fail) {
+        return status.into_response();
+    }
+    let authorised = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .is_some_and(|b| b == state.basic);
+    if !authorised {
+        return (StatusCode::UNAUTHORIZED, Json(json!({"error": "invalid_client"}))).into_response();
+    }
+    let claims = state.tokens.lock().expect("token table").get(&form.token).cloned();
+    Json(claims.unwrap_or_else(|| json!({"active": false}))).into_response()
+}

@@ -1,0 +1,26 @@
+//! extauth-broker: validate ejabberd extauth logins whose password is an OAuth access token,
+//! once for the whole cluster.
+//!
+//! The protocol modules ([`extauth`], [`wire`]) are std-only and always built; everything else
+//! is behind the default `broker` feature so the shim links none of tokio, redis or reqwest.
+//! See `docs/architecture.md` for the request path.
+
+pub mod extauth;
+pub mod wire;
+
+#[cfg(feature = "broker")]
+pub mod cache;
+#[cfg(feature = "broker")]
+pub mod config;
+#[cfg(feature = "broker")]
+pub mod daemon;
+#[cfg(feature = "broker")]
+pub mod demo;
+#[cfg(feature = "broker")]
+pub mod devprovider;
+#[cfg(feature = "broker")]
+pub mod engine;
+#[cfg(feature = "broker")]
+pub mod server;
+#[cfg(feature = "broker")]
+pub mod validate;
