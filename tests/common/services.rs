@@ -1,0 +1,332 @@
+//! Real components for integration tests: redis-server, the broker and shims as child processes,
+//! and the development introspection provider (the only simulated part).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use extauth_broker::devprovider::DevProvider;
+use extauth_broker::extauth::reply;
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// The client credentials every test broker uses against the mock provider.
+pub const CLIENT_ID: &str = "test-broker";
+pub const CLIENT_SECRET: &str = "client-secret-5f1e0c7a";
+
+/// The broker binary cargo built for these tests.
+pub fn broker_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_extauth-broker"))
+}
+
+/// The shim binary, built next to the broker (it belongs to another workspace member, which
+/// `cargo test -p extauth-broker` alone would not build).
+pub fn shim_bin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let path = broker_bin().with_file_name("extauth-shim");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "-p", "extauth-shim"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("running cargo build -p extauth-shim");
+            assert!(status.success(), "cargo build -p extauth-shim failed");
+            assert!(path.exists(), "{} missing after build", path.display());
+            path
+        })
+        .clone()
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `check` every 10 ms until it is true or `limit` passes.
+pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The mock OAuth provider on its own small runtime, so tests can stay synchronous.
+pub struct Provider {
+    // Declared before the runtime so it stops first.
+    inner: DevProvider,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Provider {
+    /// Starts the provider on a free loopback port.
+    pub fn start() -> Provider {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let inner = rt.block_on(DevProvider::start(CLIENT_ID, CLIENT_SECRET)).unwrap();
+        Provider { inner, _rt: rt }
+    }
+
+    pub fn url(&self) -> String {
+        self.inner.url()
+    }
+
+    pub fn insert(&self, token: &str, claims: Value) {
+        self.inner.insert(token, claims);
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.inner.calls()
+    }
+
+    pub fn set_latency(&self, latency: Duration) {
+        self.inner.set_latency(latency);
+    }
+
+    pub fn set_fail_status(&self, status: u16) {
+        self.inner.set_fail_status(status);
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_s() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A throwaway redis-server on a free loopback port, killed on drop.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+    _dir: TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server)");
+        let redis = Redis { child, port, _dir: dir };
+        wait_until(Duration::from_secs(10), "redis-server", || redis.command(&["PING"]).is_ok_and(|r| r == "+PONG"));
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends one command (RESP) and returns the raw reply, e.g. `+PONG` or `:3`.
+    pub fn command(&self, args: &[&str]) -> std::io::Result<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        stream.write_all(req.as_bytes())?;
+        let mut buf = [0u8; 4096];
+        let n = stream.read(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_owned())
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a test broker is started with.
+pub struct BrokerSpec<'a> {
+    pub provider: &'a Provider,
+    pub redis: Option<&'a Redis>,
+    /// The shared cache key secret; brokers sharing Redis must share it.
+    pub cache_secret: &'a str,
+    pub extra: Vec<String>,
+}
+
+impl<'a> BrokerSpec<'a> {
+    pub fn new(provider: &'a Provider) -> Self {
+        BrokerSpec { provider, redis: None, cache_secret: "test-cache-secret-0123456789abcdef0123", extra: Vec::new() }
+    }
+
+    pub fn with_redis(mut self, redis: &'a Redis) -> Self {
+        self.redis = Some(redis);
+        self
+    }
+}
+
+/// A broker child process listening on a Unix socket in its own temp dir; killed on drop.
+pub struct Broker {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    dir: TempDir,
+}
+
+impl Broker {
+    pub fn start(spec: &BrokerSpec) -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("broker.sock");
+        let mut broker = Broker { child: None, socket, dir };
+        broker.launch(spec);
+        broker
+    }
+
+    /// The `--broker` argument for shims.
+    pub fn addr(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+
+    /// Starts the process (again) on the same socket.
+    pub fn launch(&mut self, spec: &BrokerSpec) {
+        let secret_file = self.dir.path().join("cache.key");
+        std::fs::write(&secret_file, spec.cache_secret).unwrap();
+        let log = File::options().create(true).append(true).open(self.log_path()).unwrap();
+        let mut cmd = Command::new(broker_bin());
+        cmd.arg("--listen")
+            .arg(format!("unix:{}", self.socket.display()))
+            .args(["--introspection-url", &spec.provider.url(), "--client-id", CLIENT_ID])
+            .arg("--cache-secret-file")
+            .arg(&secret_file)
+            .args(&spec.extra)
+            .env("EXTAUTH_CLIENT_SECRET", CLIENT_SECRET)
+            .env("EXTAUTH_LOG_LEVEL", "debug")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(redis) = spec.redis {
+            cmd.args(["--redis", &redis.url()]);
+        }
+        self.child = Some(cmd.spawn().unwrap());
+        let socket = self.socket.clone();
+        wait_until(Duration::from_secs(10), "the broker's socket", || std::os::unix::net::UnixStream::connect(&socket).is_ok());
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("broker.log")
+    }
+
+    /// Everything the broker logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A real shim child process speaking extauth on its stdin/stdout.
+pub struct Shim {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: ChildStdout,
+}
+
+impl Shim {
+    /// Starts `extauth-shim --broker ADDR --timeout T` plus `extra` flags.
+    pub fn spawn(broker: &str, timeout_s: f64, extra: &[&str]) -> Shim {
+        let mut child = Command::new(shim_bin())
+            .args(["--broker", broker, "--timeout", &timeout_s.to_string()])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().unwrap();
+        Shim { child, stdin, stdout }
+    }
+
+    /// Sends raw bytes (a frame or part of one).
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(bytes).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Sends one request frame without waiting for the reply.
+    pub fn send(&mut self, request: &[u8]) {
+        self.send_raw(&frame(request));
+    }
+
+    /// Reads one reply; panics on anything but `00 02 00 0x`.
+    pub fn reply(&mut self) -> bool {
+        let mut answer = [0u8; 4];
+        self.stdout.read_exact(&mut answer).unwrap();
+        match answer {
+            a if a == reply(true) => true,
+            a if a == reply(false) => false,
+            other => panic!("not an extauth reply: {other:?}"),
+        }
+    }
+
+    /// Sends a request and waits for its reply.
+    pub fn ask(&mut self, request: &str) -> bool {
+        self.send(request.as_bytes());
+        self.reply()
+    }
+
+    /// Closes stdin and returns everything left on stdout and the exit status.
+    pub fn finish(mut self, limit: Duration) -> (Vec<u8>, ExitStatus) {
+        drop(self.stdin.take());
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(start.elapsed() < limit, "shim did not exit within {limit:?} after EOF");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let mut rest = Vec::new();
+        self.stdout.read_to_end(&mut rest).unwrap();
+        (rest, status)
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An extauth frame: 2-byte big-endian length, then the request.
+pub fn frame(request: &[u8]) -> Vec<u8> {
+    let mut v = u16::try_from(request.len()).unwrap().to_be_bytes().to_vec();
+    v.extend_from_slice(request);
+    v
+}
+
+/// A unique token for this test run (so no two tests share a cache entry by accident).
+pub fn token(label: &str) -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    format!("tok-{label}-{}-{n}-{}", std::process::id(), now_s())
+}
+
+/// Path helper for tests that need a socket path that does not exist yet.
+pub fn socket_in(dir: &Path) -> PathBuf {
+    dir.join("broker.sock")
+}

@@ -1,0 +1,74 @@
+//! One provider call per token: concurrent requests coalesce, and brokers share verdicts.
+
+mod common;
+
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use common::services::{token, Broker, BrokerSpec, Provider, Redis, Shim};
+use serde_json::json;
+
+#[test]
+fn fifty_shims_with_one_fresh_token_cost_one_provider_call() {
+    let provider = Provider::start();
+    let redis = Redis::start();
+    let broker = Broker::start(&BrokerSpec::new(&provider).with_redis(&redis));
+    let fresh = token("herd");
+    provider.insert(&fresh, json!({"username": "alice"}));
+    // Slow enough that all 50 requests arrive while the first call is in flight.
+    provider.set_latency(Duration::from_millis(500));
+    let mut shims: Vec<Shim> = (0..50).map(|_| Shim::spawn(&broker.addr(), 10.0, &[])).collect();
+    // Open every connection first, so the herd is not spread out by connection set-up.
+    for shim in &mut shims {
+        assert!(!shim.ask("isuser:nobody:example.com"));
+    }
+    let barrier = Arc::new(Barrier::new(shims.len()));
+    let request = format!("auth:alice:example.com:{fresh}");
+    let threads: Vec<_> = shims
+        .into_iter()
+        .map(|mut shim| {
+            let (barrier, request) = (barrier.clone(), request.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                shim.ask(&request)
+            })
+        })
+        .collect();
+    let accepted = threads.into_iter().map(|t| t.join().unwrap()).filter(|ok| *ok).count();
+    assert_eq!(accepted, 50);
+    assert_eq!(provider.calls(), 1);
+}
+
+#[test]
+fn a_verdict_reached_through_one_broker_is_shared_with_another_through_redis() {
+    let provider = Provider::start();
+    let redis = Redis::start();
+    let spec = BrokerSpec::new(&provider).with_redis(&redis);
+    let (a, b) = (Broker::start(&spec), Broker::start(&spec));
+    let (alice, stranger) = (token("alice"), token("stranger"));
+    provider.insert(&alice, json!({"username": "alice"}));
+    let mut via_a = Shim::spawn(&a.addr(), 5.0, &[]);
+    let mut via_b = Shim::spawn(&b.addr(), 5.0, &[]);
+    assert!(via_a.ask(&format!("auth:alice:example.com:{alice}")));
+    assert!(!via_a.ask(&format!("auth:alice:example.com:{stranger}")));
+    assert_eq!(provider.calls(), 2);
+    assert!(via_b.ask(&format!("auth:alice:example.com:{alice}")), "positive verdict shared");
+    assert!(!via_b.ask(&format!("auth:alice:example.com:{stranger}")), "negative verdict shared");
+    assert!(via_b.ask("isuser:alice:example.com"), "seen through broker A");
+    assert_eq!(provider.calls(), 2, "broker B made no provider call");
+}
+
+#[test]
+fn brokers_with_different_cache_secrets_share_nothing() {
+    let provider = Provider::start();
+    let redis = Redis::start();
+    let a = Broker::start(&BrokerSpec::new(&provider).with_redis(&redis));
+    let mut other = BrokerSpec::new(&provider).with_redis(&redis);
+    other.cache_secret = "another-cache-secret-fedcba9876543210fedcba";
+    let b = Broker::start(&other);
+    let alice = token("alice");
+    provider.insert(&alice, json!({"username": "alice"}));
+    assert!(Shim::spawn(&a.addr(), 5.0, &[]).ask(&format!("auth:alice:example.com:{alice}")));
+    assert!(Shim::spawn(&b.addr(), 5.0, &[]).ask(&format!("auth:alice:example.com:{alice}")));
+    assert_eq!(provider.calls(), 2, "keys are HMACs of the secret: no cross-talk");
+}

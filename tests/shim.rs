@@ -1,0 +1,121 @@
+//! The shim as ejabberd sees it: one 4-byte reply per request, fail closed, reconnect, exit on EOF.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::services::{frame, token, Broker, BrokerSpec, Provider, Shim};
+use serde_json::json;
+
+#[test]
+fn answers_zero_while_the_broker_is_down_and_one_once_it_is_up() {
+    let provider = Provider::start();
+    let alice = token("alice");
+    provider.insert(&alice, json!({"username": "alice"}));
+    let mut broker = Broker::start(&BrokerSpec::new(&provider));
+    broker.kill();
+    let mut shim = Shim::spawn(&broker.addr(), 1.0, &["--connect-timeout", "0.3"]);
+    let request = format!("auth:alice:example.com:{alice}");
+    let started = Instant::now();
+    assert!(!shim.ask(&request), "no broker: fail closed");
+    assert!(started.elapsed() < Duration::from_millis(1500), "within the timeout: {:?}", started.elapsed());
+    broker.launch(&BrokerSpec::new(&provider));
+    assert!(shim.ask(&request), "same shim process, broker back");
+    broker.kill();
+    broker.launch(&BrokerSpec::new(&provider));
+    assert!(shim.ask(&request), "reconnects after a broker restart");
+}
+
+#[test]
+fn malformed_requests_do_not_disturb_the_stream() {
+    let provider = Provider::start();
+    let alice = token("alice");
+    provider.insert(&alice, json!({"username": "alice"}));
+    let broker = Broker::start(&BrokerSpec::new(&provider));
+    let mut shim = Shim::spawn(&broker.addr(), 5.0, &[]);
+    let good = format!("auth:alice:example.com:{alice}");
+    let requests: Vec<Vec<u8>> = vec![
+        b"auth:alice".to_vec(),
+        good.clone().into_bytes(),
+        Vec::new(),
+        b"frobnicate:a:b:c".to_vec(),
+        b"auth:alice:example.com:\xff\xfe".to_vec(),
+        good.clone().into_bytes(),
+        b"isuser:alice:example.com:extra".to_vec(),
+        format!("auth:alice:example.com:{alice}:with:colons").into_bytes(),
+        good.into_bytes(),
+    ];
+    let expected = [false, true, false, false, false, true, false, false, true];
+    // All requests in one write, as a burst of frames arriving together.
+    let burst: Vec<u8> = requests.iter().flat_map(|r| frame(r)).collect();
+    shim.send_raw(&burst);
+    let got: Vec<bool> = (0..requests.len()).map(|_| shim.reply()).collect();
+    assert_eq!(got, expected);
+    let (rest, status) = shim.finish(Duration::from_secs(2));
+    assert!(rest.is_empty(), "nothing but replies on stdout: {rest:?}");
+    assert!(status.success());
+}
+
+#[test]
+fn stdout_carries_exactly_four_bytes_per_request_and_eof_exits_zero() {
+    let provider = Provider::start();
+    let broker = Broker::start(&BrokerSpec::new(&provider));
+    let mut shim = Shim::spawn(&broker.addr(), 5.0, &[]);
+    let mut burst = Vec::new();
+    for i in 0..40 {
+        burst.extend(frame(format!("auth:user{i}:example.com:tok{i}").as_bytes()));
+        burst.extend(frame(b"isuser:x:y"));
+    }
+    // A frame split in two writes, then EOF with half a frame pending.
+    shim.send_raw(&burst);
+    let (rest, status) = {
+        let split = frame(b"auth:alice:example.com:slow-split");
+        shim.send_raw(&split[..7]);
+        std::thread::sleep(Duration::from_millis(50));
+        shim.send_raw(&split[7..]);
+        shim.send_raw(&[0, 9, b'a']);
+        shim.finish(Duration::from_secs(5))
+    };
+    assert!(status.success(), "EOF -> exit 0, got {status}");
+    assert_eq!(rest.len(), 81 * 4, "one 4-byte reply per complete request");
+    assert!(rest.chunks(4).all(|c| c == [0, 2, 0, 0]), "unknown tokens -> 0");
+}
+
+#[test]
+fn the_largest_request_is_relayed() {
+    let provider = Provider::start();
+    let prefix = "auth:alice:example.com:";
+    let big: String = "t".repeat(65_535 - prefix.len());
+    provider.insert(&big, json!({"username": "alice"}));
+    let mut spec = BrokerSpec::new(&provider);
+    spec.extra = vec!["--max-token-len".into(), "65535".into()];
+    let broker = Broker::start(&spec);
+    let mut shim = Shim::spawn(&broker.addr(), 5.0, &[]);
+    assert!(shim.ask(&format!("{prefix}{big}")), "65 535-byte frame, unsigned length");
+    assert!(!shim.ask(&format!("{prefix}{}", &big[1..])), "different token");
+    assert_eq!(provider.calls(), 2);
+    let default_limit = Broker::start(&BrokerSpec::new(&provider));
+    let mut shim = Shim::spawn(&default_limit.addr(), 5.0, &[]);
+    assert!(!shim.ask(&format!("{prefix}{big}")), "over --max-token-len: refused");
+    assert_eq!(provider.calls(), 2, "without a provider call");
+}
+
+#[test]
+fn a_late_answer_is_never_written() {
+    let provider = Provider::start();
+    let (slow, quick) = (token("slow"), token("quick"));
+    provider.insert(&slow, json!({"username": "alice"}));
+    provider.insert(&quick, json!({"username": "bob"}));
+    let broker = Broker::start(&BrokerSpec::new(&provider));
+    let mut shim = Shim::spawn(&broker.addr(), 1.0, &[]);
+    provider.set_latency(Duration::from_millis(2500));
+    let started = Instant::now();
+    assert!(!shim.ask(&format!("auth:alice:example.com:{slow}")), "deadline passed: 0");
+    assert!(started.elapsed() < Duration::from_millis(2000));
+    provider.set_latency(Duration::ZERO);
+    // The slow answer (1) arrives at the broker meanwhile; it must not be read as this reply.
+    assert!(!shim.ask(&format!("auth:alice:example.com:{quick}")), "bob's token for alice");
+    std::thread::sleep(Duration::from_millis(1800));
+    assert!(!shim.ask(&format!("auth:alice:example.com:{quick}")), "still bob's token, after the late answer arrived");
+    assert!(shim.ask(&format!("auth:bob:example.com:{quick}")));
+}
