@@ -277,6 +277,12 @@ mod tests {
     }
 
     #[test]
+    fn hello_encoding_matches_the_example_in_docs_protocol_md() {
+        let hello = ClientMsg::Hello(Hello { version: 1, node: "n1".into(), pid: 300 });
+        assert_eq!(encode(&hello).unwrap(), [0, 0, 0, 7, 0, 1, 2, b'n', b'1', 0xac, 0x02]);
+    }
+
+    #[test]
     fn responses_round_trip() {
         let r = ServerMsg::Response(Response { id: 7, ok: true, reason: Reason::Accepted, source: Source::Redis });
         let frame = encode(&r).unwrap();
