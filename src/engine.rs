@@ -159,7 +159,8 @@ impl Engine {
                 if exp_ms.is_some_and(|e| e <= now) {
                     return Ok(negative(Reason::Expired));
                 }
-                if !subject.as_deref().is_some_and(|s| normalise_localpart(s).as_deref() == Some(user)) {
+                let owner = subject.as_deref().and_then(normalise_localpart);
+                if owner.as_deref() != Some(user) {
                     return Ok(negative(Reason::WrongUser));
                 }
                 let cap = now + ms(self.cache.max_ttl);

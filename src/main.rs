@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve shims (the default).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run the whole request path on this machine with no external service: a development
     /// introspection provider, the broker with its in-process cache, and a real shim fed good,
     /// wrong and foreign tokens.
@@ -56,7 +56,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Some(Command::Demo(args)) => demo::run(args).await,
-            Some(Command::Run(args)) => serve(args).await,
+            Some(Command::Run(args)) => serve(*args).await,
             None => serve(cli.run).await,
         }
     });
