@@ -1,12 +1,14 @@
 //! Verdict cache: keyed digests, the in-process L1 (moka) and the shared L2 (Redis).
 //!
 //! Rules (RFC 7662 section 4; see `docs/architecture.md`):
-//! - Key = HMAC-SHA256(cache secret, version | domain | localpart | token), each part
-//!   length-prefixed. Tokens never leave memory; a Redis dump cannot be checked against guessed
-//!   tokens without the secret.
-//! - Every entry carries an absolute expiry (ms since the Unix epoch); L1 and Redis entries expire
-//!   at that instant (`SET ... PXAT`), so a read never extends a lifetime and a copy taken from
-//!   Redis lives no longer than the original.
+//! - Verdict key = HMAC-SHA256(cache secret, version | domain | localpart | generation | token),
+//!   each part length-prefixed. Tokens never leave memory; a Redis dump cannot be checked against
+//!   guessed tokens without the secret. The user's generation number makes "revoke every verdict
+//!   of this user" one `INCR`.
+//! - Every entry carries absolute instants (ms since the Unix epoch): `fresh_until` (its TTL) and
+//!   `usable_until` (the `stale_if_error` grace, never past the token's `exp`). Entries expire at
+//!   those instants everywhere (`SET ... PXAT`), so a read never extends a lifetime and a copy
+//!   taken from Redis lives no longer than the original.
 //! - Redis errors are returned to the engine, which degrades to L1 + provider; they never become
 //!   verdicts.
 
@@ -23,15 +25,16 @@ use sha2::Sha256;
 use crate::extauth::Secret;
 use crate::wire::Reason;
 
-/// A 32-byte HMAC-SHA256 cache key.
+/// A 32-byte HMAC-SHA256 digest used as a cache key.
 pub type Key = [u8; 32];
 
-/// Version mixed into every key: bump it to orphan all cached verdicts at once.
-const KEY_VERSION: &[u8] = b"extauth-broker/verdict/v1";
-/// Redis key prefix for verdicts; the rest is the hex digest.
+/// Redis key prefixes; the rest of each key is a hex digest.
 const VERDICT_PREFIX: &str = "extauth:v1:verdict:";
-/// Redis key prefix for "seen" markers (`isuser`); the rest is a digest of domain and user.
 const SEEN_PREFIX: &str = "extauth:v1:seen:";
+const GENERATION_PREFIX: &str = "extauth:v1:gen:";
+const LOCK_PREFIX: &str = "extauth:v1:lock:";
+/// Pub/sub channel on which revocations are announced to every broker.
+pub const REVOKE_CHANNEL: &str = "extauth:v1:revoke";
 
 /// Derives cache keys with the cache secret.
 #[derive(Clone)]
@@ -42,18 +45,29 @@ pub struct KeyDeriver {
 impl KeyDeriver {
     /// A deriver keyed with `secret`.
     pub fn new(secret: &Secret) -> Self {
-        let mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()).expect("HMAC takes any key length");
+        let mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes())
+            .expect("HMAC takes any key length");
         KeyDeriver { mac }
     }
 
-    /// The key of the verdict on `token` for `user@domain`.
-    pub fn verdict(&self, domain: &str, user: &str, token: &str) -> Key {
-        self.digest(&[KEY_VERSION, domain.as_bytes(), user.as_bytes(), token.as_bytes()])
+    /// The key of the verdict on `token` for `user@domain` at the user's `generation`.
+    pub fn verdict(&self, domain: &str, user: &str, generation: u64, token: &str) -> Key {
+        self.digest(&[
+            b"extauth-broker/verdict/v1",
+            domain.as_bytes(),
+            user.as_bytes(),
+            &generation.to_be_bytes(),
+            token.as_bytes(),
+        ])
     }
 
-    /// The key of the "seen" marker of `user@domain`.
-    pub fn seen(&self, domain: &str, user: &str) -> Key {
-        self.digest(&[b"extauth-broker/seen/v1", domain.as_bytes(), user.as_bytes()])
+    /// The key of everything stored about `user@domain` itself ("seen" marker, generation).
+    pub fn user(&self, domain: &str, user: &str) -> Key {
+        self.digest(&[
+            b"extauth-broker/user/v1",
+            domain.as_bytes(),
+            user.as_bytes(),
+        ])
     }
 
     fn digest(&self, parts: &[&[u8]]) -> Key {
@@ -67,26 +81,41 @@ impl KeyDeriver {
     }
 }
 
-/// A cached decision on one (domain, user, token).
+/// A cached decision on one (domain, user, generation, token).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Verdict {
     /// Accept the login?
     pub ok: bool,
     /// Why.
     pub reason: Reason,
-    /// When the entry stops being valid, ms since the Unix epoch.
-    pub expires_at_ms: u64,
+    /// End of the entry's TTL, ms since the Unix epoch.
+    pub fresh_until_ms: u64,
+    /// Until when the entry may still be served while the provider is unavailable
+    /// (`stale_if_error`); equal to `fresh_until_ms` when that is off. Never past `exp`.
+    pub usable_until_ms: u64,
 }
 
 impl Verdict {
-    /// Time left before the entry expires (zero when already expired).
-    pub fn remaining(&self) -> Duration {
-        Duration::from_millis(self.expires_at_ms.saturating_sub(now_ms()))
+    /// Within its TTL?
+    pub fn is_fresh(&self) -> bool {
+        self.fresh_until_ms > now_ms()
     }
 
-    /// Redis value: `ok|reason|expires_at_ms`, e.g. `1|accepted|1767225600000`. Holds no secret.
+    /// Time left before the TTL ends (zero when already stale).
+    pub fn remaining(&self) -> Duration {
+        Duration::from_millis(self.fresh_until_ms.saturating_sub(now_ms()))
+    }
+
+    /// Redis value: `ok|reason|fresh_until_ms|usable_until_ms`, e.g. `1|accepted|1767225600000|1767225600000`.
+    /// Holds no token and no subject.
     fn to_redis(self) -> String {
-        format!("{}|{}|{}", self.ok as u8, self.reason.as_str(), self.expires_at_ms)
+        format!(
+            "{}|{}|{}|{}",
+            self.ok as u8,
+            self.reason.as_str(),
+            self.fresh_until_ms,
+            self.usable_until_ms
+        )
     }
 
     /// Parses [`Verdict::to_redis`] output; `None` for anything else (treated as a miss).
@@ -97,63 +126,114 @@ impl Verdict {
             "0" => false,
             _ => return None,
         };
-        let reason = match parts.next()? {
-            "accepted" if ok => Reason::Accepted,
-            "inactive" => Reason::Inactive,
-            "expired" => Reason::Expired,
-            "wrong_user" => Reason::WrongUser,
-            _ => return None,
-        };
-        if ok != (reason == Reason::Accepted) {
-            return None;
-        }
-        let expires_at_ms = parts.next()?.parse().ok()?;
-        parts.next().is_none().then_some(Verdict { ok, reason, expires_at_ms })
+        let reason = Reason::from_name(parts.next()?)?;
+        let fresh_until_ms = parts.next()?.parse().ok()?;
+        let usable_until_ms = parts.next()?.parse().ok()?;
+        let consistent = ok == (reason == Reason::Accepted) && usable_until_ms >= fresh_until_ms;
+        (consistent && parts.next().is_none()).then_some(Verdict {
+            ok,
+            reason,
+            fresh_until_ms,
+            usable_until_ms,
+        })
     }
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Makes each L1 entry expire at its verdict's own expiry; reads do not extend it.
-struct VerdictExpiry;
+/// Makes each L1 entry expire at an absolute instant carried by its value; reads do not extend it.
+struct AtInstant;
 
-impl Expiry<Key, Verdict> for VerdictExpiry {
-    fn expire_after_create(&self, _key: &Key, verdict: &Verdict, _now: Instant) -> Option<Duration> {
-        Some(verdict.remaining())
-    }
+/// Values that know when they expire (ms since the Unix epoch).
+trait ExpiresAt {
+    fn expires_at_ms(&self) -> u64;
+}
 
-    fn expire_after_update(&self, _key: &Key, verdict: &Verdict, _now: Instant, _left: Option<Duration>) -> Option<Duration> {
-        Some(verdict.remaining())
+impl ExpiresAt for Verdict {
+    fn expires_at_ms(&self) -> u64 {
+        self.fresh_until_ms
     }
 }
 
-/// The in-process verdict cache. `get_or_load` is also the singleflight: concurrent loads of
-/// one key run once and every caller gets the same result (moka `try_get_with`).
+/// A "stale" copy lives until its usable end.
+#[derive(Clone, Copy)]
+struct Stale(Verdict);
+
+impl ExpiresAt for Stale {
+    fn expires_at_ms(&self) -> u64 {
+        self.0.usable_until_ms
+    }
+}
+
+/// The end of a "seen" marker or directory answer.
+#[derive(Clone, Copy)]
+struct Until(u64);
+
+impl ExpiresAt for Until {
+    fn expires_at_ms(&self) -> u64 {
+        self.0
+    }
+}
+
+impl<V: ExpiresAt> Expiry<Key, V> for AtInstant {
+    fn expire_after_create(&self, _key: &Key, value: &V, _now: Instant) -> Option<Duration> {
+        Some(Duration::from_millis(
+            value.expires_at_ms().saturating_sub(now_ms()),
+        ))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &Key,
+        value: &V,
+        _now: Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(Duration::from_millis(
+            value.expires_at_ms().saturating_sub(now_ms()),
+        ))
+    }
+}
+
+fn cache_at_instant<V: ExpiresAt + Clone + Send + Sync + 'static>(capacity: u64) -> Cache<Key, V> {
+    Cache::builder()
+        .max_capacity(capacity)
+        .expire_after(AtInstant)
+        .build()
+}
+
+/// The in-process cache. `get_or_load` is also the singleflight: concurrent loads of one key
+/// run once and every caller gets the same result (moka `try_get_with`).
 #[derive(Clone)]
 pub struct L1 {
     verdicts: Cache<Key, Verdict>,
-    seen: Cache<Key, ()>,
+    /// Positive verdicts kept past their TTL for `stale_if_error` (only filled when it is on).
+    stale: Cache<Key, Stale>,
+    seen: Cache<Key, Until>,
 }
 
 impl L1 {
-    /// An empty cache of at most `capacity` verdicts; "seen" markers live `seen_ttl`.
-    pub fn new(capacity: u64, seen_ttl: Duration) -> Self {
+    /// An empty cache of at most `capacity` verdicts (and as many "seen" markers).
+    pub fn new(capacity: u64) -> Self {
         L1 {
-            verdicts: Cache::builder().max_capacity(capacity).expire_after(VerdictExpiry).build(),
-            seen: Cache::builder().max_capacity(capacity).time_to_live(seen_ttl).build(),
+            verdicts: cache_at_instant(capacity),
+            stale: cache_at_instant(capacity),
+            seen: cache_at_instant(capacity),
         }
     }
 
-    /// The cached verdict, if any and not expired.
+    /// The cached verdict, if any and within its TTL.
     pub async fn get(&self, key: &Key) -> Option<Verdict> {
-        self.verdicts.get(key).await.filter(|v| v.expires_at_ms > now_ms())
+        self.verdicts.get(key).await.filter(Verdict::is_fresh)
     }
 
     /// Returns the cached verdict or runs `load` once for all concurrent callers of `key`.
-    /// `Ok` results are cached until their expiry; errors are shared with the waiters of this
+    /// `Ok` results are cached until their TTL ends; errors are shared with the waiters of this
     /// flight but not cached.
     pub async fn get_or_load<F, E>(&self, key: Key, load: F) -> Result<Verdict, Arc<E>>
     where
@@ -163,21 +243,52 @@ impl L1 {
         self.verdicts.try_get_with(key, load).await
     }
 
-    /// Marks `key`'s user as seen now.
-    pub async fn mark_seen(&self, key: Key) {
-        self.seen.insert(key, ()).await;
+    /// Keeps a copy of a positive verdict for serving while the provider is unavailable.
+    pub async fn keep_stale(&self, key: Key, verdict: Verdict) {
+        if verdict.ok && verdict.usable_until_ms > verdict.fresh_until_ms {
+            self.stale.insert(key, Stale(verdict)).await;
+        }
     }
 
-    /// Was `key`'s user seen within the seen TTL (in this process)?
-    pub async fn seen(&self, key: &Key) -> bool {
-        self.seen.contains_key(key)
+    /// A stale-but-usable copy, if any.
+    pub async fn get_stale(&self, key: &Key) -> Option<Verdict> {
+        self.stale
+            .get(key)
+            .await
+            .map(|s| s.0)
+            .filter(|v| v.usable_until_ms > now_ms())
+    }
+
+    /// Drops one verdict (revocation).
+    pub async fn invalidate(&self, key: &Key) {
+        self.verdicts.invalidate(key).await;
+        self.stale.invalidate(key).await;
+    }
+
+    /// Drops every verdict (after missed revocations, e.g. a pub/sub outage).
+    pub fn invalidate_all(&self) {
+        self.verdicts.invalidate_all();
+        self.stale.invalidate_all();
+    }
+
+    /// Marks a user (by [`KeyDeriver::user`] key) as seen for `ttl`.
+    pub async fn mark_seen(&self, user: Key, ttl: Duration) {
+        self.seen
+            .insert(user, Until(now_ms() + ttl.as_millis() as u64))
+            .await;
+    }
+
+    /// Was the user seen within its "seen" TTL (in this process)?
+    pub async fn seen(&self, user: &Key) -> bool {
+        self.seen.get(user).await.is_some_and(|u| u.0 > now_ms())
     }
 }
 
-/// The shared Redis cache (L2).
+/// The shared Redis cache (L2), generations, flight locks and revocation messages.
 #[derive(Clone)]
 pub struct Redis {
     conn: ConnectionManager,
+    client: redis::Client,
 }
 
 impl Redis {
@@ -193,56 +304,140 @@ impl Redis {
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(Duration::from_secs(1)))
             .set_number_of_retries(1);
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Redis { conn })
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        Ok(Redis { conn, client })
     }
 
-    /// Reads a verdict; a missing, expired or unparseable entry is `None`.
+    /// The client, for a dedicated pub/sub connection.
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    /// Reads a verdict; a missing, unusable or unparseable entry is `None` (a stale but usable
+    /// one is returned: the caller checks [`Verdict::is_fresh`]).
     ///
     /// # Errors
     /// Redis errors (connection refused, timeout, ...).
     pub async fn get(&self, key: &Key) -> redis::RedisResult<Option<Verdict>> {
-        let value: Option<String> = self.conn.clone().get(verdict_key(key)).await?;
-        Ok(value.as_deref().and_then(Verdict::from_redis).filter(|v| v.expires_at_ms > now_ms()))
+        let value: Option<String> = self.conn.clone().get(prefixed(VERDICT_PREFIX, key)).await?;
+        Ok(value
+            .as_deref()
+            .and_then(Verdict::from_redis)
+            .filter(|v| v.usable_until_ms > now_ms()))
     }
 
-    /// Stores a verdict until its expiry (`SET key value PXAT expires_at_ms`).
+    /// Stores a verdict until its usable end (`SET key value PXAT usable_until_ms`).
     ///
     /// # Errors
     /// Redis errors, including a full (`noeviction`) or read-only Redis.
     pub async fn put(&self, key: &Key, verdict: Verdict) -> redis::RedisResult<()> {
-        if verdict.expires_at_ms <= now_ms() {
+        if verdict.usable_until_ms <= now_ms() {
             return Ok(());
         }
         redis::cmd("SET")
-            .arg(verdict_key(key))
+            .arg(prefixed(VERDICT_PREFIX, key))
             .arg(verdict.to_redis())
             .arg("PXAT")
-            .arg(verdict.expires_at_ms)
+            .arg(verdict.usable_until_ms)
             .query_async(&mut self.conn.clone())
             .await
+    }
+
+    /// Deletes a verdict (revocation of one token).
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn delete(&self, key: &Key) -> redis::RedisResult<()> {
+        self.conn.clone().del(prefixed(VERDICT_PREFIX, key)).await
     }
 
     /// Marks a user as seen for `ttl`.
     ///
     /// # Errors
     /// Redis errors.
-    pub async fn mark_seen(&self, key: &Key, ttl: Duration) -> redis::RedisResult<()> {
-        let key = format!("{SEEN_PREFIX}{}", hex::encode(key));
-        self.conn.clone().set_ex(key, 1u8, ttl.as_secs().max(1)).await
+    pub async fn mark_seen(&self, user: &Key, ttl: Duration) -> redis::RedisResult<()> {
+        self.conn
+            .clone()
+            .set_ex(prefixed(SEEN_PREFIX, user), 1u8, ttl.as_secs().max(1))
+            .await
     }
 
     /// Was the user seen within the seen TTL (by any broker)?
     ///
     /// # Errors
     /// Redis errors.
-    pub async fn seen(&self, key: &Key) -> redis::RedisResult<bool> {
-        self.conn.clone().exists(format!("{SEEN_PREFIX}{}", hex::encode(key))).await
+    pub async fn seen(&self, user: &Key) -> redis::RedisResult<bool> {
+        self.conn.clone().exists(prefixed(SEEN_PREFIX, user)).await
+    }
+
+    /// The user's generation (0 when never revoked).
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn generation(&self, user: &Key) -> redis::RedisResult<u64> {
+        let g: Option<u64> = self
+            .conn
+            .clone()
+            .get(prefixed(GENERATION_PREFIX, user))
+            .await?;
+        Ok(g.unwrap_or(0))
+    }
+
+    /// Bumps the user's generation (`INCR`), orphaning every verdict of that user at once.
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn bump_generation(&self, user: &Key) -> redis::RedisResult<u64> {
+        self.conn
+            .clone()
+            .incr(prefixed(GENERATION_PREFIX, user), 1u64)
+            .await
+    }
+
+    /// Tries to take the flight lock of `key` for `ttl` (`SET NX PX`); true when taken.
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn lock(&self, key: &Key, owner: &str, ttl: Duration) -> redis::RedisResult<bool> {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(prefixed(LOCK_PREFIX, key))
+            .arg(owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Is the flight lock of `key` still held (by anyone)?
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn locked(&self, key: &Key) -> redis::RedisResult<bool> {
+        self.conn.clone().exists(prefixed(LOCK_PREFIX, key)).await
+    }
+
+    /// Releases the flight lock of `key`. If it expired and another broker took it, that broker
+    /// loses it early: at worst one extra provider call, never a wrong verdict.
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn unlock(&self, key: &Key) -> redis::RedisResult<()> {
+        self.conn.clone().del(prefixed(LOCK_PREFIX, key)).await
+    }
+
+    /// Publishes a revocation message on [`REVOKE_CHANNEL`].
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn publish(&self, message: &str) -> redis::RedisResult<()> {
+        self.conn.clone().publish(REVOKE_CHANNEL, message).await
     }
 }
 
-fn verdict_key(key: &Key) -> String {
-    format!("{VERDICT_PREFIX}{}", hex::encode(key))
+fn prefixed(prefix: &str, key: &Key) -> String {
+    format!("{prefix}{}", hex::encode(key))
 }
 
 #[cfg(test)]
@@ -250,46 +445,103 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_bind_domain_user_and_token() {
+    fn keys_bind_domain_user_generation_and_token() {
         let d = KeyDeriver::new(&Secret::new("k".repeat(32)));
-        let base = d.verdict("example.com", "alice", "tok");
-        assert_eq!(base, d.verdict("example.com", "alice", "tok"));
-        assert_ne!(base, d.verdict("example.com", "bob", "tok"));
-        assert_ne!(base, d.verdict("example.org", "alice", "tok"));
-        assert_ne!(base, d.verdict("example.com", "alice", "tok2"));
-        assert_ne!(d.verdict("a", "bc", "t"), d.verdict("ab", "c", "t"));
+        let base = d.verdict("example.com", "alice", 0, "tok");
+        assert_eq!(base, d.verdict("example.com", "alice", 0, "tok"));
+        assert_ne!(base, d.verdict("example.com", "bob", 0, "tok"));
+        assert_ne!(base, d.verdict("example.org", "alice", 0, "tok"));
+        assert_ne!(base, d.verdict("example.com", "alice", 1, "tok"));
+        assert_ne!(base, d.verdict("example.com", "alice", 0, "tok2"));
+        assert_ne!(d.verdict("a", "bc", 0, "t"), d.verdict("ab", "c", 0, "t"));
+        assert_ne!(d.user("example.com", "alice"), d.user("example.com", "bob"));
         let other = KeyDeriver::new(&Secret::new("j".repeat(32)));
-        assert_ne!(base, other.verdict("example.com", "alice", "tok"));
+        assert_ne!(base, other.verdict("example.com", "alice", 0, "tok"));
     }
 
     #[test]
     fn redis_values_round_trip_and_reject_garbage() {
-        let v = Verdict { ok: true, reason: Reason::Accepted, expires_at_ms: 1_700_000_000_123 };
+        let v = Verdict {
+            ok: true,
+            reason: Reason::Accepted,
+            fresh_until_ms: 1_700_000_000_123,
+            usable_until_ms: 1_700_000_060_000,
+        };
         assert_eq!(Verdict::from_redis(&v.to_redis()), Some(v));
-        let n = Verdict { ok: false, reason: Reason::WrongUser, expires_at_ms: 5 };
+        let n = Verdict {
+            ok: false,
+            reason: Reason::WrongUser,
+            fresh_until_ms: 5,
+            usable_until_ms: 5,
+        };
         assert_eq!(Verdict::from_redis(&n.to_redis()), Some(n));
-        for bad in ["", "1", "1|inactive|5", "0|accepted|5", "2|accepted|5", "1|accepted|x", "1|accepted|5|6"] {
+        for bad in [
+            "",
+            "1",
+            "1|inactive|5|5",
+            "0|accepted|5|5",
+            "2|accepted|5|5",
+            "1|accepted|x|5",
+            "1|accepted|5|6|7",
+            "0|nonsense|5|5",
+            "1|accepted|9|5",
+            "1|accepted|5",
+        ] {
             assert_eq!(Verdict::from_redis(bad), None, "{bad}");
         }
     }
 
+    fn accepted(fresh_ms: u64, usable_ms: u64) -> Verdict {
+        let now = now_ms();
+        Verdict {
+            ok: true,
+            reason: Reason::Accepted,
+            fresh_until_ms: now + fresh_ms,
+            usable_until_ms: now + usable_ms,
+        }
+    }
+
     #[tokio::test]
-    async fn l1_entries_expire_at_their_verdicts_expiry() {
-        let l1 = L1::new(100, Duration::from_secs(60));
+    async fn l1_entries_expire_at_their_ttl_and_stale_copies_at_their_usable_end() {
+        let l1 = L1::new(100);
         let key = [1u8; 32];
-        let v = Verdict { ok: true, reason: Reason::Accepted, expires_at_ms: now_ms() + 150 };
-        let got = l1.get_or_load(key, async { Ok::<_, ()>(v) }).await.unwrap();
-        assert_eq!(got, v);
+        let v = accepted(150, 400);
+        assert_eq!(
+            l1.get_or_load(key, async { Ok::<_, ()>(v) }).await.unwrap(),
+            v
+        );
+        l1.keep_stale(key, v).await;
         assert_eq!(l1.get(&key).await, Some(v));
         tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(l1.get(&key).await, None);
+        assert_eq!(l1.get_stale(&key).await, Some(v));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(l1.get_stale(&key).await, None);
+    }
+
+    #[tokio::test]
+    async fn l1_does_not_cache_errors_and_forgets_on_invalidate() {
+        let l1 = L1::new(100);
+        let key = [2u8; 32];
+        assert!(l1
+            .get_or_load(key, async { Err::<Verdict, _>("down") })
+            .await
+            .is_err());
+        assert_eq!(l1.get(&key).await, None);
+        let v = accepted(10_000, 10_000);
+        l1.get_or_load(key, async { Ok::<_, ()>(v) }).await.unwrap();
+        l1.invalidate(&key).await;
         assert_eq!(l1.get(&key).await, None);
     }
 
     #[tokio::test]
-    async fn l1_does_not_cache_errors() {
-        let l1 = L1::new(100, Duration::from_secs(60));
-        let key = [2u8; 32];
-        assert!(l1.get_or_load(key, async { Err::<Verdict, _>("down") }).await.is_err());
-        assert_eq!(l1.get(&key).await, None);
+    async fn seen_markers_expire() {
+        let l1 = L1::new(100);
+        let user = [3u8; 32];
+        assert!(!l1.seen(&user).await);
+        l1.mark_seen(user, Duration::from_millis(100)).await;
+        assert!(l1.seen(&user).await);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(!l1.seen(&user).await);
     }
 }

@@ -1,8 +1,16 @@
 //! Broker settings: command-line flags, `EXTAUTH_*` environment variables and a TOML file.
 //!
-//! Precedence: flag > environment variable > `--config` file > built-in default. Every flag
-//! `--some-flag` is also `EXTAUTH_SOME_FLAG` and the TOML key `some_flag` (`listen` is a list).
+//! Precedence for global settings: flag > environment variable > `--config` file > built-in
+//! default. Every flag `--some-flag` is also `EXTAUTH_SOME_FLAG` and the TOML key `some_flag`.
+//!
+//! Per-domain (vhost) settings come from the file's `[defaults]` table and its
+//! `[domains."example.com"]` tables (see `docs/configuration.md`). A domain table overrides
+//! `[defaults]`, which the validator flags (`--introspection-url`, `--subject-claim`, `--max-ttl`,
+//! ...) override in turn. Without any domain configured (no `[domains]` table, no `--domain`),
+//! every domain is served with the defaults; otherwise a request for another domain is refused
+//! with reason `unknown_domain`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,13 +18,19 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
+use crate::directory::DirectoryConfig;
 use crate::extauth::Secret;
+use crate::validate::breaker::BreakerConfig;
+use crate::validate::http::HttpTimeouts;
+use crate::validate::introspection::IntrospectionConfig;
+use crate::validate::ValidatorConfig;
 
-/// Flags of `extauth-broker run`; every field is optional so a file can fill it in.
+/// Flags of `extauth-broker run`; every field is optional so the file can fill it in.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunArgs {
-    /// TOML file with any of these settings (keys are the flag names with `_` for `-`).
+    /// TOML file with any of these settings (keys are the flag names with `_` for `-`), plus
+    /// `[defaults]` and `[domains."example.com"]` tables.
     #[arg(long, env = "EXTAUTH_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
@@ -30,7 +44,13 @@ pub struct RunArgs {
     #[arg(long, env = "EXTAUTH_SOCKET_MODE")]
     pub socket_mode: Option<String>,
 
-    /// RFC 7662 token introspection endpoint (http:// or https://).
+    /// Serve only these XMPP domains (repeatable); others get `unknown_domain`. Domains with a
+    /// `[domains]` table in the file are always served.
+    #[arg(long = "domain", env = "EXTAUTH_DOMAIN", value_delimiter = ',')]
+    #[serde(default, rename = "domain")]
+    pub domain_names: Vec<String>,
+
+    /// RFC 7662 token introspection endpoint (http:// or https://) of the default validator.
     #[arg(long, env = "EXTAUTH_INTROSPECTION_URL")]
     pub introspection_url: Option<String>,
 
@@ -78,6 +98,58 @@ pub struct RunArgs {
     /// Longest accepted token, bytes; longer ones are refused without a provider call [default: 16384].
     #[arg(long, env = "EXTAUTH_MAX_TOKEN_LEN")]
     pub max_token_len: Option<usize>,
+
+    /// Settings every domain starts from (file only).
+    #[arg(skip)]
+    #[serde(default)]
+    pub defaults: DomainFile,
+
+    /// Per-domain settings (file only).
+    #[arg(skip)]
+    #[serde(default)]
+    pub domains: BTreeMap<String, DomainFile>,
+}
+
+/// One `[defaults]` or `[domains."..."]` table; every key optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainFile {
+    /// `{ kind = "introspection" | "userinfo" | "jwt" | "http", ... }`.
+    pub validator: Option<ValidatorConfig>,
+    /// Claim holding the localpart (falls back to `sub`) [default: username].
+    pub subject_claim: Option<String>,
+    /// Claim holding a full JID `user@domain` that must match; replaces `subject_claim`.
+    pub jid_claim: Option<String>,
+    /// Positive verdict cap, seconds.
+    pub max_ttl: Option<u64>,
+    /// Negative verdict lifetime, seconds.
+    pub negative_ttl: Option<u64>,
+    /// "Seen" lifetime for `isuser`, seconds.
+    pub seen_ttl: Option<u64>,
+    /// Serve a cached positive verdict this many seconds past its TTL while the provider is
+    /// unavailable (never past the token's `exp`) [default: 0 = off].
+    pub stale_if_error: Option<u64>,
+    /// Circuit breaker of the validator: `{ threshold = 5, cooldown = 10 }`.
+    pub breaker: Option<BreakerConfig>,
+    /// How `isuser` is answered: `seen` (default), `directory`, `always`, `never`.
+    pub isuser: Option<IsUserPolicy>,
+    /// The directory asked when `isuser = "directory"`.
+    pub directory: Option<DirectoryConfig>,
+}
+
+/// How `isuser` is answered for a domain (see `docs/configuration.md` for the consequences).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum IsUserPolicy {
+    /// 1 if the user logged in successfully within `seen_ttl`.
+    #[default]
+    Seen,
+    /// Ask the directory; fall back to `seen` when it gives no definitive answer.
+    Directory,
+    /// Always 1 (every localpart exists; offline messages are never bounced).
+    Always,
+    /// Always 0 (offline messages to this domain are always bounced).
+    Never,
 }
 
 /// Where the broker listens.
@@ -96,10 +168,44 @@ impl std::str::FromStr for ListenAddr {
     fn from_str(s: &str) -> Result<Self> {
         match s.trim().split_once(':') {
             Some(("unix", p)) if !p.is_empty() => Ok(ListenAddr::Unix(PathBuf::from(p))),
-            Some(("tcp", hp)) if hp.rsplit_once(':').is_some() => Ok(ListenAddr::Tcp(hp.to_owned())),
+            Some(("tcp", hp)) if hp.rsplit_once(':').is_some() => {
+                Ok(ListenAddr::Tcp(hp.to_owned()))
+            }
             _ => bail!("bad listen address {s:?}: want unix:/path or tcp:HOST:PORT"),
         }
     }
+}
+
+/// How a token is bound to the JID it logs in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimMapping {
+    /// This claim (else `sub`) holds the localpart; compared after nodeprep.
+    Localpart(String),
+    /// This claim holds `user@domain[/resource]`; both parts must match.
+    Jid(String),
+}
+
+/// Validated settings of one domain (vhost).
+#[derive(Debug, Clone)]
+pub struct DomainConfig {
+    /// The validator asked about new tokens.
+    pub validator: ValidatorConfig,
+    /// Token-to-JID binding.
+    pub claim: ClaimMapping,
+    /// Cap on a positive verdict's lifetime.
+    pub max_ttl: Duration,
+    /// Lifetime of a definitive negative verdict.
+    pub negative_ttl: Duration,
+    /// How long a successful login makes `isuser` answer 1.
+    pub seen_ttl: Duration,
+    /// Grace period for serving stale positive verdicts while the provider is down (0 = off).
+    pub stale_if_error: Duration,
+    /// Circuit breaker settings of the validator.
+    pub breaker: BreakerConfig,
+    /// `isuser` policy.
+    pub isuser: IsUserPolicy,
+    /// The directory, when the policy is `directory`.
+    pub directory: Option<DirectoryConfig>,
 }
 
 /// Validated settings of a running broker.
@@ -109,60 +215,50 @@ pub struct Config {
     pub listen: Vec<ListenAddr>,
     /// Mode of Unix sockets.
     pub socket_mode: u32,
-    /// The introspection validator's settings.
-    pub introspection: IntrospectionConfig,
     /// Redis URL, if any.
     pub redis: Option<String>,
     /// HMAC key for cache keys (>= 32 bytes).
     pub cache_secret: Secret,
-    /// Cache lifetimes and sizes.
-    pub cache: CacheConfig,
-    /// Longest accepted token (bytes).
-    pub max_token_len: usize,
-}
-
-/// RFC 7662 introspection client settings.
-#[derive(Debug, Clone)]
-pub struct IntrospectionConfig {
-    /// Endpoint URL.
-    pub url: String,
-    /// Client id (HTTP Basic user).
-    pub client_id: String,
-    /// Client secret (HTTP Basic password).
-    pub client_secret: Secret,
-    /// Claim naming the user (falls back to `sub`).
-    pub subject_claim: String,
-    /// Total time for one call.
-    pub timeout: Duration,
-}
-
-/// Cache lifetimes and sizes.
-#[derive(Debug, Clone)]
-pub struct CacheConfig {
-    /// Cap on a positive verdict's lifetime.
-    pub max_ttl: Duration,
-    /// Lifetime of a definitive negative verdict.
-    pub negative_ttl: Duration,
-    /// How long a successful login makes `isuser` answer 1.
-    pub seen_ttl: Duration,
     /// Most entries in the in-process cache.
     pub l1_capacity: u64,
+    /// Longest accepted token (bytes).
+    pub max_token_len: usize,
+    /// Configured domains.
+    pub domains: BTreeMap<String, DomainConfig>,
+    /// Settings for any other domain, when no domain is configured (single-tenant mode).
+    pub any_domain: Option<DomainConfig>,
 }
 
 impl RunArgs {
-    /// Fills every unset field from `file` (the flags and environment win).
+    /// Fills every unset global field from `file` (the flags and environment win) and takes the
+    /// file's domain tables.
     fn merge(mut self, file: RunArgs) -> RunArgs {
         macro_rules! fill {
             ($($field:ident),*) => { $( if self.$field.is_none() { self.$field = file.$field; } )* };
         }
         fill!(
-            socket_mode, introspection_url, client_id, client_secret_file, subject_claim, redis,
-            cache_secret_file, max_ttl, negative_ttl, seen_ttl, provider_timeout, l1_capacity,
+            socket_mode,
+            introspection_url,
+            client_id,
+            client_secret_file,
+            subject_claim,
+            redis,
+            cache_secret_file,
+            max_ttl,
+            negative_ttl,
+            seen_ttl,
+            provider_timeout,
+            l1_capacity,
             max_token_len
         );
         if self.listen.is_empty() {
             self.listen = file.listen;
         }
+        if self.domain_names.is_empty() {
+            self.domain_names = file.domain_names;
+        }
+        self.defaults = file.defaults;
+        self.domains = file.domains;
         self
     }
 
@@ -188,18 +284,18 @@ impl RunArgs {
         if self.listen.is_empty() {
             bail!("no listener: give --listen unix:/path or --listen tcp:HOST:PORT");
         }
-        let listen = self.listen.iter().map(|s| s.parse()).collect::<Result<Vec<_>>>()?;
+        let listen = self
+            .listen
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<Vec<_>>>()?;
         let socket_mode = self.socket_mode.as_deref().unwrap_or("0660");
         let socket_mode = u32::from_str_radix(socket_mode.trim_start_matches("0o"), 8)
             .ok()
             .filter(|m| *m <= 0o777)
-            .with_context(|| format!("--socket-mode {socket_mode:?} is not an octal mode like 0660"))?;
-        let url = self.introspection_url.context("--introspection-url is required")?;
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            bail!("--introspection-url must start with http:// or https://");
-        }
-        let client_id = self.client_id.context("--client-id is required")?;
-        let client_secret = client_secret(self.client_secret_file.as_deref())?;
+            .with_context(|| {
+                format!("--socket-mode {socket_mode:?} is not an octal mode like 0660")
+            })?;
         let cache_secret = match (&self.redis, &self.cache_secret_file) {
             (_, Some(path)) => read_secret(path, "--cache-secret-file")?,
             (Some(_), None) => bail!(
@@ -211,46 +307,131 @@ impl RunArgs {
         if cache_secret.expose().len() < 32 {
             bail!("--cache-secret-file must hold at least 32 bytes");
         }
-        let positive = |v: Option<u64>, default: u64, flag: &str| -> Result<Duration> {
-            match v.unwrap_or(default) {
-                0 => bail!("{flag} must be at least 1 second"),
-                s => Ok(Duration::from_secs(s)),
-            }
+        let defaults = self.flag_defaults();
+        let mut domains = BTreeMap::new();
+        for name in &self.domain_names {
+            domains.insert(
+                name.to_lowercase(),
+                defaults
+                    .resolve()
+                    .with_context(|| format!("domain {name}"))?,
+            );
+        }
+        for (name, table) in &self.domains {
+            let merged = table.clone().over(defaults.clone());
+            domains.insert(
+                name.to_lowercase(),
+                merged
+                    .resolve()
+                    .with_context(|| format!("[domains.\"{name}\"]"))?,
+            );
+        }
+        let any_domain = match domains.is_empty() {
+            true => Some(defaults.resolve()?),
+            false => None,
         };
         Ok(Config {
             listen,
             socket_mode,
-            introspection: IntrospectionConfig {
-                url,
-                client_id,
-                client_secret,
-                subject_claim: self.subject_claim.unwrap_or_else(|| "username".to_owned()),
-                timeout: positive(self.provider_timeout, 5, "--provider-timeout")?,
-            },
             redis: self.redis,
             cache_secret,
-            cache: CacheConfig {
-                max_ttl: positive(self.max_ttl, 300, "--max-ttl")?,
-                negative_ttl: positive(self.negative_ttl, 10, "--negative-ttl")?,
-                seen_ttl: positive(self.seen_ttl, 30 * 24 * 3600, "--seen-ttl")?,
-                l1_capacity: self.l1_capacity.unwrap_or(1_000_000),
-            },
+            l1_capacity: self.l1_capacity.unwrap_or(1_000_000),
             max_token_len: self.max_token_len.unwrap_or(16 * 1024),
+            domains,
+            any_domain,
+        })
+    }
+
+    /// The `[defaults]` table with the validator flags laid over it.
+    fn flag_defaults(&self) -> DomainFile {
+        let validator = match &self.introspection_url {
+            Some(url) => Some(ValidatorConfig::Introspection(IntrospectionConfig {
+                url: url.clone(),
+                client_id: self.client_id.clone().unwrap_or_default(),
+                client_secret: None,
+                client_secret_file: self.client_secret_file.clone(),
+                client_auth: Default::default(),
+                require: Default::default(),
+                timeouts: HttpTimeouts {
+                    total: self
+                        .provider_timeout
+                        .map_or(HttpTimeouts::default().total, |s| s as f64),
+                    ..HttpTimeouts::default()
+                },
+            })),
+            None => None,
+        };
+        let flags = DomainFile {
+            validator,
+            subject_claim: self.subject_claim.clone(),
+            max_ttl: self.max_ttl,
+            negative_ttl: self.negative_ttl,
+            seen_ttl: self.seen_ttl,
+            ..DomainFile::default()
+        };
+        flags.over(self.defaults.clone())
+    }
+}
+
+impl DomainFile {
+    /// `self` with every unset key taken from `base`.
+    fn over(self, base: DomainFile) -> DomainFile {
+        DomainFile {
+            validator: self.validator.or(base.validator),
+            subject_claim: self.subject_claim.or(base.subject_claim),
+            jid_claim: self.jid_claim.or(base.jid_claim),
+            max_ttl: self.max_ttl.or(base.max_ttl),
+            negative_ttl: self.negative_ttl.or(base.negative_ttl),
+            seen_ttl: self.seen_ttl.or(base.seen_ttl),
+            stale_if_error: self.stale_if_error.or(base.stale_if_error),
+            breaker: self.breaker.or(base.breaker),
+            isuser: self.isuser.or(base.isuser),
+            directory: self.directory.or(base.directory),
+        }
+    }
+
+    fn resolve(&self) -> Result<DomainConfig> {
+        let validator = self.validator.clone().context(
+            "no validator: give --introspection-url (with --client-id) or a validator table in the config file",
+        )?;
+        let claim = match (&self.jid_claim, &self.subject_claim) {
+            (Some(_), Some(_)) => bail!("give subject_claim or jid_claim, not both"),
+            (Some(jid), None) => ClaimMapping::Jid(jid.clone()),
+            (None, claim) => {
+                ClaimMapping::Localpart(claim.clone().unwrap_or_else(|| "username".into()))
+            }
+        };
+        let isuser = self.isuser.unwrap_or_default();
+        if isuser == IsUserPolicy::Directory && self.directory.is_none() {
+            bail!("isuser = \"directory\" needs a directory = {{ url = ... }} table");
+        }
+        let seconds = |v: Option<u64>, default: u64, name: &str| -> Result<Duration> {
+            match v.unwrap_or(default) {
+                0 => bail!("{name} must be at least 1 second"),
+                s => Ok(Duration::from_secs(s)),
+            }
+        };
+        Ok(DomainConfig {
+            validator,
+            claim,
+            max_ttl: seconds(self.max_ttl, 300, "max_ttl")?,
+            negative_ttl: seconds(self.negative_ttl, 10, "negative_ttl")?,
+            seen_ttl: seconds(self.seen_ttl, 30 * 24 * 3600, "seen_ttl")?,
+            stale_if_error: Duration::from_secs(self.stale_if_error.unwrap_or(0)),
+            breaker: self.breaker.unwrap_or_default(),
+            isuser,
+            directory: self.directory.clone(),
         })
     }
 }
 
-fn client_secret(file: Option<&Path>) -> Result<Secret> {
-    match (file, std::env::var("EXTAUTH_CLIENT_SECRET")) {
-        (Some(path), _) => read_secret(path, "--client-secret-file"),
-        (None, Ok(s)) if !s.is_empty() => Ok(Secret::new(s)),
-        _ => bail!("the client secret is required: set EXTAUTH_CLIENT_SECRET or --client-secret-file"),
-    }
-}
-
 /// Reads a secret from the first line of a file (trailing newline and spaces removed).
-fn read_secret(path: &Path, flag: &str) -> Result<Secret> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{flag}: reading {}", path.display()))?;
+///
+/// # Errors
+/// An unreadable or empty file; the message names the flag and path, never the content.
+pub fn read_secret(path: &Path, flag: &str) -> Result<Secret> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{flag}: reading {}", path.display()))?;
     let line = text.lines().next().unwrap_or("").trim();
     if line.is_empty() {
         bail!("{flag}: {} is empty", path.display());
@@ -286,23 +467,113 @@ mod tests {
     #[test]
     fn unknown_file_keys_are_refused() {
         assert!(toml::from_str::<RunArgs>("max_tll = 3\n").is_err());
+        assert!(toml::from_str::<RunArgs>("[domains.\"a\"]\nmax_tll = 3\n").is_err());
+        let err = toml::from_str::<RunArgs>(
+            "[defaults.validator]\nkind = \"introspection\"\nurl = \"http://x\"\nclient_id = \"c\"\nclient_secret_fil = \"/x\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("client_secret_fil"), "{err}");
     }
 
     #[test]
     fn redis_without_a_cache_secret_is_refused() {
-        let args = RunArgs { redis: Some("redis://127.0.0.1:1".into()), ..base() };
-        let dir = tempfile::tempdir().unwrap();
-        let secret = dir.path().join("client");
-        std::fs::write(&secret, "s3cret\n").unwrap();
-        let args = RunArgs { client_secret_file: Some(secret), ..args };
+        let args = RunArgs {
+            redis: Some("redis://127.0.0.1:1".into()),
+            ..base()
+        };
         let err = args.into_config().unwrap_err().to_string();
         assert!(err.contains("--cache-secret-file"), "{err}");
     }
 
     #[test]
+    fn flags_alone_serve_every_domain() {
+        let config = base().into_config().unwrap();
+        assert!(config.domains.is_empty());
+        let any = config.any_domain.unwrap();
+        assert_eq!(any.claim, ClaimMapping::Localpart("username".into()));
+        assert_eq!(any.max_ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn domain_tables_override_defaults_which_flags_override() {
+        let file: RunArgs = toml::from_str(
+            r#"
+            domain = ["plain.example"]
+            [defaults]
+            max_ttl = 100
+            negative_ttl = 7
+            [domains."Jwt.Example"]
+            jid_claim = "jid"
+            max_ttl = 50
+            validator = { kind = "introspection", url = "http://127.0.0.1:2/i", client_id = "other", client_auth = "client_secret_post", require = { scopes = ["xmpp"] } }
+            "#,
+        )
+        .unwrap();
+        let args = RunArgs {
+            max_ttl: Some(200),
+            ..base()
+        }
+        .merge(file);
+        let config = args.into_config().unwrap();
+        assert!(
+            config.any_domain.is_none(),
+            "domains configured: others are unknown"
+        );
+        let plain = &config.domains["plain.example"];
+        assert_eq!(
+            plain.max_ttl,
+            Duration::from_secs(200),
+            "flag over [defaults]"
+        );
+        assert_eq!(
+            plain.negative_ttl,
+            Duration::from_secs(7),
+            "[defaults] over built-in"
+        );
+        let jwt = &config.domains["jwt.example"];
+        assert_eq!(
+            jwt.max_ttl,
+            Duration::from_secs(50),
+            "domain table over flag"
+        );
+        assert_eq!(jwt.claim, ClaimMapping::Jid("jid".into()));
+        match &jwt.validator {
+            ValidatorConfig::Introspection(i) => {
+                assert_eq!(i.client_id, "other");
+                assert_eq!(i.require.scopes, vec!["xmpp".to_owned()]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_validator_and_conflicting_claims_are_refused() {
+        let args = RunArgs {
+            introspection_url: None,
+            ..base()
+        };
+        assert!(args
+            .into_config()
+            .unwrap_err()
+            .to_string()
+            .contains("no validator"));
+        let file: RunArgs =
+            toml::from_str("[domains.\"a\"]\njid_claim = \"jid\"\nsubject_claim = \"sub\"\n")
+                .unwrap();
+        let err = format!("{:#}", base().merge(file).into_config().unwrap_err());
+        assert!(err.contains("not both"), "{err}");
+    }
+
+    #[test]
     fn listen_addresses_parse() {
-        assert_eq!("unix:/a/b".parse::<ListenAddr>().unwrap(), ListenAddr::Unix("/a/b".into()));
-        assert_eq!("tcp:127.0.0.1:9".parse::<ListenAddr>().unwrap(), ListenAddr::Tcp("127.0.0.1:9".into()));
+        assert_eq!(
+            "unix:/a/b".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("/a/b".into())
+        );
+        assert_eq!(
+            "tcp:127.0.0.1:9".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("127.0.0.1:9".into())
+        );
         assert!("udp:1".parse::<ListenAddr>().is_err());
     }
 }

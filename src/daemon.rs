@@ -9,9 +9,9 @@ use tracing::info;
 
 use crate::cache::{KeyDeriver, Redis};
 use crate::config::Config;
+use crate::domain::Domains;
 use crate::engine::{Engine, EngineParts};
 use crate::server::{self, Listener};
-use crate::validate::introspection::Introspection;
 
 /// How long shutdown waits for requests in flight.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -27,7 +27,6 @@ pub fn install_crypto_provider() {
 /// # Errors
 /// A bad Redis URL or an HTTP client that cannot be built.
 pub fn engine(config: &Config) -> Result<Engine> {
-    let validator = Introspection::new(config.introspection.clone()).context("building the HTTP client")?;
     let redis = match &config.redis {
         Some(url) => Some(Redis::new(url).context("--redis")?),
         None => None,
@@ -35,8 +34,8 @@ pub fn engine(config: &Config) -> Result<Engine> {
     Ok(Engine::new(EngineParts {
         keys: KeyDeriver::new(&config.cache_secret),
         redis,
-        validator: Arc::new(validator),
-        cache: config.cache.clone(),
+        domains: Domains::build(config)?,
+        l1_capacity: config.l1_capacity,
         max_token_len: config.max_token_len,
     }))
 }
@@ -48,14 +47,19 @@ pub fn engine(config: &Config) -> Result<Engine> {
 /// Start-up failures (bind, engine); nothing fails once serving.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let engine = Arc::new(engine(&config)?);
+    engine.spawn_revocation_listener();
     let mut listeners = Vec::new();
     for addr in &config.listen {
         listeners.push(Listener::bind(addr, config.socket_mode).await?);
     }
+    let domains: Vec<&str> = config.domains.keys().map(String::as_str).collect();
     info!(
         redis = config.redis.is_some(),
-        max_ttl_s = config.cache.max_ttl.as_secs(),
-        negative_ttl_s = config.cache.negative_ttl.as_secs(),
+        domains = if domains.is_empty() {
+            "any".to_owned()
+        } else {
+            domains.join(",")
+        },
         "extauth-broker {} ready",
         env!("CARGO_PKG_VERSION")
     );

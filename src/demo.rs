@@ -14,9 +14,9 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::now_ms;
-use crate::config::{CacheConfig, Config, IntrospectionConfig, ListenAddr};
+use crate::config::{Config, RunArgs};
 use crate::devprovider::DevProvider;
-use crate::extauth::{reply, Secret};
+use crate::extauth::reply;
 
 /// Options of `extauth-broker demo`.
 #[derive(Debug, clap::Args)]
@@ -43,7 +43,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let provider = DevProvider::start("demo-broker", &client_secret).await?;
     let now_s = now_ms() / 1000;
     let token = |who: &str| format!("demo-{who}-{}", hex::encode(rand::random::<[u8; 8]>()));
-    let (alice, bob, revoked, expired) = (token("alice"), token("bob"), token("revoked"), token("expired"));
+    let (alice, bob, revoked, expired) = (
+        token("alice"),
+        token("bob"),
+        token("revoked"),
+        token("expired"),
+    );
     provider.insert(&alice, json!({"username": "Alice", "exp": now_s + 3600}));
     provider.insert(&bob, json!({"sub": "bob", "exp": now_s + 3600}));
     provider.insert(&revoked, json!({"active": false}));
@@ -52,21 +57,68 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("broker.sock");
     let shutdown = CancellationToken::new();
-    let broker = tokio::spawn(crate::daemon::run(config(&provider, &client_secret, socket.clone()), shutdown.clone()));
+    let broker = tokio::spawn(crate::daemon::run(
+        config(&provider, &client_secret, socket.clone())?,
+        shutdown.clone(),
+    ));
     wait_for_socket(&socket).await?;
 
     let steps = vec![
-        Step { what: "alice logs in with her token (claim says \"Alice\")", request: format!("auth:alice:localhost:{alice}"), expect: true },
-        Step { what: "alice logs in again (answered from the cache)", request: format!("auth:alice:localhost:{alice}"), expect: true },
-        Step { what: "alice with a token the provider never issued", request: "auth:alice:localhost:not-a-token".into(), expect: false },
-        Step { what: "bob tries alice's token", request: format!("auth:bob:localhost:{alice}"), expect: false },
-        Step { what: "bob logs in with his own token", request: format!("auth:bob:localhost:{bob}"), expect: true },
-        Step { what: "alice with a revoked token (active: false)", request: format!("auth:alice:localhost:{revoked}"), expect: false },
-        Step { what: "alice with an expired token (exp in the past)", request: format!("auth:alice:localhost:{expired}"), expect: false },
-        Step { what: "isuser alice (logged in recently)", request: "isuser:alice:localhost".into(), expect: true },
-        Step { what: "isuser carol (never seen)", request: "isuser:carol:localhost".into(), expect: false },
-        Step { what: "setpass alice (accounts live at the provider)", request: "setpass:alice:localhost:x".into(), expect: false },
-        Step { what: "malformed request (missing fields)", request: "auth:alice".into(), expect: false },
+        Step {
+            what: "alice logs in with her token (claim says \"Alice\")",
+            request: format!("auth:alice:localhost:{alice}"),
+            expect: true,
+        },
+        Step {
+            what: "alice logs in again (answered from the cache)",
+            request: format!("auth:alice:localhost:{alice}"),
+            expect: true,
+        },
+        Step {
+            what: "alice with a token the provider never issued",
+            request: "auth:alice:localhost:not-a-token".into(),
+            expect: false,
+        },
+        Step {
+            what: "bob tries alice's token",
+            request: format!("auth:bob:localhost:{alice}"),
+            expect: false,
+        },
+        Step {
+            what: "bob logs in with his own token",
+            request: format!("auth:bob:localhost:{bob}"),
+            expect: true,
+        },
+        Step {
+            what: "alice with a revoked token (active: false)",
+            request: format!("auth:alice:localhost:{revoked}"),
+            expect: false,
+        },
+        Step {
+            what: "alice with an expired token (exp in the past)",
+            request: format!("auth:alice:localhost:{expired}"),
+            expect: false,
+        },
+        Step {
+            what: "isuser alice (logged in recently)",
+            request: "isuser:alice:localhost".into(),
+            expect: true,
+        },
+        Step {
+            what: "isuser carol (never seen)",
+            request: "isuser:carol:localhost".into(),
+            expect: false,
+        },
+        Step {
+            what: "setpass alice (accounts live at the provider)",
+            request: "setpass:alice:localhost:x".into(),
+            expect: false,
+        },
+        Step {
+            what: "malformed request (missing fields)",
+            request: "auth:alice".into(),
+            expect: false,
+        },
     ];
     let socket_arg = format!("unix:{}", socket.display());
     let calls = {
@@ -77,7 +129,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     shutdown.cancel();
     let _ = broker.await;
     let wrong = result?;
-    println!("\nprovider calls in total: {} for {} requests", provider.calls(), steps.len());
+    println!(
+        "\nprovider calls in total: {} for {} requests",
+        provider.calls(),
+        steps.len()
+    );
     if wrong > 0 {
         bail!("{wrong} verdict(s) differ from the expected ones");
     }
@@ -85,27 +141,20 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-fn config(provider: &DevProvider, client_secret: &str, socket: PathBuf) -> Config {
-    Config {
-        listen: vec![ListenAddr::Unix(socket)],
-        socket_mode: 0o600,
-        introspection: IntrospectionConfig {
-            url: provider.url(),
-            client_id: "demo-broker".into(),
-            client_secret: Secret::new(client_secret.to_owned()),
-            subject_claim: "username".into(),
-            timeout: Duration::from_secs(5),
-        },
-        redis: None,
-        cache_secret: Secret::new(hex::encode(rand::random::<[u8; 32]>())),
-        cache: CacheConfig {
-            max_ttl: Duration::from_secs(300),
-            negative_ttl: Duration::from_secs(10),
-            seen_ttl: Duration::from_secs(30 * 24 * 3600),
-            l1_capacity: 10_000,
-        },
-        max_token_len: 16 * 1024,
-    }
+fn config(provider: &DevProvider, client_secret: &str, socket: PathBuf) -> Result<Config> {
+    let file = format!(
+        r#"
+        listen = ["unix:{socket}"]
+        socket_mode = "0600"
+        l1_capacity = 10000
+        [defaults]
+        validator = {{ kind = "introspection", url = "{url}", client_id = "demo-broker", client_secret = "{client_secret}" }}
+        "#,
+        socket = socket.display(),
+        url = provider.url(),
+    );
+    let args: RunArgs = toml::from_str(&file).context("demo configuration")?;
+    args.resolve()
 }
 
 fn shim_path(given: Option<PathBuf>) -> Result<PathBuf> {
@@ -114,7 +163,10 @@ fn shim_path(given: Option<PathBuf>) -> Result<PathBuf> {
         None => std::env::current_exe()?.with_file_name("extauth-shim"),
     };
     if !path.exists() {
-        bail!("{} not found: build the workspace first (cargo build --workspace) or pass --shim PATH", path.display());
+        bail!(
+            "{} not found: build the workspace first (cargo build --workspace) or pass --shim PATH",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -130,21 +182,42 @@ async fn wait_for_socket(socket: &std::path::Path) -> Result<()> {
 }
 
 /// Feeds every step to a real shim process and prints the verdicts; returns how many were wrong.
-fn drive_shim(shim: &std::path::Path, broker: &str, steps: &[Step], calls: impl Fn() -> u64) -> Result<usize> {
+fn drive_shim(
+    shim: &std::path::Path,
+    broker: &str,
+    steps: &[Step],
+    calls: impl Fn() -> u64,
+) -> Result<usize> {
     let mut child = Process::new(shim)
         .args(["--broker", broker, "--timeout", "5"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", shim.display()))?;
-    let (mut stdin, mut stdout) = (child.stdin.take().context("shim stdin")?, child.stdout.take().context("shim stdout")?);
-    println!("{:<56} {:>6} {:>8} {:>15}", "request (as ejabberd sends it to extauth-shim)", "reply", "expected", "provider calls");
+    let (mut stdin, mut stdout) = (
+        child.stdin.take().context("shim stdin")?,
+        child.stdout.take().context("shim stdout")?,
+    );
+    println!(
+        "{:<56} {:>6} {:>8} {:>15}",
+        "request (as ejabberd sends it to extauth-shim)", "reply", "expected", "provider calls"
+    );
     let mut wrong = 0;
     for step in steps {
         let got = ask(&mut stdin, &mut stdout, &step.request)?;
-        let mark = if got == step.expect { "" } else { "  <-- WRONG" };
+        let mark = if got == step.expect {
+            ""
+        } else {
+            "  <-- WRONG"
+        };
         wrong += usize::from(got != step.expect);
-        println!("{:<56} {:>6} {:>8} {:>15}{mark}", step.what, u8::from(got), u8::from(step.expect), calls());
+        println!(
+            "{:<56} {:>6} {:>8} {:>15}{mark}",
+            step.what,
+            u8::from(got),
+            u8::from(step.expect),
+            calls()
+        );
     }
     drop(stdin);
     finish(child)?;
@@ -157,7 +230,9 @@ fn ask(stdin: &mut ChildStdin, stdout: &mut ChildStdout, request: &str) -> Resul
     stdin.write_all(&frame)?;
     stdin.flush()?;
     let mut answer = [0u8; 4];
-    stdout.read_exact(&mut answer).context("reading the shim's reply")?;
+    stdout
+        .read_exact(&mut answer)
+        .context("reading the shim's reply")?;
     match answer {
         a if a == reply(true) => Ok(true),
         a if a == reply(false) => Ok(false),

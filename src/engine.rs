@@ -1,21 +1,28 @@
-//! The decision on one extauth request: check input -> L1 -> (singleflight) Redis -> validator
-//! -> cache write. See `docs/architecture.md` for the rules and their sources.
+//! The decision on one extauth request: check input -> domain -> L1 -> (singleflight) Redis ->
+//! cluster lock -> validator -> cache write. See `docs/architecture.md` for the rules and their
+//! sources.
 
-use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::cache::{now_ms, Key, KeyDeriver, Redis, Verdict, L1};
-use crate::config::CacheConfig;
+use crate::cache::{Key, KeyDeriver, Redis, Verdict, L1};
+use crate::config::IsUserPolicy;
+use crate::domain::{Domain, Domains};
 use crate::extauth::{Command, Secret};
-use crate::validate::{Validation, Validator};
+use crate::revoke::Generations;
+use crate::validate::TokenCheck;
 use crate::wire::{Reason, Source};
 
 /// Longest user or domain accepted (bytes); RFC 7622 caps each JID part at 1023 bytes.
 const MAX_JID_PART: usize = 1023;
+/// How long a broker holds the cluster-wide flight lock of a token at most (ms); other brokers
+/// wait for its verdict at most this long before validating themselves.
+const LOCK_TTL: Duration = Duration::from_secs(6);
+/// How often a broker waiting on another broker's flight looks for its verdict.
+const LOCK_POLL: Duration = Duration::from_millis(10);
 
 /// The answer to one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,11 +37,19 @@ pub struct Outcome {
 
 impl Outcome {
     fn local(reason: Reason) -> Self {
-        Outcome { ok: false, reason, source: Source::Local }
+        Outcome {
+            ok: false,
+            reason,
+            source: Source::Local,
+        }
     }
 
     fn from_verdict(v: Verdict, source: Source) -> Self {
-        Outcome { ok: v.ok, reason: v.reason, source }
+        Outcome {
+            ok: v.ok,
+            reason: v.reason,
+            source,
+        }
     }
 }
 
@@ -44,12 +59,32 @@ pub struct EngineParts {
     pub keys: KeyDeriver,
     /// The shared cache, if configured.
     pub redis: Option<Redis>,
-    /// The token validator.
-    pub validator: Arc<dyn Validator>,
-    /// Lifetimes and sizes.
-    pub cache: CacheConfig,
+    /// Served domains and their validators.
+    pub domains: Domains,
+    /// Most entries in the in-process cache.
+    pub l1_capacity: u64,
     /// Longest accepted token (bytes).
     pub max_token_len: usize,
+}
+
+/// One auth request on its way through the engine.
+struct AuthRequest<'a> {
+    user: &'a str,
+    domain_name: &'a str,
+    token: &'a Secret,
+    domain: &'a Domain,
+    user_key: Key,
+    key: Key,
+}
+
+/// What the cluster-wide flight lock said.
+enum Coordination {
+    /// This broker validates (and must unlock).
+    Hold,
+    /// Another broker's verdict arrived in Redis.
+    Shared(Verdict),
+    /// No Redis, a Redis error, or the wait bound passed: validate without the lock.
+    Alone,
 }
 
 /// Decides extauth requests. Cheap to share behind an `Arc`.
@@ -57,9 +92,11 @@ pub struct Engine {
     keys: KeyDeriver,
     l1: L1,
     redis: Option<Redis>,
-    validator: Arc<dyn Validator>,
-    cache: CacheConfig,
+    generations: Arc<Generations>,
+    domains: Domains,
     max_token_len: usize,
+    /// Names this broker as the holder of a flight lock.
+    owner: String,
     /// False while Redis is failing, so an outage is logged once, not once per request.
     redis_healthy: AtomicBool,
 }
@@ -68,13 +105,29 @@ impl Engine {
     /// An engine with an empty L1.
     pub fn new(parts: EngineParts) -> Self {
         Engine {
-            l1: L1::new(parts.cache.l1_capacity, parts.cache.seen_ttl),
+            l1: L1::new(parts.l1_capacity),
+            generations: Arc::new(Generations::new(parts.redis.clone())),
             keys: parts.keys,
             redis: parts.redis,
-            validator: parts.validator,
-            cache: parts.cache,
+            domains: parts.domains,
             max_token_len: parts.max_token_len,
+            owner: format!(
+                "{}:{}",
+                std::process::id(),
+                hex::encode(rand::random::<[u8; 6]>())
+            ),
             redis_healthy: AtomicBool::new(true),
+        }
+    }
+
+    /// Starts the background task that applies other brokers' revocations (Redis only).
+    pub fn spawn_revocation_listener(&self) {
+        if let Some(redis) = &self.redis {
+            tokio::spawn(crate::revoke::listen(
+                redis.clone(),
+                self.generations.clone(),
+                self.l1.clone(),
+            ));
         }
     }
 
@@ -82,152 +135,295 @@ impl Engine {
     /// change an account is refused at once and logged, and nothing is changed.
     pub async fn handle(&self, command: &Command) -> Outcome {
         match command {
-            Command::Auth { user, server, password } => self.auth(user, server, password).await,
+            Command::Auth {
+                user,
+                server,
+                password,
+            } => self.auth(user, server, password).await,
             Command::IsUser { user, server } => self.isuser(user, server).await,
             other => {
                 let (user, server) = other.jid_parts();
-                info!(command = other.name(), user, server, "refused: accounts are managed by the OAuth provider");
+                info!(
+                    command = other.name(),
+                    user, server, "refused: accounts are managed by the OAuth provider"
+                );
                 Outcome::local(Reason::Unsupported)
             }
         }
     }
 
-    async fn auth(&self, user: &str, domain: &str, token: &Secret) -> Outcome {
-        if !jid_parts_ok(user, domain) || token.expose().is_empty() || token.expose().len() > self.max_token_len {
-            debug!(user, domain, token_len = token.expose().len(), "refused malformed auth request");
+    async fn auth(&self, user: &str, domain_name: &str, token: &Secret) -> Outcome {
+        if !jid_parts_ok(user, domain_name)
+            || token.expose().is_empty()
+            || token.expose().len() > self.max_token_len
+        {
+            debug!(
+                user,
+                domain = domain_name,
+                token_len = token.expose().len(),
+                "refused malformed auth request"
+            );
             return Outcome::local(Reason::Malformed);
         }
-        let key = self.keys.verdict(domain, user, token.expose());
+        let Some(domain) = self.domains.get(domain_name) else {
+            debug!(user, domain = domain_name, "refused: domain not served");
+            return Outcome::local(Reason::UnknownDomain);
+        };
+        let user_key = self.keys.user(domain_name, user);
+        let generation = self.generations.get(&user_key).await;
+        let key = self
+            .keys
+            .verdict(domain_name, user, generation, token.expose());
         if let Some(v) = self.l1.get(&key).await {
             return Outcome::from_verdict(v, Source::L1);
         }
+        let request = AuthRequest {
+            user,
+            domain_name,
+            token,
+            domain,
+            user_key,
+            key,
+        };
         // Whoever runs the flight records where its verdict came from; waiters on another
         // request's flight report `Provider`.
         let mut source = Source::Provider;
-        let flight = self.load(key, user, domain, token, &mut source);
-        match self.l1.get_or_load(key, flight).await {
+        match self
+            .l1
+            .get_or_load(key, self.load(&request, &mut source))
+            .await
+        {
             Ok(v) => Outcome::from_verdict(v, source),
             Err(why) => {
-                warn!(user, domain, "provider unavailable, refusing: {why}");
-                Outcome { ok: false, reason: Reason::UpstreamUnavailable, source: Source::Provider }
+                warn!(
+                    user,
+                    domain = domain_name,
+                    "provider unavailable, refusing: {why}"
+                );
+                Outcome {
+                    ok: false,
+                    reason: Reason::UpstreamUnavailable,
+                    source: Source::Provider,
+                }
             }
         }
     }
 
-    /// The body of a flight: re-check Redis (another broker may just have decided), else ask
-    /// the validator and share the verdict.
-    async fn load(&self, key: Key, user: &str, domain: &str, token: &Secret, source: &mut Source) -> Result<Verdict, String> {
-        if let Some(redis) = &self.redis {
-            match redis.get(&key).await {
-                Ok(Some(v)) => {
-                    self.redis_ok();
-                    *source = Source::Redis;
-                    if v.ok {
-                        self.l1.mark_seen(self.keys.seen(domain, user)).await;
-                    }
-                    return Ok(v);
-                }
-                Ok(None) => self.redis_ok(),
-                Err(e) => self.redis_failed("read", &e),
+    /// The body of a flight: re-check Redis (another broker may just have decided), coordinate
+    /// with other brokers, else ask the validator and share the verdict.
+    async fn load(
+        &self,
+        request: &AuthRequest<'_>,
+        source: &mut Source,
+    ) -> Result<Verdict, String> {
+        let mut stale = self.l1.get_stale(&request.key).await;
+        if let Some(v) = self.redis_verdict(&request.key).await {
+            if v.is_fresh() {
+                *source = Source::Redis;
+                self.remember(request, v, false).await;
+                return Ok(v);
             }
+            stale = stale.or(Some(v));
+        }
+        let coordination = self.coordinate(&request.key).await;
+        if let Coordination::Shared(v) = coordination {
+            *source = Source::Redis;
+            self.remember(request, v, false).await;
+            return Ok(v);
         }
         *source = Source::Provider;
-        let verdict = self.decide(user, self.validator.validate(token).await)?;
-        info!(user, domain, verdict = verdict.reason.as_str(), ttl_ms = verdict.remaining().as_millis() as u64, "provider verdict");
-        if let Some(redis) = &self.redis {
-            match redis.put(&key, verdict).await {
-                Ok(()) => self.redis_ok(),
-                Err(e) => self.redis_failed("write", &e),
+        let check = TokenCheck {
+            user: request.user,
+            domain: request.domain_name,
+            token: request.token,
+        };
+        let validation = request.domain.validator.validate(check).await;
+        let decided = request
+            .domain
+            .decide(request.user, request.domain_name, validation);
+        if let Ok(verdict) = &decided {
+            info!(
+                user = request.user,
+                domain = request.domain_name,
+                verdict = verdict.reason.as_str(),
+                ttl_ms = verdict.remaining().as_millis() as u64,
+                "provider verdict"
+            );
+            self.remember(request, *verdict, true).await;
+        }
+        if let (Coordination::Hold, Some(redis)) = (&coordination, &self.redis) {
+            self.redis_result("unlock", redis.unlock(&request.key).await);
+        }
+        decided.or_else(|why| match stale {
+            Some(v) => {
+                warn!(
+                    user = request.user,
+                    domain = request.domain_name,
+                    "provider unavailable ({why}); serving a stale verdict (stale_if_error)"
+                );
+                Ok(v)
+            }
+            None => Err(why),
+        })
+    }
+
+    /// A verdict from Redis, fresh or stale-but-usable; `None` on a miss or a Redis error.
+    async fn redis_verdict(&self, key: &Key) -> Option<Verdict> {
+        let redis = self.redis.as_ref()?;
+        self.redis_result("read", redis.get(key).await).flatten()
+    }
+
+    /// Takes the cluster-wide flight lock of `key`, or waits for the broker holding it to publish
+    /// its verdict. Never a wrong verdict: at worst an extra provider call.
+    async fn coordinate(&self, key: &Key) -> Coordination {
+        let Some(redis) = &self.redis else {
+            return Coordination::Alone;
+        };
+        let give_up = Instant::now() + LOCK_TTL;
+        loop {
+            match self.redis_result("lock", redis.lock(key, &self.owner, LOCK_TTL).await) {
+                Some(true) => return Coordination::Hold,
+                Some(false) => {}
+                None => return Coordination::Alone,
+            }
+            // Another broker validates this token now: wait for its verdict or its unlock.
+            while Instant::now() < give_up {
+                tokio::time::sleep(LOCK_POLL).await;
+                match self.redis_result("read", redis.get(key).await) {
+                    Some(Some(v)) if v.is_fresh() => return Coordination::Shared(v),
+                    Some(_) => {}
+                    None => return Coordination::Alone,
+                }
+                match self.redis_result("lock check", redis.locked(key).await) {
+                    Some(true) => {}
+                    // Released without a verdict (its provider call failed): try ourselves.
+                    Some(false) => break,
+                    None => return Coordination::Alone,
+                }
+            }
+            if Instant::now() >= give_up {
+                return Coordination::Alone;
             }
         }
+    }
+
+    /// Stores a verdict where it belongs: Redis (when `share`), the stale store, the seen set.
+    async fn remember(&self, request: &AuthRequest<'_>, verdict: Verdict, share: bool) {
+        if share {
+            if let Some(redis) = &self.redis {
+                self.redis_result("write", redis.put(&request.key, verdict).await);
+            }
+        }
+        self.l1.keep_stale(request.key, verdict).await;
         if verdict.ok {
-            self.mark_seen(domain, user).await;
-        }
-        Ok(verdict)
-    }
-
-    /// Turns a provider answer into a cacheable verdict bound to `user`, or an error for an
-    /// answer that must not be cached.
-    fn decide(&self, user: &str, validation: Validation) -> Result<Verdict, String> {
-        let now = now_ms();
-        let negative = |reason| Verdict { ok: false, reason, expires_at_ms: now + ms(self.cache.negative_ttl) };
-        match validation {
-            Validation::Unavailable(why) => Err(why),
-            Validation::Invalid(reason) => Ok(negative(reason)),
-            Validation::Valid { subject, exp } => {
-                let exp_ms = exp.map(|s| s.saturating_mul(1000));
-                if exp_ms.is_some_and(|e| e <= now) {
-                    return Ok(negative(Reason::Expired));
-                }
-                let owner = subject.as_deref().and_then(normalise_localpart);
-                if owner.as_deref() != Some(user) {
-                    return Ok(negative(Reason::WrongUser));
-                }
-                let cap = now + ms(self.cache.max_ttl);
-                let expires_at_ms = exp_ms.map_or(cap, |e| e.min(cap));
-                Ok(Verdict { ok: true, reason: Reason::Accepted, expires_at_ms })
-            }
+            self.mark_seen(request.domain, request.user_key, share)
+                .await;
         }
     }
 
-    async fn isuser(&self, user: &str, domain: &str) -> Outcome {
-        if !jid_parts_ok(user, domain) {
+    async fn isuser(&self, user: &str, domain_name: &str) -> Outcome {
+        if !jid_parts_ok(user, domain_name) {
             return Outcome::local(Reason::Malformed);
         }
-        let key = self.keys.seen(domain, user);
-        let known = |source| Outcome { ok: true, reason: Reason::UserKnown, source };
-        let unknown = |source| Outcome { ok: false, reason: Reason::UserUnknown, source };
-        if self.l1.seen(&key).await {
-            return known(Source::L1);
+        let Some(domain) = self.domains.get(domain_name) else {
+            return Outcome::local(Reason::UnknownDomain);
+        };
+        let known = |known: bool, source| Outcome {
+            ok: known,
+            reason: if known {
+                Reason::UserKnown
+            } else {
+                Reason::UserUnknown
+            },
+            source,
+        };
+        let user_key = self.keys.user(domain_name, user);
+        match domain.config.isuser {
+            IsUserPolicy::Always => return known(true, Source::Local),
+            IsUserPolicy::Never => return known(false, Source::Local),
+            IsUserPolicy::Directory | IsUserPolicy::Seen => {}
         }
-        let Some(redis) = &self.redis else { return unknown(Source::L1) };
-        match redis.seen(&key).await {
-            Ok(true) => {
-                self.redis_ok();
-                self.l1.mark_seen(key).await;
-                known(Source::Redis)
+        if let Some(directory) = &domain.directory {
+            if let Some(exists) = directory.exists(user, domain_name, user_key).await {
+                return known(exists, Source::Provider);
             }
-            Ok(false) => {
-                self.redis_ok();
-                unknown(Source::Redis)
+        }
+        if self.l1.seen(&user_key).await {
+            return known(true, Source::L1);
+        }
+        let Some(redis) = &self.redis else {
+            return known(false, Source::L1);
+        };
+        match self.redis_result("isuser read", redis.seen(&user_key).await) {
+            Some(true) => {
+                self.l1.mark_seen(user_key, domain.config.seen_ttl).await;
+                known(true, Source::Redis)
+            }
+            Some(false) => known(false, Source::Redis),
+            None => known(false, Source::L1),
+        }
+    }
+
+    async fn mark_seen(&self, domain: &Domain, user_key: Key, share: bool) {
+        self.l1.mark_seen(user_key, domain.config.seen_ttl).await;
+        if let (true, Some(redis)) = (share, &self.redis) {
+            self.redis_result(
+                "seen write",
+                redis.mark_seen(&user_key, domain.config.seen_ttl).await,
+            );
+        }
+    }
+
+    /// Revokes one token's verdict (when `token` is given) or every verdict of `user@domain`,
+    /// here and, through Redis, on every broker. Returns the user's generation afterwards.
+    ///
+    /// # Errors
+    /// A Redis error (nothing was revoked cluster-wide then).
+    pub async fn revoke(
+        &self,
+        domain: &str,
+        user: &str,
+        token: Option<&Secret>,
+    ) -> redis::RedisResult<u64> {
+        let user_key = self.keys.user(domain, user);
+        let Some(token) = token else {
+            let generation = self.generations.bump(&user_key).await?;
+            info!(
+                user,
+                domain, generation, "revoked every verdict of the user"
+            );
+            return Ok(generation);
+        };
+        let generation = self.generations.get(&user_key).await;
+        let key = self.keys.verdict(domain, user, generation, token.expose());
+        if let Some(redis) = &self.redis {
+            redis.delete(&key).await?;
+            let _ = redis.publish(&format!("token {}", hex::encode(key))).await;
+        }
+        self.l1.invalidate(&key).await;
+        info!(user, domain, "revoked one token's verdict");
+        Ok(generation)
+    }
+
+    /// Logs a Redis failure once per outage (and the recovery once); `None` on error.
+    fn redis_result<T>(&self, what: &str, result: redis::RedisResult<T>) -> Option<T> {
+        match result {
+            Ok(v) => {
+                if !self.redis_healthy.swap(true, Ordering::Relaxed) {
+                    info!("Redis is reachable again; sharing verdicts");
+                }
+                Some(v)
             }
             Err(e) => {
-                self.redis_failed("isuser read", &e);
-                unknown(Source::L1)
+                if self.redis_healthy.swap(false, Ordering::Relaxed) {
+                    warn!(kind = ?e.kind(), "Redis {what} failed, serving from the in-process cache and the provider until it is back: {e}");
+                } else {
+                    debug!(kind = ?e.kind(), "Redis {what} failed again");
+                }
+                None
             }
         }
     }
-
-    async fn mark_seen(&self, domain: &str, user: &str) {
-        let key = self.keys.seen(domain, user);
-        self.l1.mark_seen(key).await;
-        if let Some(redis) = &self.redis {
-            if let Err(e) = redis.mark_seen(&key, self.cache.seen_ttl).await {
-                self.redis_failed("seen write", &e);
-            }
-        }
-    }
-
-    fn redis_ok(&self) {
-        if !self.redis_healthy.swap(true, Ordering::Relaxed) {
-            info!("Redis is reachable again; sharing verdicts");
-        }
-    }
-
-    fn redis_failed(&self, what: &str, e: &redis::RedisError) {
-        if self.redis_healthy.swap(false, Ordering::Relaxed) {
-            warn!(kind = ?e.kind(), "Redis {what} failed, serving from the in-process cache and the provider until it is back: {e}");
-        } else {
-            debug!(kind = ?e.kind(), "Redis {what} failed again");
-        }
-    }
-}
-
-/// ejabberd normalises the localpart with nodeprep (RFC 3920 appendix A, stringprep) before it
-/// calls extauth; the token's claim may not be, so apply the same profile to it. `None` when the
-/// claim cannot be a localpart at all (prohibited characters).
-pub fn normalise_localpart(claim: &str) -> Option<Cow<'_, str>> {
-    stringprep::nodeprep(claim).ok()
 }
 
 fn jid_parts_ok(user: &str, domain: &str) -> bool {
@@ -235,23 +431,9 @@ fn jid_parts_ok(user: &str, domain: &str) -> bool {
     ok(user) && ok(domain)
 }
 
-fn ms(d: Duration) -> u64 {
-    d.as_millis() as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn claims_are_normalised_like_ejabberd_nodeprep() {
-        assert_eq!(normalise_localpart("Alice").as_deref(), Some("alice"));
-        assert_eq!(normalise_localpart("alice").as_deref(), Some("alice"));
-        assert_eq!(normalise_localpart("ÉLODIE").as_deref(), Some("élodie"));
-        assert_eq!(normalise_localpart("STRASSE").as_deref(), Some("strasse"));
-        assert_eq!(normalise_localpart("a@b"), None);
-        assert_eq!(normalise_localpart("a b"), None);
-    }
 
     #[test]
     fn jid_parts_are_checked() {

@@ -63,19 +63,39 @@ impl Drop for Secret {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// `auth:User:Server:Password`: may this user log in with this password (here: a token)?
-    Auth { user: String, server: String, password: Secret },
+    Auth {
+        user: String,
+        server: String,
+        password: Secret,
+    },
     /// `isuser:User:Server`: does this account exist?
     IsUser { user: String, server: String },
     /// `setpass:User:Server:Password`: change the password.
-    SetPass { user: String, server: String, password: Secret },
+    SetPass {
+        user: String,
+        server: String,
+        password: Secret,
+    },
     /// `tryregister:User:Server:Password`: create the account.
-    TryRegister { user: String, server: String, password: Secret },
+    TryRegister {
+        user: String,
+        server: String,
+        password: Secret,
+    },
     /// `removeuser:User:Server`: delete the account.
     RemoveUser { user: String, server: String },
     /// `removeuser3:User:Server:Password`: delete the account if the password matches.
-    RemoveUser3 { user: String, server: String, password: Secret },
+    RemoveUser3 {
+        user: String,
+        server: String,
+        password: Secret,
+    },
     /// `certauth:User:Server:Cert`: certificate authentication (no ejabberd core caller).
-    CertAuth { user: String, server: String, cert: Secret },
+    CertAuth {
+        user: String,
+        server: String,
+        cert: Secret,
+    },
 }
 
 impl Command {
@@ -167,11 +187,31 @@ pub fn parse(request: &[u8]) -> Result<Command, ParseError> {
     let server = server.to_owned();
     let secret = Secret::new(fields.next().ok_or(ParseError::MissingField)?.to_owned());
     Ok(match name {
-        "auth" => Command::Auth { user, server, password: secret },
-        "setpass" => Command::SetPass { user, server, password: secret },
-        "tryregister" => Command::TryRegister { user, server, password: secret },
-        "removeuser3" => Command::RemoveUser3 { user, server, password: secret },
-        _ => Command::CertAuth { user, server, cert: secret },
+        "auth" => Command::Auth {
+            user,
+            server,
+            password: secret,
+        },
+        "setpass" => Command::SetPass {
+            user,
+            server,
+            password: secret,
+        },
+        "tryregister" => Command::TryRegister {
+            user,
+            server,
+            password: secret,
+        },
+        "removeuser3" => Command::RemoveUser3 {
+            user,
+            server,
+            password: secret,
+        },
+        _ => Command::CertAuth {
+            user,
+            server,
+            cert: secret,
+        },
     })
 }
 
@@ -240,7 +280,10 @@ mod tests {
     fn frames_split_across_reads_are_reassembled() {
         let mut data = frame(b"auth:alice:example.com:tok");
         data.extend(frame(b"isuser:bob:example.com"));
-        let mut reader = Trickle { data: &data, chunk: 1 };
+        let mut reader = Trickle {
+            data: &data,
+            chunk: 1,
+        };
         let mut buf = Vec::new();
         assert!(read_request(&mut reader, &mut buf).unwrap());
         assert_eq!(buf, b"auth:alice:example.com:tok");
@@ -255,7 +298,10 @@ mod tests {
         body.resize(MAX_REQUEST_LEN, b'x');
         let data = frame(&body);
         assert_eq!(&data[..2], &[0xff, 0xff]);
-        let mut reader = Trickle { data: &data, chunk: 4096 };
+        let mut reader = Trickle {
+            data: &data,
+            chunk: 4096,
+        };
         let mut buf = Vec::new();
         assert!(read_request(&mut reader, &mut buf).unwrap());
         assert_eq!(buf.len(), 65_535);
@@ -268,9 +314,15 @@ mod tests {
     #[test]
     fn end_of_input_inside_a_frame_is_end_of_input() {
         let data = frame(b"auth:alice:example.com:tok");
-        let mut reader = Trickle { data: &data[..10], chunk: 3 };
+        let mut reader = Trickle {
+            data: &data[..10],
+            chunk: 3,
+        };
         assert!(!read_request(&mut reader, &mut Vec::new()).unwrap());
-        let mut half_prefix = Trickle { data: &[0], chunk: 1 };
+        let mut half_prefix = Trickle {
+            data: &[0],
+            chunk: 1,
+        };
         assert!(!read_request(&mut half_prefix, &mut Vec::new()).unwrap());
     }
 
@@ -278,7 +330,14 @@ mod tests {
     fn zero_length_frame_is_read_and_rejected() {
         let data = frame(b"");
         let mut buf = vec![1, 2, 3];
-        assert!(read_request(&mut Trickle { data: &data, chunk: 2 }, &mut buf).unwrap());
+        assert!(read_request(
+            &mut Trickle {
+                data: &data,
+                chunk: 2
+            },
+            &mut buf
+        )
+        .unwrap());
         assert!(buf.is_empty());
         assert_eq!(parse(&buf), Err(ParseError::UnknownCommand));
     }
@@ -293,15 +352,32 @@ mod tests {
 
     #[test]
     fn empty_password_parses_for_the_broker_to_refuse() {
-        assert_eq!(parse(b"auth:alice:example.com:").unwrap(), auth("alice", "example.com", ""));
+        assert_eq!(
+            parse(b"auth:alice:example.com:").unwrap(),
+            auth("alice", "example.com", "")
+        );
     }
 
     #[test]
     fn missing_fields_are_errors() {
-        for bad in [&b"auth:alice:example.com"[..], b"auth:alice", b"auth:", b"isuser:bob", b"setpass:a:b"] {
-            assert_eq!(parse(bad), Err(ParseError::MissingField), "{:?}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"auth:alice:example.com"[..],
+            b"auth:alice",
+            b"auth:",
+            b"isuser:bob",
+            b"setpass:a:b",
+        ] {
+            assert_eq!(
+                parse(bad),
+                Err(ParseError::MissingField),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
-        assert_eq!(parse(b"isuser:bob:example.com:extra"), Err(ParseError::TrailingField));
+        assert_eq!(
+            parse(b"isuser:bob:example.com:extra"),
+            Err(ParseError::TrailingField)
+        );
     }
 
     #[test]
@@ -317,17 +393,71 @@ mod tests {
         let s = |v: &str| Secret::new(v.into());
         let (u, d) = (String::from("u"), String::from("d"));
         let cases = [
-            (&b"auth:u:d:p"[..], Command::Auth { user: u.clone(), server: d.clone(), password: s("p") }),
-            (b"isuser:u:d", Command::IsUser { user: u.clone(), server: d.clone() }),
-            (b"setpass:u:d:p", Command::SetPass { user: u.clone(), server: d.clone(), password: s("p") }),
-            (b"tryregister:u:d:p", Command::TryRegister { user: u.clone(), server: d.clone(), password: s("p") }),
-            (b"removeuser:u:d", Command::RemoveUser { user: u.clone(), server: d.clone() }),
-            (b"removeuser3:u:d:p", Command::RemoveUser3 { user: u.clone(), server: d.clone(), password: s("p") }),
-            (b"certauth:u:d:c:e:r:t", Command::CertAuth { user: u.clone(), server: d.clone(), cert: s("c:e:r:t") }),
+            (
+                &b"auth:u:d:p"[..],
+                Command::Auth {
+                    user: u.clone(),
+                    server: d.clone(),
+                    password: s("p"),
+                },
+            ),
+            (
+                b"isuser:u:d",
+                Command::IsUser {
+                    user: u.clone(),
+                    server: d.clone(),
+                },
+            ),
+            (
+                b"setpass:u:d:p",
+                Command::SetPass {
+                    user: u.clone(),
+                    server: d.clone(),
+                    password: s("p"),
+                },
+            ),
+            (
+                b"tryregister:u:d:p",
+                Command::TryRegister {
+                    user: u.clone(),
+                    server: d.clone(),
+                    password: s("p"),
+                },
+            ),
+            (
+                b"removeuser:u:d",
+                Command::RemoveUser {
+                    user: u.clone(),
+                    server: d.clone(),
+                },
+            ),
+            (
+                b"removeuser3:u:d:p",
+                Command::RemoveUser3 {
+                    user: u.clone(),
+                    server: d.clone(),
+                    password: s("p"),
+                },
+            ),
+            (
+                b"certauth:u:d:c:e:r:t",
+                Command::CertAuth {
+                    user: u.clone(),
+                    server: d.clone(),
+                    cert: s("c:e:r:t"),
+                },
+            ),
         ];
         for (bytes, want) in cases {
             let got = parse(bytes).unwrap();
-            assert_eq!(got.name(), std::str::from_utf8(bytes).unwrap().split(':').next().unwrap());
+            assert_eq!(
+                got.name(),
+                std::str::from_utf8(bytes)
+                    .unwrap()
+                    .split(':')
+                    .next()
+                    .unwrap()
+            );
             assert_eq!(got.jid_parts(), ("u", "d"));
             assert_eq!(got, want);
         }

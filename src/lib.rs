@@ -19,7 +19,13 @@ pub mod demo;
 #[cfg(feature = "broker")]
 pub mod devprovider;
 #[cfg(feature = "broker")]
+pub mod directory;
+#[cfg(feature = "broker")]
+pub mod domain;
+#[cfg(feature = "broker")]
 pub mod engine;
+#[cfg(feature = "broker")]
+pub mod revoke;
 #[cfg(feature = "broker")]
 pub mod server;
 #[cfg(feature = "broker")]

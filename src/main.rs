@@ -12,7 +12,11 @@ use extauth_broker::{daemon, demo};
 /// Validates ejabberd extauth logins whose password is an OAuth access token, once for the
 /// whole cluster. Without a subcommand, `run` is assumed.
 #[derive(Parser)]
-#[command(name = "extauth-broker", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "extauth-broker",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -36,7 +40,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Some(Command::Demo(_))) { "warn" } else { "info" };
+    let default_level = if matches!(cli.command, Some(Command::Demo(_))) {
+        "warn"
+    } else {
+        "info"
+    };
     let level = cli.log_level.as_deref().unwrap_or(default_level);
     let filter = match EnvFilter::try_new(level) {
         Ok(f) => f,
@@ -45,7 +53,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -79,7 +90,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
 /// Cancels `shutdown` on SIGTERM or SIGINT.
 async fn cancel_on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return;
     };
     tokio::select! {

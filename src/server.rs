@@ -43,12 +43,15 @@ impl Listener {
     pub async fn bind(addr: &ListenAddr, mode: u32) -> Result<Listener> {
         match addr {
             ListenAddr::Tcp(hostport) => {
-                let l = TcpListener::bind(hostport).await.with_context(|| format!("binding tcp:{hostport}"))?;
+                let l = TcpListener::bind(hostport)
+                    .await
+                    .with_context(|| format!("binding tcp:{hostport}"))?;
                 Ok(Listener::Tcp(l))
             }
             ListenAddr::Unix(path) => {
                 remove_stale_socket(path).await?;
-                let l = UnixListener::bind(path).with_context(|| format!("binding unix:{}", path.display()))?;
+                let l = UnixListener::bind(path)
+                    .with_context(|| format!("binding unix:{}", path.display()))?;
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
                     .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
                 Ok(Listener::Unix(l, path.clone()))
@@ -60,7 +63,9 @@ impl Listener {
     pub fn describe(&self) -> String {
         match self {
             Listener::Unix(_, p) => format!("unix:{}", p.display()),
-            Listener::Tcp(l) => l.local_addr().map_or_else(|_| "tcp:?".into(), |a| format!("tcp:{a}")),
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "tcp:?".into(), |a| format!("tcp:{a}")),
         }
     }
 }
@@ -70,18 +75,31 @@ async fn remove_stale_socket(path: &Path) -> Result<()> {
         return Ok(());
     }
     if tokio::net::UnixStream::connect(path).await.is_ok() {
-        anyhow::bail!("{} is in use by a running process (another broker?)", path.display());
+        anyhow::bail!(
+            "{} is in use by a running process (another broker?)",
+            path.display()
+        );
     }
     std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))
 }
 
 /// Serves shims on every listener until `shutdown` is cancelled, then waits for in-flight
 /// requests (at most `drain`) and removes Unix socket files.
-pub async fn serve(listeners: Vec<Listener>, engine: Arc<Engine>, shutdown: CancellationToken, drain: Duration) {
+pub async fn serve(
+    listeners: Vec<Listener>,
+    engine: Arc<Engine>,
+    shutdown: CancellationToken,
+    drain: Duration,
+) {
     let tracker = TaskTracker::new();
     for listener in listeners {
         info!(listen = %listener.describe(), "listening for shims");
-        tracker.spawn(accept_loop(listener, engine.clone(), shutdown.clone(), tracker.clone()));
+        tracker.spawn(accept_loop(
+            listener,
+            engine.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
     }
     shutdown.cancelled().await;
     tracker.close();
@@ -90,7 +108,12 @@ pub async fn serve(listeners: Vec<Listener>, engine: Arc<Engine>, shutdown: Canc
     }
 }
 
-async fn accept_loop(listener: Listener, engine: Arc<Engine>, shutdown: CancellationToken, tracker: TaskTracker) {
+async fn accept_loop(
+    listener: Listener,
+    engine: Arc<Engine>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -98,7 +121,13 @@ async fn accept_loop(listener: Listener, engine: Arc<Engine>, shutdown: Cancella
         };
         match accepted {
             Ok((read, write)) => {
-                tracker.spawn(Connection { engine: engine.clone(), shutdown: shutdown.clone() }.run(read, write));
+                tracker.spawn(
+                    Connection {
+                        engine: engine.clone(),
+                        shutdown: shutdown.clone(),
+                    }
+                    .run(read, write),
+                );
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -112,7 +141,10 @@ async fn accept_loop(listener: Listener, engine: Arc<Engine>, shutdown: Cancella
     }
 }
 
-type Halves = (Box<dyn AsyncRead + Send + Unpin>, Box<dyn AsyncWrite + Send + Unpin>);
+type Halves = (
+    Box<dyn AsyncRead + Send + Unpin>,
+    Box<dyn AsyncWrite + Send + Unpin>,
+);
 
 async fn accept(listener: &Listener) -> std::io::Result<Halves> {
     match listener {
@@ -138,11 +170,21 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(self, read: Box<dyn AsyncRead + Send + Unpin>, write: Box<dyn AsyncWrite + Send + Unpin>) {
-        let codec = || LengthDelimitedCodec::builder().max_frame_length(wire::MAX_FRAME).new_codec();
+    async fn run(
+        self,
+        read: Box<dyn AsyncRead + Send + Unpin>,
+        write: Box<dyn AsyncWrite + Send + Unpin>,
+    ) {
+        let codec = || {
+            LengthDelimitedCodec::builder()
+                .max_frame_length(wire::MAX_FRAME)
+                .new_codec()
+        };
         let mut frames = FramedRead::new(read, codec());
         let mut sink = FramedWrite::new(write, codec());
-        let peer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut frames, &mut sink)).await {
+        let peer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut frames, &mut sink))
+            .await
+        {
             Ok(Some(peer)) => peer,
             Ok(None) => return,
             Err(_) => {
@@ -153,7 +195,9 @@ impl Connection {
         let (tx, mut rx) = mpsc::channel::<Response>(RESPONSE_QUEUE);
         let writer = tokio::spawn(async move {
             while let Some(response) = rx.recv().await {
-                let Ok(frame) = encode_body(&ServerMsg::Response(response)) else { continue };
+                let Ok(frame) = encode_body(&ServerMsg::Response(response)) else {
+                    continue;
+                };
                 if sink.send(frame).await.is_err() {
                     break;
                 }
@@ -165,7 +209,12 @@ impl Connection {
         debug!(peer, "connection closed");
     }
 
-    async fn read_requests<R: AsyncRead + Unpin>(&self, frames: &mut FramedRead<R, LengthDelimitedCodec>, tx: mpsc::Sender<Response>, peer: &str) {
+    async fn read_requests<R: AsyncRead + Unpin>(
+        &self,
+        frames: &mut FramedRead<R, LengthDelimitedCodec>,
+        tx: mpsc::Sender<Response>,
+        peer: &str,
+    ) {
         loop {
             let frame = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -184,15 +233,32 @@ impl Connection {
                     let (engine, tx) = (self.engine.clone(), tx.clone());
                     tokio::spawn(async move {
                         let deadline = Duration::from_millis(request.deadline_ms.into());
-                        let outcome = match tokio::time::timeout(deadline, engine.handle(&request.command)).await {
-                            Ok(o) => Response { id: request.id, ok: o.ok, reason: o.reason, source: o.source },
-                            Err(_) => Response { id: request.id, ok: false, reason: Reason::DeadlineExceeded, source: Source::Local },
-                        };
+                        let outcome =
+                            match tokio::time::timeout(deadline, engine.handle(&request.command))
+                                .await
+                            {
+                                Ok(o) => Response {
+                                    id: request.id,
+                                    ok: o.ok,
+                                    reason: o.reason,
+                                    source: o.source,
+                                },
+                                Err(_) => Response {
+                                    id: request.id,
+                                    ok: false,
+                                    reason: Reason::DeadlineExceeded,
+                                    source: Source::Local,
+                                },
+                            };
                         let _ = tx.send(outcome).await;
                     });
                 }
                 // The length prefix keeps the stream in sync, so a bad frame costs only itself.
-                Ok(ClientMsg::Hello(_)) | Err(_) => warn!(peer, "ignoring an undecodable or out-of-place frame of {} bytes", body.len()),
+                Ok(ClientMsg::Hello(_)) | Err(_) => warn!(
+                    peer,
+                    "ignoring an undecodable or out-of-place frame of {} bytes",
+                    body.len()
+                ),
             }
         }
     }
@@ -200,7 +266,10 @@ impl Connection {
 
 /// Reads the `Hello` and answers it. Returns the peer's description, or `None` when the
 /// connection must close.
-async fn handshake<R, W>(frames: &mut FramedRead<R, LengthDelimitedCodec>, sink: &mut FramedWrite<W, LengthDelimitedCodec>) -> Option<String>
+async fn handshake<R, W>(
+    frames: &mut FramedRead<R, LengthDelimitedCodec>,
+    sink: &mut FramedWrite<W, LengthDelimitedCodec>,
+) -> Option<String>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -215,18 +284,35 @@ where
     };
     let peer = format!("{} pid {}", hello.node, hello.pid);
     if hello.version != wire::VERSION {
-        warn!(peer, version = hello.version, "refusing shim with another protocol version");
-        refuse(sink, &format!("unsupported protocol version {}", hello.version)).await;
+        warn!(
+            peer,
+            version = hello.version,
+            "refusing shim with another protocol version"
+        );
+        refuse(
+            sink,
+            &format!("unsupported protocol version {}", hello.version),
+        )
+        .await;
         return None;
     }
-    let welcome = ServerMsg::Welcome(Welcome { version: wire::VERSION, server: concat!("extauth-broker/", env!("CARGO_PKG_VERSION")).into() });
+    let welcome = ServerMsg::Welcome(Welcome {
+        version: wire::VERSION,
+        server: concat!("extauth-broker/", env!("CARGO_PKG_VERSION")).into(),
+    });
     sink.send(encode_body(&welcome).ok()?).await.ok()?;
     debug!(peer, "shim connected");
     Some(peer)
 }
 
-async fn refuse<W: AsyncWrite + Unpin>(sink: &mut FramedWrite<W, LengthDelimitedCodec>, reason: &str) {
-    let msg = ServerMsg::Refused(Refused { version: wire::VERSION, reason: reason.to_owned() });
+async fn refuse<W: AsyncWrite + Unpin>(
+    sink: &mut FramedWrite<W, LengthDelimitedCodec>,
+    reason: &str,
+) {
+    let msg = ServerMsg::Refused(Refused {
+        version: wire::VERSION,
+        reason: reason.to_owned(),
+    });
     if let Ok(frame) = encode_body(&msg) {
         let _ = sink.send(frame).await;
     }

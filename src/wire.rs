@@ -126,9 +126,50 @@ pub enum Reason {
     DeadlineExceeded,
     /// The broker is shutting down or overloaded.
     Unavailable,
+    /// The request's domain is not configured on this broker.
+    UnknownDomain,
+    /// The token lacks a scope the domain requires.
+    InsufficientScope,
+    /// The token's `aud` does not name the expected audience.
+    WrongAudience,
+    /// The token's `iss` is not the expected issuer.
+    WrongIssuer,
+    /// The token's `nbf` is in the future.
+    NotYetValid,
+    /// The token is not a well-formed, correctly signed token (JWT).
+    BadToken,
+    /// The token or its user was revoked at this broker (`extauth-broker revoke`).
+    Revoked,
 }
 
 impl Reason {
+    /// Every reason, in wire order.
+    pub const ALL: [Reason; 18] = [
+        Reason::Accepted,
+        Reason::Inactive,
+        Reason::Expired,
+        Reason::WrongUser,
+        Reason::Malformed,
+        Reason::Unsupported,
+        Reason::UpstreamUnavailable,
+        Reason::UserKnown,
+        Reason::UserUnknown,
+        Reason::DeadlineExceeded,
+        Reason::Unavailable,
+        Reason::UnknownDomain,
+        Reason::InsufficientScope,
+        Reason::WrongAudience,
+        Reason::WrongIssuer,
+        Reason::NotYetValid,
+        Reason::BadToken,
+        Reason::Revoked,
+    ];
+
+    /// The reason named `name` (the inverse of [`Reason::as_str`]).
+    pub fn from_name(name: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+
     /// The reason's stable snake_case name, for logs, metrics and Redis values.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -143,6 +184,13 @@ impl Reason {
             Reason::UserUnknown => "user_unknown",
             Reason::DeadlineExceeded => "deadline_exceeded",
             Reason::Unavailable => "unavailable",
+            Reason::UnknownDomain => "unknown_domain",
+            Reason::InsufficientScope => "insufficient_scope",
+            Reason::WrongAudience => "wrong_audience",
+            Reason::WrongIssuer => "wrong_issuer",
+            Reason::NotYetValid => "not_yet_valid",
+            Reason::BadToken => "bad_token",
+            Reason::Revoked => "revoked",
         }
     }
 }
@@ -180,7 +228,10 @@ pub fn encode<T: Serialize>(msg: &T) -> io::Result<Vec<u8>> {
     let mut frame = postcard::to_extend(msg, vec![0u8; 4]).map_err(invalid)?;
     let len = frame.len() - 4;
     if len > MAX_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "wire frame too large"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "wire frame too large",
+        ));
     }
     frame[..4].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(frame)
@@ -213,7 +264,10 @@ pub fn read_msg<R: Read, T: DeserializeOwned>(reader: &mut R, max: usize) -> io:
     reader.read_exact(&mut len)?;
     let len = u32::from_be_bytes(len) as usize;
     if len > max {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "wire frame too large"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "wire frame too large",
+        ));
     }
     let mut body = vec![0u8; len];
     reader.read_exact(&mut body)?;
@@ -234,7 +288,11 @@ mod tests {
     #[test]
     fn messages_round_trip_through_frames() {
         let msgs = [
-            ClientMsg::Hello(Hello { version: VERSION, node: "ejabberd1@localhost".into(), pid: 42 }),
+            ClientMsg::Hello(Hello {
+                version: VERSION,
+                node: "ejabberd1@localhost".into(),
+                pid: 42,
+            }),
             ClientMsg::Request(Request {
                 id: u64::MAX,
                 deadline_ms: 10_000,
@@ -247,10 +305,15 @@ mod tests {
         }
         let mut reader = &stream[..];
         for m in &msgs {
-            assert_eq!(&read_msg::<_, ClientMsg>(&mut reader, MAX_FRAME).unwrap(), m);
+            assert_eq!(
+                &read_msg::<_, ClientMsg>(&mut reader, MAX_FRAME).unwrap(),
+                m
+            );
         }
         assert_eq!(
-            read_msg::<_, ClientMsg>(&mut reader, MAX_FRAME).unwrap_err().kind(),
+            read_msg::<_, ClientMsg>(&mut reader, MAX_FRAME)
+                .unwrap_err()
+                .kind(),
             io::ErrorKind::UnexpectedEof
         );
     }
@@ -260,8 +323,17 @@ mod tests {
         // An extauth request is at most 65 535 bytes in all, whatever the split between fields.
         let (user, server) = ("u".repeat(1023), "d".repeat(1023));
         let password = "p".repeat(crate::extauth::MAX_REQUEST_LEN - "auth:::".len() - 2046);
-        let cmd = Command::Auth { user, server, password: Secret::new(password) };
-        let frame = encode(&ClientMsg::Request(Request { id: 1, deadline_ms: 1, command: cmd })).unwrap();
+        let cmd = Command::Auth {
+            user,
+            server,
+            password: Secret::new(password),
+        };
+        let frame = encode(&ClientMsg::Request(Request {
+            id: 1,
+            deadline_ms: 1,
+            command: cmd,
+        }))
+        .unwrap();
         assert!(frame.len() - 4 <= MAX_FRAME);
     }
 
@@ -278,13 +350,37 @@ mod tests {
 
     #[test]
     fn hello_encoding_matches_the_example_in_docs_protocol_md() {
-        let hello = ClientMsg::Hello(Hello { version: 1, node: "n1".into(), pid: 300 });
-        assert_eq!(encode(&hello).unwrap(), [0, 0, 0, 7, 0, 1, 2, b'n', b'1', 0xac, 0x02]);
+        let hello = ClientMsg::Hello(Hello {
+            version: 1,
+            node: "n1".into(),
+            pid: 300,
+        });
+        assert_eq!(
+            encode(&hello).unwrap(),
+            [0, 0, 0, 7, 0, 1, 2, b'n', b'1', 0xac, 0x02]
+        );
+    }
+
+    #[test]
+    fn reasons_are_listed_in_wire_order_with_unique_names() {
+        for (i, r) in Reason::ALL.into_iter().enumerate() {
+            assert_eq!(
+                postcard::to_allocvec(&r).unwrap(),
+                [i as u8],
+                "{r:?} is variant {i}"
+            );
+            assert_eq!(Reason::from_name(r.as_str()), Some(r));
+        }
     }
 
     #[test]
     fn responses_round_trip() {
-        let r = ServerMsg::Response(Response { id: 7, ok: true, reason: Reason::Accepted, source: Source::Redis });
+        let r = ServerMsg::Response(Response {
+            id: 7,
+            ok: true,
+            reason: Reason::Accepted,
+            source: Source::Redis,
+        });
         let frame = encode(&r).unwrap();
         assert_eq!(decode::<ServerMsg>(&frame[4..]).unwrap(), r);
     }

@@ -17,7 +17,9 @@ fn fifty_shims_with_one_fresh_token_cost_one_provider_call() {
     provider.insert(&fresh, json!({"username": "alice"}));
     // Slow enough that all 50 requests arrive while the first call is in flight.
     provider.set_latency(Duration::from_millis(500));
-    let mut shims: Vec<Shim> = (0..50).map(|_| Shim::spawn(&broker.addr(), 10.0, &[])).collect();
+    let mut shims: Vec<Shim> = (0..50)
+        .map(|_| Shim::spawn(&broker.addr(), 10.0, &[]))
+        .collect();
     // Open every connection first, so the herd is not spread out by connection set-up.
     for shim in &mut shims {
         assert!(!shim.ask("isuser:nobody:example.com"));
@@ -34,7 +36,11 @@ fn fifty_shims_with_one_fresh_token_cost_one_provider_call() {
             })
         })
         .collect();
-    let accepted = threads.into_iter().map(|t| t.join().unwrap()).filter(|ok| *ok).count();
+    let accepted = threads
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .filter(|ok| *ok)
+        .count();
     assert_eq!(accepted, 50);
     assert_eq!(provider.calls(), 1);
 }
@@ -52,9 +58,18 @@ fn a_verdict_reached_through_one_broker_is_shared_with_another_through_redis() {
     assert!(via_a.ask(&format!("auth:alice:example.com:{alice}")));
     assert!(!via_a.ask(&format!("auth:alice:example.com:{stranger}")));
     assert_eq!(provider.calls(), 2);
-    assert!(via_b.ask(&format!("auth:alice:example.com:{alice}")), "positive verdict shared");
-    assert!(!via_b.ask(&format!("auth:alice:example.com:{stranger}")), "negative verdict shared");
-    assert!(via_b.ask("isuser:alice:example.com"), "seen through broker A");
+    assert!(
+        via_b.ask(&format!("auth:alice:example.com:{alice}")),
+        "positive verdict shared"
+    );
+    assert!(
+        !via_b.ask(&format!("auth:alice:example.com:{stranger}")),
+        "negative verdict shared"
+    );
+    assert!(
+        via_b.ask("isuser:alice:example.com"),
+        "seen through broker A"
+    );
     assert_eq!(provider.calls(), 2, "broker B made no provider call");
 }
 
@@ -70,5 +85,9 @@ fn brokers_with_different_cache_secrets_share_nothing() {
     provider.insert(&alice, json!({"username": "alice"}));
     assert!(Shim::spawn(&a.addr(), 5.0, &[]).ask(&format!("auth:alice:example.com:{alice}")));
     assert!(Shim::spawn(&b.addr(), 5.0, &[]).ask(&format!("auth:alice:example.com:{alice}")));
-    assert_eq!(provider.calls(), 2, "keys are HMACs of the secret: no cross-talk");
+    assert_eq!(
+        provider.calls(),
+        2,
+        "keys are HMACs of the secret: no cross-talk"
+    );
 }

@@ -18,7 +18,11 @@ fn answers_zero_while_the_broker_is_down_and_one_once_it_is_up() {
     let request = format!("auth:alice:example.com:{alice}");
     let started = Instant::now();
     assert!(!shim.ask(&request), "no broker: fail closed");
-    assert!(started.elapsed() < Duration::from_millis(1500), "within the timeout: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "within the timeout: {:?}",
+        started.elapsed()
+    );
     broker.launch(&BrokerSpec::new(&provider));
     assert!(shim.ask(&request), "same shim process, broker back");
     broker.kill();
@@ -78,7 +82,10 @@ fn stdout_carries_exactly_four_bytes_per_request_and_eof_exits_zero() {
     };
     assert!(status.success(), "EOF -> exit 0, got {status}");
     assert_eq!(rest.len(), 81 * 4, "one 4-byte reply per complete request");
-    assert!(rest.chunks(4).all(|c| c == [0, 2, 0, 0]), "unknown tokens -> 0");
+    assert!(
+        rest.chunks(4).all(|c| c == [0, 2, 0, 0]),
+        "unknown tokens -> 0"
+    );
 }
 
 #[test]
@@ -91,12 +98,21 @@ fn the_largest_request_is_relayed() {
     spec.extra = vec!["--max-token-len".into(), "65535".into()];
     let broker = Broker::start(&spec);
     let mut shim = Shim::spawn(&broker.addr(), 5.0, &[]);
-    assert!(shim.ask(&format!("{prefix}{big}")), "65 535-byte frame, unsigned length");
-    assert!(!shim.ask(&format!("{prefix}{}", &big[1..])), "different token");
+    assert!(
+        shim.ask(&format!("{prefix}{big}")),
+        "65 535-byte frame, unsigned length"
+    );
+    assert!(
+        !shim.ask(&format!("{prefix}{}", &big[1..])),
+        "different token"
+    );
     assert_eq!(provider.calls(), 2);
     let default_limit = Broker::start(&BrokerSpec::new(&provider));
     let mut shim = Shim::spawn(&default_limit.addr(), 5.0, &[]);
-    assert!(!shim.ask(&format!("{prefix}{big}")), "over --max-token-len: refused");
+    assert!(
+        !shim.ask(&format!("{prefix}{big}")),
+        "over --max-token-len: refused"
+    );
     assert_eq!(provider.calls(), 2, "without a provider call");
 }
 
@@ -110,12 +126,21 @@ fn a_late_answer_is_never_written() {
     let mut shim = Shim::spawn(&broker.addr(), 1.0, &[]);
     provider.set_latency(Duration::from_millis(2500));
     let started = Instant::now();
-    assert!(!shim.ask(&format!("auth:alice:example.com:{slow}")), "deadline passed: 0");
+    assert!(
+        !shim.ask(&format!("auth:alice:example.com:{slow}")),
+        "deadline passed: 0"
+    );
     assert!(started.elapsed() < Duration::from_millis(2000));
     provider.set_latency(Duration::ZERO);
     // The slow answer (1) arrives at the broker meanwhile; it must not be read as this reply.
-    assert!(!shim.ask(&format!("auth:alice:example.com:{quick}")), "bob's token for alice");
+    assert!(
+        !shim.ask(&format!("auth:alice:example.com:{quick}")),
+        "bob's token for alice"
+    );
     std::thread::sleep(Duration::from_millis(1800));
-    assert!(!shim.ask(&format!("auth:alice:example.com:{quick}")), "still bob's token, after the late answer arrived");
+    assert!(
+        !shim.ask(&format!("auth:alice:example.com:{quick}")),
+        "still bob's token, after the late answer arrived"
+    );
     assert!(shim.ask(&format!("auth:bob:example.com:{quick}")));
 }

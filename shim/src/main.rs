@@ -46,7 +46,10 @@ fn serve(options: &Options, mut input: impl Read, mut output: impl Write) -> io:
         let ok = match extauth::parse(&request) {
             Ok(command) => relay.call(command, deadline),
             Err(e) => {
-                eprintln!("extauth-shim: refusing request of {} bytes: {e}", request.len());
+                eprintln!(
+                    "extauth-shim: refusing request of {} bytes: {e}",
+                    request.len()
+                );
                 false
             }
         };

@@ -70,13 +70,23 @@ impl Options {
                 }
                 _ => return Err(format!("unknown argument {flag:?}")),
             };
-            *slot = Some(inline.or_else(|| args.next()).ok_or(format!("{flag} needs a value"))?);
+            *slot = Some(
+                inline
+                    .or_else(|| args.next())
+                    .ok_or(format!("{flag} needs a value"))?,
+            );
         }
         let brokers = brokers.ok_or("--broker (or EXTAUTH_BROKER) is required")?;
         Ok(Some(Options {
-            brokers: brokers.split(',').map(parse_addr).collect::<Result<_, _>>()?,
+            brokers: brokers
+                .split(',')
+                .map(parse_addr)
+                .collect::<Result<_, _>>()?,
             timeout: parse_seconds("--timeout", timeout.as_deref().unwrap_or("10"))?,
-            connect_timeout: parse_seconds("--connect-timeout", connect_timeout.as_deref().unwrap_or("2"))?,
+            connect_timeout: parse_seconds(
+                "--connect-timeout",
+                connect_timeout.as_deref().unwrap_or("2"),
+            )?,
             node: node.unwrap_or_else(host_name),
         }))
     }
@@ -86,10 +96,16 @@ fn parse_addr(text: &str) -> Result<Addr, String> {
     let text = text.trim();
     match text.split_once(':') {
         Some(("unix", path)) if !path.is_empty() => Ok(Addr::Unix(path.to_owned())),
-        Some(("tcp", hostport)) if hostport.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) => {
+        Some(("tcp", hostport))
+            if hostport
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) =>
+        {
             Ok(Addr::Tcp(hostport.to_owned()))
         }
-        _ => Err(format!("bad broker address {text:?} (want unix:/path or tcp:HOST:PORT)")),
+        _ => Err(format!(
+            "bad broker address {text:?} (want unix:/path or tcp:HOST:PORT)"
+        )),
     }
 }
 
@@ -113,10 +129,26 @@ mod tests {
 
     #[test]
     fn addresses_parse() {
-        assert_eq!(parse_addr("unix:/run/x.sock"), Ok(Addr::Unix("/run/x.sock".into())));
-        assert_eq!(parse_addr("tcp:127.0.0.1:7000"), Ok(Addr::Tcp("127.0.0.1:7000".into())));
-        assert_eq!(parse_addr("tcp:[::1]:7000"), Ok(Addr::Tcp("[::1]:7000".into())));
-        for bad in ["/run/x.sock", "unix:", "tcp:host", "tcp::70", "tcp:h:99999", "udp:h:1"] {
+        assert_eq!(
+            parse_addr("unix:/run/x.sock"),
+            Ok(Addr::Unix("/run/x.sock".into()))
+        );
+        assert_eq!(
+            parse_addr("tcp:127.0.0.1:7000"),
+            Ok(Addr::Tcp("127.0.0.1:7000".into()))
+        );
+        assert_eq!(
+            parse_addr("tcp:[::1]:7000"),
+            Ok(Addr::Tcp("[::1]:7000".into()))
+        );
+        for bad in [
+            "/run/x.sock",
+            "unix:",
+            "tcp:host",
+            "tcp::70",
+            "tcp:h:99999",
+            "udp:h:1",
+        ] {
             assert!(parse_addr(bad).is_err(), "{bad}");
         }
     }

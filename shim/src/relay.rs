@@ -26,7 +26,11 @@ pub struct Relay<'a> {
 impl<'a> Relay<'a> {
     /// A relay with no connection yet (the first request opens it).
     pub fn new(options: &'a Options) -> Self {
-        Relay { options, conn: None, next_id: 1 }
+        Relay {
+            options,
+            conn: None,
+            next_id: 1,
+        }
     }
 
     /// Asks a broker about `command` and returns its verdict, or `false` when no answer arrived
@@ -37,7 +41,11 @@ impl<'a> Relay<'a> {
         self.next_id += 1;
         let (user, server) = command.jid_parts();
         let what = format!("{} {user}@{server}", command.name());
-        let mut request = ClientMsg::Request(Request { id, deadline_ms: 0, command });
+        let mut request = ClientMsg::Request(Request {
+            id,
+            deadline_ms: 0,
+            command,
+        });
         // A kept connection may have been closed by a broker restart since the last request;
         // one fresh attempt is safe because every command is idempotent at the broker.
         for _attempt in 0..2 {
@@ -107,7 +115,12 @@ impl<'a> Relay<'a> {
 }
 
 /// Sends one request and waits for the response with its id (skipping any other).
-fn exchange(conn: &mut Stream, request: &ClientMsg, id: u64, deadline: Instant) -> io::Result<bool> {
+fn exchange(
+    conn: &mut Stream,
+    request: &ClientMsg,
+    id: u64,
+    deadline: Instant,
+) -> io::Result<bool> {
     conn.set_deadline(deadline)?;
     wire::write_msg(conn, request)?;
     loop {
@@ -121,12 +134,17 @@ fn exchange(conn: &mut Stream, request: &ClientMsg, id: u64, deadline: Instant) 
 }
 
 fn remaining_ms(deadline: Instant) -> u32 {
-    let left = deadline.saturating_duration_since(Instant::now()).as_millis();
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis();
     u32::try_from(left).unwrap_or(u32::MAX)
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// A connected Unix or TCP stream.
@@ -159,8 +177,12 @@ impl Stream {
     fn set_deadline(&self, deadline: Instant) -> io::Result<()> {
         let left = Some(time_left(deadline)?);
         match self {
-            Stream::Unix(s) => s.set_read_timeout(left).and_then(|()| s.set_write_timeout(left)),
-            Stream::Tcp(s) => s.set_read_timeout(left).and_then(|()| s.set_write_timeout(left)),
+            Stream::Unix(s) => s
+                .set_read_timeout(left)
+                .and_then(|()| s.set_write_timeout(left)),
+            Stream::Tcp(s) => s
+                .set_read_timeout(left)
+                .and_then(|()| s.set_write_timeout(left)),
         }
     }
 }

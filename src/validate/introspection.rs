@@ -1,88 +1,185 @@
 //! RFC 7662 OAuth 2.0 token introspection.
 //!
-//! `POST` the endpoint with the form `token=...&token_type_hint=access_token`, authenticated with
-//! HTTP Basic (client id and secret, RFC 7662 section 2.1). The JSON answer (section 2.2) must
-//! have `active`; `exp` is seconds since the epoch; the user is in the configured claim
-//! (default `username`), falling back to `sub`.
+//! `POST` the endpoint with the form `token=...&token_type_hint=access_token`, with client
+//! authentication by HTTP Basic (`client_secret_basic`, RFC 7662 section 2.1 and RFC 6749 section
+//! 2.3.1) or in the form (`client_secret_post`). The JSON answer (section 2.2) must have a boolean
+//! `active`; `exp` is seconds since the epoch.
 
+use std::path::PathBuf;
+
+use serde::Deserialize;
 use serde_json::Value;
 
-use super::{BoxFuture, Validation, Validator};
-use crate::config::IntrospectionConfig;
+use super::claims::ClaimRules;
+use super::http::{self, HttpTimeouts};
+use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
 use crate::extauth::Secret;
 use crate::wire::Reason;
+
+/// How the broker authenticates to the introspection endpoint.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// HTTP Basic with client id and secret (the common case).
+    #[default]
+    ClientSecretBasic,
+    /// `client_id` and `client_secret` form fields.
+    ClientSecretPost,
+}
+
+/// Settings of an introspection validator (TOML: `validator = { kind = "introspection", ... }`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionConfig {
+    /// Endpoint URL (http:// or https://).
+    pub url: String,
+    /// The broker's OAuth client id.
+    pub client_id: String,
+    /// The client secret inline (prefer `client_secret_file`).
+    #[serde(default)]
+    pub client_secret: Option<Secret>,
+    /// File whose first line is the client secret. Without either, env `EXTAUTH_CLIENT_SECRET`.
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// `client_secret_basic` (default) or `client_secret_post`.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    /// Scope, audience and issuer requirements (`require = { ... }`).
+    #[serde(default)]
+    pub require: ClaimRules,
+    /// Connect and total timeouts.
+    #[serde(default)]
+    pub timeouts: HttpTimeouts,
+}
 
 /// An RFC 7662 introspection client.
 pub struct Introspection {
     http: reqwest::Client,
     config: IntrospectionConfig,
+    secret: Secret,
 }
 
 impl Introspection {
-    /// A client for `config.url`, with connect (2 s, capped by the call timeout) and total
-    /// timeouts set, since reqwest has none by default.
+    /// A client for `config.url`, its secret resolved (inline, file, then env).
     ///
     /// # Errors
-    /// When the HTTP client cannot be built (TLS set-up).
-    pub fn new(config: IntrospectionConfig) -> reqwest::Result<Self> {
-        crate::daemon::install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .connect_timeout(config.timeout.min(std::time::Duration::from_secs(2)))
-            .timeout(config.timeout)
-            .pool_max_idle_per_host(64)
-            .user_agent(concat!("extauth-broker/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(Introspection { http, config })
+    /// A bad URL or timeout, a missing or unreadable secret, or a TLS set-up failure.
+    pub fn new(config: IntrospectionConfig) -> Result<Self, String> {
+        if !(config.url.starts_with("http://") || config.url.starts_with("https://")) {
+            return Err(format!(
+                "introspection url must start with http:// or https://, got {:?}",
+                config.url
+            ));
+        }
+        if config.client_id.is_empty() {
+            return Err("introspection needs a client id (--client-id or client_id)".into());
+        }
+        config.timeouts.check()?;
+        let secret = match (&config.client_secret, &config.client_secret_file) {
+            (Some(s), _) => s.clone(),
+            (None, Some(path)) => crate::config::read_secret(path, "client_secret_file").map_err(|e| format!("{e:#}"))?,
+            (None, None) => match std::env::var("EXTAUTH_CLIENT_SECRET") {
+                Ok(s) if !s.is_empty() => Secret::new(s),
+                _ => return Err("the client secret is required: set EXTAUTH_CLIENT_SECRET, --client-secret-file or client_secret_file".into()),
+            },
+        };
+        let http =
+            http::client(config.timeouts).map_err(|e| format!("building the HTTP client: {e}"))?;
+        Ok(Introspection {
+            http,
+            config,
+            secret,
+        })
     }
 
     async fn introspect(&self, token: &Secret) -> Validation {
-        let response = self
-            .http
-            .post(&self.config.url)
-            .basic_auth(&self.config.client_id, Some(self.config.client_secret.expose()))
-            .form(&[("token", token.expose()), ("token_type_hint", "access_token")])
-            .send()
-            .await;
-        let response = match response {
+        let mut form = vec![
+            ("token", token.expose()),
+            ("token_type_hint", "access_token"),
+        ];
+        let mut request = self.http.post(&self.config.url);
+        match self.config.client_auth {
+            ClientAuth::ClientSecretBasic => {
+                request = request.basic_auth(&self.config.client_id, Some(self.secret.expose()))
+            }
+            ClientAuth::ClientSecretPost => {
+                form.push(("client_id", &self.config.client_id));
+                form.push(("client_secret", self.secret.expose()));
+            }
+        }
+        let response = match http::send(request.form(&form), "introspection").await {
             Ok(r) => r,
-            // reqwest's message names the URL only, never the form body.
-            Err(e) => return Validation::Unavailable(format!("introspection request failed: {}", e.without_url())),
+            Err(why) => return Validation::Unavailable(why),
         };
         let status = response.status();
         if !status.is_success() {
             // 401/403 here means the broker's own client credentials were refused: not the
             // token's fault, so not a cacheable "no".
-            return Validation::Unavailable(format!("introspection endpoint answered HTTP {}", status.as_u16()));
+            return Validation::Unavailable(format!(
+                "introspection endpoint answered HTTP {}",
+                status.as_u16()
+            ));
         }
         match response.json::<Value>().await {
-            Ok(body) => self.interpret(&body),
+            Ok(body) => self.interpret(body),
             Err(_) => Validation::Unavailable("introspection answer is not JSON".to_owned()),
         }
     }
 
     /// Reads an RFC 7662 section 2.2 answer.
-    fn interpret(&self, body: &Value) -> Validation {
-        match body.get("active") {
+    fn interpret(&self, body: Value) -> Validation {
+        let Value::Object(claims) = body else {
+            return Validation::Unavailable("introspection answer is not a JSON object".to_owned());
+        };
+        match claims.get("active") {
             Some(Value::Bool(true)) => {}
             Some(Value::Bool(false)) => return Validation::Invalid(Reason::Inactive),
-            _ => return Validation::Unavailable("introspection answer has no boolean \"active\"".to_owned()),
+            _ => {
+                return Validation::Unavailable(
+                    "introspection answer has no boolean \"active\"".to_owned(),
+                )
+            }
         }
-        let exp = match body.get("exp") {
-            None | Some(Value::Null) => None,
-            Some(v) => match v.as_u64().or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)) {
-                Some(exp) => Some(exp),
-                None => return Validation::Unavailable("introspection \"exp\" is not a number".to_owned()),
-            },
+        let exp = match seconds_claim(&claims, "exp") {
+            Ok(exp) => exp,
+            Err(why) => return Validation::Unavailable(why),
         };
-        let claim = |name: &str| body.get(name).and_then(Value::as_str).map(str::to_owned);
-        let subject = claim(&self.config.subject_claim).or_else(|| claim("sub"));
-        Validation::Valid { subject, exp }
+        if let Err(reason) = self.config.require.check(&claims) {
+            return Validation::Invalid(reason);
+        }
+        Validation::Valid(Grant {
+            claims,
+            exp,
+            user_confirmed: false,
+        })
+    }
+}
+
+/// Reads a NumericDate claim (RFC 7519 section 2: seconds since the epoch, possibly fractional).
+///
+/// # Errors
+/// A message when the claim is present but not a non-negative number.
+pub fn seconds_claim(
+    claims: &serde_json::Map<String, Value>,
+    name: &str,
+) -> Result<Option<u64>, String> {
+    match claims.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+            .map(Some)
+            .ok_or_else(|| format!("claim \"{name}\" is not a number")),
     }
 }
 
 impl Validator for Introspection {
-    fn validate<'a>(&'a self, token: &'a Secret) -> BoxFuture<'a, Validation> {
-        Box::pin(self.introspect(token))
+    fn validate<'a>(&'a self, check: TokenCheck<'a>) -> BoxFuture<'a, Validation> {
+        Box::pin(self.introspect(check.token))
+    }
+
+    fn kind(&self) -> &'static str {
+        "introspection"
     }
 }
 
@@ -91,35 +188,69 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn client(claim: &str) -> Introspection {
+    fn client(require: ClaimRules) -> Introspection {
         Introspection::new(IntrospectionConfig {
             url: "http://127.0.0.1:9/introspect".into(),
             client_id: "c".into(),
-            client_secret: Secret::new("s".into()),
-            subject_claim: claim.into(),
-            timeout: std::time::Duration::from_secs(1),
+            client_secret: Some(Secret::new("s".into())),
+            client_secret_file: None,
+            client_auth: ClientAuth::ClientSecretBasic,
+            require,
+            timeouts: HttpTimeouts::default(),
         })
         .unwrap()
     }
 
+    fn valid(v: Value, exp: Option<u64>) -> Validation {
+        Validation::Valid(Grant {
+            claims: v.as_object().unwrap().clone(),
+            exp,
+            user_confirmed: false,
+        })
+    }
+
     #[test]
     fn answers_are_read_per_rfc_7662() {
-        let c = client("username");
+        let c = client(ClaimRules::default());
+        let body = json!({"active": true, "username": "Alice", "exp": 12});
+        assert_eq!(c.interpret(body.clone()), valid(body, Some(12)));
+        let body = json!({"active": true, "sub": "bob", "exp": 12.5});
+        assert_eq!(c.interpret(body.clone()), valid(body, Some(12)));
         assert_eq!(
-            c.interpret(&json!({"active": true, "username": "Alice", "sub": "x", "exp": 12})),
-            Validation::Valid { subject: Some("Alice".into()), exp: Some(12) }
+            c.interpret(json!({"active": false, "username": "a"})),
+            Validation::Invalid(Reason::Inactive)
+        );
+        for garbage in [
+            json!({"active": "true"}),
+            json!({"username": "a"}),
+            json!({"active": true, "exp": "soon"}),
+            json!([1]),
+        ] {
+            assert!(
+                matches!(c.interpret(garbage.clone()), Validation::Unavailable(_)),
+                "{garbage}"
+            );
+        }
+    }
+
+    #[test]
+    fn required_scopes_audience_and_issuer_are_definitive_noes() {
+        let c = client(ClaimRules {
+            scopes: vec!["xmpp".into()],
+            audience: Some("ej".into()),
+            issuer: None,
+        });
+        assert_eq!(
+            c.interpret(json!({"active": true, "scope": "openid", "aud": "ej"})),
+            Validation::Invalid(Reason::InsufficientScope)
         );
         assert_eq!(
-            c.interpret(&json!({"active": true, "sub": "bob"})),
-            Validation::Valid { subject: Some("bob".into()), exp: None }
+            c.interpret(json!({"active": true, "scope": "xmpp", "aud": "x"})),
+            Validation::Invalid(Reason::WrongAudience)
         );
-        assert_eq!(c.interpret(&json!({"active": false, "username": "a"})), Validation::Invalid(Reason::Inactive));
-        assert!(matches!(c.interpret(&json!({"active": "true"})), Validation::Unavailable(_)));
-        assert!(matches!(c.interpret(&json!({"username": "a"})), Validation::Unavailable(_)));
-        assert!(matches!(c.interpret(&json!({"active": true, "exp": "soon"})), Validation::Unavailable(_)));
-        assert_eq!(
-            client("preferred_username").interpret(&json!({"active": true, "preferred_username": "c", "sub": "x"})),
-            Validation::Valid { subject: Some("c".into()), exp: None }
-        );
+        assert!(matches!(
+            c.interpret(json!({"active": true, "scope": "xmpp", "aud": "ej"})),
+            Validation::Valid(_)
+        ));
     }
 }

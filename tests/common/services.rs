@@ -45,14 +45,21 @@ pub fn shim_bin() -> PathBuf {
 
 /// A free TCP port on 127.0.0.1 (bound then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `check` every 10 ms until it is true or `limit` passes.
 pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
     while !check() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -67,8 +74,14 @@ pub struct Provider {
 impl Provider {
     /// Starts the provider on a free loopback port.
     pub fn start() -> Provider {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let inner = rt.block_on(DevProvider::start(CLIENT_ID, CLIENT_SECRET)).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let inner = rt
+            .block_on(DevProvider::start(CLIENT_ID, CLIENT_SECRET))
+            .unwrap();
         Provider { inner, _rt: rt }
     }
 
@@ -95,7 +108,10 @@ impl Provider {
 
 /// Seconds since the Unix epoch.
 pub fn now_s() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 /// A throwaway redis-server on a free loopback port, killed on drop.
@@ -110,14 +126,29 @@ impl Redis {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(dir.path())
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (apt-get install redis-server)");
-        let redis = Redis { child, port, _dir: dir };
-        wait_until(Duration::from_secs(10), "redis-server", || redis.command(&["PING"]).is_ok_and(|r| r == "+PONG"));
+        let redis = Redis {
+            child,
+            port,
+            _dir: dir,
+        };
+        wait_until(Duration::from_secs(10), "redis-server", || {
+            redis.command(&["PING"]).is_ok_and(|r| r == "+PONG")
+        });
         redis
     }
 
@@ -158,7 +189,12 @@ pub struct BrokerSpec<'a> {
 
 impl<'a> BrokerSpec<'a> {
     pub fn new(provider: &'a Provider) -> Self {
-        BrokerSpec { provider, redis: None, cache_secret: "test-cache-secret-0123456789abcdef0123", extra: Vec::new() }
+        BrokerSpec {
+            provider,
+            redis: None,
+            cache_secret: "test-cache-secret-0123456789abcdef0123",
+            extra: Vec::new(),
+        }
     }
 
     pub fn with_redis(mut self, redis: &'a Redis) -> Self {
@@ -178,7 +214,11 @@ impl Broker {
     pub fn start(spec: &BrokerSpec) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("broker.sock");
-        let mut broker = Broker { child: None, socket, dir };
+        let mut broker = Broker {
+            child: None,
+            socket,
+            dir,
+        };
         broker.launch(spec);
         broker
     }
@@ -192,11 +232,20 @@ impl Broker {
     pub fn launch(&mut self, spec: &BrokerSpec) {
         let secret_file = self.dir.path().join("cache.key");
         std::fs::write(&secret_file, spec.cache_secret).unwrap();
-        let log = File::options().create(true).append(true).open(self.log_path()).unwrap();
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
         let mut cmd = Command::new(broker_bin());
         cmd.arg("--listen")
             .arg(format!("unix:{}", self.socket.display()))
-            .args(["--introspection-url", &spec.provider.url(), "--client-id", CLIENT_ID])
+            .args([
+                "--introspection-url",
+                &spec.provider.url(),
+                "--client-id",
+                CLIENT_ID,
+            ])
             .arg("--cache-secret-file")
             .arg(&secret_file)
             .args(&spec.extra)
@@ -209,7 +258,9 @@ impl Broker {
         }
         self.child = Some(cmd.spawn().unwrap());
         let socket = self.socket.clone();
-        wait_until(Duration::from_secs(10), "the broker's socket", || std::os::unix::net::UnixStream::connect(&socket).is_ok());
+        wait_until(Duration::from_secs(10), "the broker's socket", || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
     }
 
     /// Kills the process (SIGKILL) and waits for it.
@@ -256,7 +307,11 @@ impl Shim {
             .unwrap();
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().unwrap();
-        Shim { child, stdin, stdout }
+        Shim {
+            child,
+            stdin,
+            stdout,
+        }
     }
 
     /// Sends raw bytes (a frame or part of one).
@@ -296,7 +351,10 @@ impl Shim {
             if let Some(status) = self.child.try_wait().unwrap() {
                 break status;
             }
-            assert!(start.elapsed() < limit, "shim did not exit within {limit:?} after EOF");
+            assert!(
+                start.elapsed() < limit,
+                "shim did not exit within {limit:?} after EOF"
+            );
             std::thread::sleep(Duration::from_millis(5));
         };
         let mut rest = Vec::new();
