@@ -99,6 +99,14 @@ pub struct RunArgs {
     #[arg(long, env = "EXTAUTH_MAX_TOKEN_LEN")]
     pub max_token_len: Option<usize>,
 
+    /// Serve the admin HTTP endpoint (`POST /revoke`) on this `HOST:PORT`.
+    #[arg(long, env = "EXTAUTH_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+
+    /// File holding the admin bearer secret (first line); required with --admin-listen.
+    #[arg(long, env = "EXTAUTH_ADMIN_SECRET_FILE")]
+    pub admin_secret_file: Option<PathBuf>,
+
     /// Settings every domain starts from (file only).
     #[arg(skip)]
     #[serde(default)]
@@ -150,6 +158,29 @@ pub enum IsUserPolicy {
     Always,
     /// Always 0 (offline messages to this domain are always bounced).
     Never,
+}
+
+/// Flags of `extauth-broker revoke`.
+#[derive(Debug, Clone, Args)]
+pub struct RevokeArgs {
+    /// The broker's TOML file, for `redis` and `cache_secret_file`.
+    #[arg(long, env = "EXTAUTH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The Redis every broker shares.
+    #[arg(long, env = "EXTAUTH_REDIS")]
+    pub redis: Option<String>,
+    /// The cache key secret every broker uses.
+    #[arg(long, env = "EXTAUTH_CACHE_SECRET_FILE")]
+    pub cache_secret_file: Option<PathBuf>,
+    /// The XMPP domain (vhost).
+    #[arg(long)]
+    pub domain: String,
+    /// The user (localpart).
+    #[arg(long)]
+    pub user: String,
+    /// Revoke only the token in this file (first line); without it, every verdict of the user.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Where the broker listens.
@@ -227,6 +258,8 @@ pub struct Config {
     pub domains: BTreeMap<String, DomainConfig>,
     /// Settings for any other domain, when no domain is configured (single-tenant mode).
     pub any_domain: Option<DomainConfig>,
+    /// The admin endpoint's `HOST:PORT` and bearer secret.
+    pub admin: Option<(String, Secret)>,
 }
 
 impl RunArgs {
@@ -267,17 +300,22 @@ impl RunArgs {
     /// # Errors
     /// A message naming the bad or missing setting (never its secret value).
     pub fn resolve(self) -> Result<Config> {
-        let args = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading config file {}", path.display()))?;
-                let file: RunArgs = toml::from_str(&text)
-                    .with_context(|| format!("parsing config file {}", path.display()))?;
-                self.merge(file)
-            }
-            None => self,
+        self.with_file()?.into_config()
+    }
+
+    /// These settings with the `--config` file's values filled in (nothing checked yet).
+    ///
+    /// # Errors
+    /// An unreadable or invalid file.
+    pub fn with_file(self) -> Result<RunArgs> {
+        let Some(path) = &self.config else {
+            return Ok(self);
         };
-        args.into_config()
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        let file: RunArgs = toml::from_str(&text)
+            .with_context(|| format!("parsing config file {}", path.display()))?;
+        Ok(self.merge(file))
     }
 
     fn into_config(self) -> Result<Config> {
@@ -307,6 +345,15 @@ impl RunArgs {
         if cache_secret.expose().len() < 32 {
             bail!("--cache-secret-file must hold at least 32 bytes");
         }
+        let admin = match (&self.admin_listen, &self.admin_secret_file) {
+            (Some(addr), Some(path)) => {
+                Some((addr.clone(), read_secret(path, "--admin-secret-file")?))
+            }
+            (Some(_), None) => bail!(
+                "--admin-listen needs --admin-secret-file (the bearer secret callers present)"
+            ),
+            (None, _) => None,
+        };
         let defaults = self.flag_defaults();
         let mut domains = BTreeMap::new();
         for name in &self.domain_names {
@@ -339,13 +386,14 @@ impl RunArgs {
             max_token_len: self.max_token_len.unwrap_or(16 * 1024),
             domains,
             any_domain,
+            admin,
         })
     }
 
     /// The `[defaults]` table with the validator flags laid over it.
     fn flag_defaults(&self) -> DomainFile {
-        let validator = match &self.introspection_url {
-            Some(url) => Some(ValidatorConfig::Introspection(IntrospectionConfig {
+        let validator = self.introspection_url.as_ref().map(|url| {
+            ValidatorConfig::Introspection(IntrospectionConfig {
                 url: url.clone(),
                 client_id: self.client_id.clone().unwrap_or_default(),
                 client_secret: None,
@@ -358,9 +406,8 @@ impl RunArgs {
                         .map_or(HttpTimeouts::default().total, |s| s as f64),
                     ..HttpTimeouts::default()
                 },
-            })),
-            None => None,
-        };
+            })
+        });
         let flags = DomainFile {
             validator,
             subject_claim: self.subject_claim.clone(),

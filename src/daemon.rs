@@ -48,6 +48,17 @@ pub fn engine(config: &Config) -> Result<Engine> {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let engine = Arc::new(engine(&config)?);
     engine.spawn_revocation_listener();
+    if let Some((addr, secret)) = &config.admin {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --admin-listen {addr}"))?;
+        tokio::spawn(crate::admin::serve(
+            listener,
+            engine.clone(),
+            secret.clone(),
+            shutdown.clone(),
+        ));
+    }
     let mut listeners = Vec::new();
     for addr in &config.listen {
         listeners.push(Listener::bind(addr, config.socket_mode).await?);

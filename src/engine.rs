@@ -12,7 +12,7 @@ use crate::cache::{Key, KeyDeriver, Redis, Verdict, L1};
 use crate::config::IsUserPolicy;
 use crate::domain::{Domain, Domains};
 use crate::extauth::{Command, Secret};
-use crate::revoke::Generations;
+use crate::revoke::{self, Generations, RevokeError, Target};
 use crate::validate::TokenCheck;
 use crate::wire::{Reason, Source};
 
@@ -374,35 +374,21 @@ impl Engine {
         }
     }
 
-    /// Revokes one token's verdict (when `token` is given) or every verdict of `user@domain`,
-    /// here and, through Redis, on every broker. Returns the user's generation afterwards.
+    /// Revokes `target` here and, through Redis, on every broker. Returns the user's
+    /// generation afterwards.
     ///
     /// # Errors
-    /// A Redis error (nothing was revoked cluster-wide then).
-    pub async fn revoke(
-        &self,
-        domain: &str,
-        user: &str,
-        token: Option<&Secret>,
-    ) -> redis::RedisResult<u64> {
-        let user_key = self.keys.user(domain, user);
-        let Some(token) = token else {
-            let generation = self.generations.bump(&user_key).await?;
-            info!(
-                user,
-                domain, generation, "revoked every verdict of the user"
-            );
-            return Ok(generation);
-        };
-        let generation = self.generations.get(&user_key).await;
-        let key = self.keys.verdict(domain, user, generation, token.expose());
-        if let Some(redis) = &self.redis {
-            redis.delete(&key).await?;
-            let _ = redis.publish(&format!("token {}", hex::encode(key))).await;
-        }
-        self.l1.invalidate(&key).await;
-        info!(user, domain, "revoked one token's verdict");
-        Ok(generation)
+    /// A Redis error (nothing was revoked cluster-wide then), or a user/domain that cannot be
+    /// a JID part.
+    pub async fn revoke(&self, target: &Target<'_>) -> Result<u64, RevokeError> {
+        revoke::revoke(
+            target,
+            &self.keys,
+            &self.generations,
+            self.redis.as_ref(),
+            Some(&self.l1),
+        )
+        .await
     }
 
     /// Logs a Redis failure once per outage (and the recovery once); `None` on error.

@@ -9,6 +9,8 @@ pub mod extauth;
 pub mod wire;
 
 #[cfg(feature = "broker")]
+pub mod admin;
+#[cfg(feature = "broker")]
 pub mod cache;
 #[cfg(feature = "broker")]
 pub mod config;

@@ -6,8 +6,8 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use extauth_broker::config::RunArgs;
-use extauth_broker::{daemon, demo};
+use extauth_broker::config::{RevokeArgs, RunArgs};
+use extauth_broker::{daemon, demo, revoke};
 
 /// Validates ejabberd extauth logins whose password is an OAuth access token, once for the
 /// whole cluster. Without a subcommand, `run` is assumed.
@@ -36,6 +36,9 @@ enum Command {
     /// introspection provider, the broker with its in-process cache, and a real shim fed good,
     /// wrong and foreign tokens.
     Demo(demo::DemoArgs),
+    /// Revoke one token's cached verdict, or every verdict of a user, on every broker sharing
+    /// Redis (they drop their in-process copies within a second).
+    Revoke(RevokeArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         match cli.command {
             Some(Command::Demo(args)) => demo::run(args).await,
             Some(Command::Run(args)) => serve(*args).await,
+            Some(Command::Revoke(args)) => revoke::run_cli(args).await,
             None => serve(cli.run).await,
         }
     });

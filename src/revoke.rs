@@ -18,7 +18,9 @@ use futures_util::StreamExt;
 use moka::future::Cache;
 use tracing::{info, warn};
 
-use crate::cache::{Key, Redis, L1, REVOKE_CHANNEL};
+use crate::cache::{Key, KeyDeriver, Redis, L1, REVOKE_CHANNEL};
+use crate::domain::normalise_localpart;
+use crate::extauth::Secret;
 
 /// How long a generation read from Redis is trusted without a pub/sub message (a safety net for
 /// messages lost while the subscription was being re-established).
@@ -113,6 +115,138 @@ impl Generations {
             *entry = (*entry).max(generation);
         }
     }
+}
+
+/// What to revoke: one token's verdict for `user@domain`, or (without a token) every verdict of
+/// that user.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The XMPP domain (vhost).
+    pub domain: &'a str,
+    /// The localpart; normalised with nodeprep as ejabberd does, so `Alice` revokes `alice`.
+    pub user: &'a str,
+    /// The token, or `None` for every verdict of the user.
+    pub token: Option<&'a Secret>,
+}
+
+/// Why a revocation failed.
+#[derive(Debug)]
+pub enum RevokeError {
+    /// The user or domain cannot be a JID part.
+    BadJid,
+    /// Redis failed; nothing was revoked cluster-wide.
+    Redis(redis::RedisError),
+}
+
+impl std::fmt::Display for RevokeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RevokeError::BadJid => f.write_str("the user or domain is not a valid JID part"),
+            RevokeError::Redis(e) => {
+                write!(f, "Redis failed, nothing was revoked cluster-wide: {e}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RevokeError {}
+
+/// Revokes `target`: bumps the user's generation (every verdict of the user, one `INCR`) or
+/// deletes one verdict, announces it on pub/sub, and drops it from `l1` when given. Returns the
+/// user's generation afterwards.
+///
+/// # Errors
+/// [`RevokeError`].
+pub async fn revoke(
+    target: &Target<'_>,
+    keys: &KeyDeriver,
+    generations: &Generations,
+    redis: Option<&Redis>,
+    l1: Option<&L1>,
+) -> Result<u64, RevokeError> {
+    let user = normalise_localpart(target.user).ok_or(RevokeError::BadJid)?;
+    let domain = stringprep::nameprep(target.domain).map_err(|_| RevokeError::BadJid)?;
+    if domain.is_empty() {
+        return Err(RevokeError::BadJid);
+    }
+    let user_key = keys.user(&domain, &user);
+    let Some(token) = target.token else {
+        let generation = generations
+            .bump(&user_key)
+            .await
+            .map_err(RevokeError::Redis)?;
+        info!(user = %user, domain = %domain, generation, "revoked every verdict of the user");
+        return Ok(generation);
+    };
+    // The key depends on the current generation: with Redis, read it there (and fail loudly
+    // rather than delete a key that was never used).
+    let generation = match redis {
+        Some(redis) => redis
+            .generation(&user_key)
+            .await
+            .map_err(RevokeError::Redis)?,
+        None => generations.get(&user_key).await,
+    };
+    let key = keys.verdict(&domain, &user, generation, token.expose());
+    if let Some(redis) = redis {
+        redis.delete(&key).await.map_err(RevokeError::Redis)?;
+        let _ = redis.publish(&format!("token {}", hex::encode(key))).await;
+    }
+    if let Some(l1) = l1 {
+        l1.invalidate(&key).await;
+    }
+    info!(user = %user, domain = %domain, "revoked one token's verdict");
+    Ok(generation)
+}
+
+/// `extauth-broker revoke`: revokes through the shared Redis, so every broker drops the
+/// verdicts within a second. Prints what was revoked.
+///
+/// # Errors
+/// No Redis configured, a missing cache secret, an unreadable token file, a Redis failure.
+pub async fn run_cli(args: crate::config::RevokeArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let file = crate::config::RunArgs {
+        config: args.config,
+        redis: args.redis,
+        cache_secret_file: args.cache_secret_file,
+        ..Default::default()
+    }
+    .with_file()?;
+    let url = file.redis.context(
+        "revoke works through the Redis the brokers share: give --redis (or --config). A broker without Redis \
+         revokes through its admin endpoint: POST /revoke",
+    )?;
+    let secret_file = file
+        .cache_secret_file
+        .context("--cache-secret-file is required (the brokers' cache key secret)")?;
+    let keys = KeyDeriver::new(&crate::config::read_secret(
+        &secret_file,
+        "--cache-secret-file",
+    )?);
+    let token = args
+        .token_file
+        .map(|p| crate::config::read_secret(&p, "--token-file"))
+        .transpose()?;
+    let redis = Redis::new(&url).context("--redis")?;
+    let generations = Generations::new(Some(redis.clone()));
+    let target = Target {
+        domain: &args.domain,
+        user: &args.user,
+        token: token.as_ref(),
+    };
+    let generation = revoke(&target, &keys, &generations, Some(&redis), None).await?;
+    match token {
+        Some(_) => println!(
+            "revoked one token of {}@{} (generation {generation})",
+            args.user, args.domain
+        ),
+        None => println!(
+            "revoked every verdict of {}@{} (now generation {generation})",
+            args.user, args.domain
+        ),
+    }
+    Ok(())
 }
 
 /// Listens to revocations from other brokers until the process ends, re-subscribing after

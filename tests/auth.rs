@@ -157,15 +157,18 @@ fn positive_ttl_is_capped_by_max_ttl_and_by_exp() {
     let mut spec = BrokerSpec::new(&provider);
     spec.extra = vec!["--max-ttl".into(), "1".into()];
     let broker = Broker::start(&spec);
+    let mut shim = Shim::spawn(&broker.addr(), 5.0, &[]);
     let (capped, short) = (token("capped"), token("short"));
     provider.insert(&capped, json!({"username": "alice"}));
-    // Expires 2 s from now: accepted now, refused once exp has passed, whatever max_ttl says.
-    provider.insert(&short, json!({"username": "alice", "exp": now_s() + 2}));
-    let mut shim = Shim::spawn(&broker.addr(), 5.0, &[]);
     assert!(shim.ask(&format!("auth:alice:example.com:{capped}")));
+    // Accepted now, refused once exp has passed, whatever max_ttl says.
+    let exp = now_s() + 3;
+    provider.insert(&short, json!({"username": "alice", "exp": exp}));
     assert!(shim.ask(&format!("auth:alice:example.com:{short}")));
     assert_eq!(provider.calls(), 2);
-    std::thread::sleep(Duration::from_millis(3100));
+    while now_s() <= exp {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
         shim.ask(&format!("auth:alice:example.com:{capped}")),
         "re-validated after max_ttl"

@@ -180,7 +180,11 @@ impl Drop for Redis {
 
 /// What a test broker is started with.
 pub struct BrokerSpec<'a> {
-    pub provider: &'a Provider,
+    /// The introspection provider passed with `--introspection-url` (and the client
+    /// credentials); `None` for a broker whose validators all come from `config`.
+    pub provider: Option<&'a Provider>,
+    /// A `--config` TOML file.
+    pub config: Option<PathBuf>,
     pub redis: Option<&'a Redis>,
     /// The shared cache key secret; brokers sharing Redis must share it.
     pub cache_secret: &'a str,
@@ -190,7 +194,25 @@ pub struct BrokerSpec<'a> {
 impl<'a> BrokerSpec<'a> {
     pub fn new(provider: &'a Provider) -> Self {
         BrokerSpec {
-            provider,
+            provider: Some(provider),
+            ..Self::bare()
+        }
+    }
+
+    /// A broker configured by the TOML file `config` alone (no introspection flags, which would
+    /// override its `[defaults] validator`).
+    pub fn from_config(config: &Path) -> Self {
+        BrokerSpec {
+            config: Some(config.to_owned()),
+            ..Self::bare()
+        }
+    }
+
+    /// No validator source yet.
+    fn bare() -> Self {
+        BrokerSpec {
+            provider: None,
+            config: None,
             redis: None,
             cache_secret: "test-cache-secret-0123456789abcdef0123",
             extra: Vec::new(),
@@ -230,7 +252,7 @@ impl Broker {
 
     /// Starts the process (again) on the same socket.
     pub fn launch(&mut self, spec: &BrokerSpec) {
-        let secret_file = self.dir.path().join("cache.key");
+        let secret_file = self.cache_secret_file();
         std::fs::write(&secret_file, spec.cache_secret).unwrap();
         let log = File::options()
             .create(true)
@@ -240,19 +262,24 @@ impl Broker {
         let mut cmd = Command::new(broker_bin());
         cmd.arg("--listen")
             .arg(format!("unix:{}", self.socket.display()))
-            .args([
-                "--introspection-url",
-                &spec.provider.url(),
-                "--client-id",
-                CLIENT_ID,
-            ])
             .arg("--cache-secret-file")
             .arg(&secret_file)
             .args(&spec.extra)
-            .env("EXTAUTH_CLIENT_SECRET", CLIENT_SECRET)
             .env("EXTAUTH_LOG_LEVEL", "debug")
             .stdout(Stdio::null())
             .stderr(log);
+        if let Some(provider) = spec.provider {
+            cmd.args([
+                "--introspection-url",
+                &provider.url(),
+                "--client-id",
+                CLIENT_ID,
+            ])
+            .env("EXTAUTH_CLIENT_SECRET", CLIENT_SECRET);
+        }
+        if let Some(config) = &spec.config {
+            cmd.arg("--config").arg(config);
+        }
         if let Some(redis) = spec.redis {
             cmd.args(["--redis", &redis.url()]);
         }
@@ -269,6 +296,11 @@ impl Broker {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The cache key secret file this broker was started with.
+    pub fn cache_secret_file(&self) -> PathBuf {
+        self.dir.path().join("cache.key")
     }
 
     pub fn log_path(&self) -> PathBuf {
