@@ -2,8 +2,12 @@
 
 mod common;
 
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
+
+use extauth_broker::extauth;
+use extauth_broker::wire::{self, ClientMsg, Hello, Reason, Request, Response, ServerMsg, Source};
 
 use common::services::{token, Broker, BrokerSpec, Provider, Redis, Shim};
 use serde_json::json;
@@ -90,4 +94,124 @@ fn brokers_with_different_cache_secrets_share_nothing() {
         2,
         "keys are HMACs of the secret: no cross-talk"
     );
+}
+
+/// One wire-protocol connection to a broker, as a shim opens it (handshake first).
+fn connect(broker: &Broker) -> UnixStream {
+    let mut stream = UnixStream::connect(&broker.socket).unwrap();
+    let hello = ClientMsg::Hello(Hello {
+        version: wire::VERSION,
+        node: "test".into(),
+        pid: std::process::id(),
+    });
+    wire::write_msg(&mut stream, &hello).unwrap();
+    match wire::read_msg(&mut stream, wire::MAX_FRAME).unwrap() {
+        ServerMsg::Welcome(_) => stream,
+        other => panic!("handshake refused: {other:?}"),
+    }
+}
+
+fn auth(stream: &mut UnixStream, id: u64, user: &str, token: &str) -> Response {
+    let command = extauth::parse(format!("auth:{user}:example.com:{token}").as_bytes()).unwrap();
+    wire::write_msg(
+        stream,
+        &ClientMsg::Request(Request {
+            id,
+            deadline_ms: 10_000,
+            command,
+        }),
+    )
+    .unwrap();
+    match wire::read_msg(stream, wire::MAX_FRAME).unwrap() {
+        ServerMsg::Response(r) => r,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn two_brokers_with_a_hundred_requests_each_make_one_provider_call() {
+    let provider = Provider::start();
+    let redis = Redis::start();
+    let spec = BrokerSpec::new(&provider).with_redis(&redis);
+    let brokers = [Broker::start(&spec), Broker::start(&spec)];
+    let fresh = token("cluster-herd");
+    provider.insert(&fresh, json!({"username": "alice"}));
+    provider.set_latency(Duration::from_millis(300));
+    let streams: Vec<UnixStream> = (0..200).map(|i| connect(&brokers[i % 2])).collect();
+    let barrier = Arc::new(Barrier::new(streams.len()));
+    let threads: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut stream)| {
+            let (barrier, fresh) = (barrier.clone(), fresh.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                auth(&mut stream, i as u64, "alice", &fresh)
+            })
+        })
+        .collect();
+    let responses: Vec<Response> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(
+        responses
+            .iter()
+            .all(|r| r.ok && r.reason == Reason::Accepted),
+        "{responses:?}"
+    );
+    let from_redis = responses
+        .iter()
+        .filter(|r| r.source == Source::Redis)
+        .count();
+    assert!(
+        from_redis >= 1,
+        "the other broker took the verdict from Redis"
+    );
+    assert_eq!(
+        provider.calls(),
+        1,
+        "one provider call for the whole cluster"
+    );
+}
+
+#[test]
+fn a_failed_flight_fails_all_its_waiters_and_the_next_request_tries_again() {
+    let provider = Provider::start();
+    let redis = Redis::start();
+    let spec = BrokerSpec::new(&provider).with_redis(&redis);
+    let broker = Broker::start(&spec);
+    let fresh = token("failing");
+    provider.insert(&fresh, json!({"username": "alice"}));
+    provider.set_latency(Duration::from_millis(300));
+    provider.set_fail_status(503);
+    let streams: Vec<UnixStream> = (0..20).map(|_| connect(&broker)).collect();
+    let barrier = Arc::new(Barrier::new(streams.len()));
+    let threads: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut stream)| {
+            let (barrier, fresh) = (barrier.clone(), fresh.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                auth(&mut stream, i as u64, "alice", &fresh)
+            })
+        })
+        .collect();
+    let responses: Vec<Response> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(
+        responses
+            .iter()
+            .all(|r| !r.ok && r.reason == Reason::UpstreamUnavailable),
+        "{responses:?}"
+    );
+    assert_eq!(
+        provider.calls(),
+        1,
+        "every waiter shared the one failed flight"
+    );
+    provider.set_fail_status(0);
+    let calls = provider.calls();
+    assert!(
+        auth(&mut connect(&broker), 99, "alice", &fresh).ok,
+        "nothing cached from the failure"
+    );
+    assert_eq!(provider.calls(), calls + 1);
 }
