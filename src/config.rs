@@ -107,6 +107,41 @@ pub struct RunArgs {
     #[arg(long, env = "EXTAUTH_ADMIN_SECRET_FILE")]
     pub admin_secret_file: Option<PathBuf>,
 
+    /// Serve `/metrics`, `/healthz` and `/readyz` on this `HOST:PORT`.
+    #[arg(long, env = "EXTAUTH_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+
+    /// Log filter (tracing EnvFilter syntax: `info`, `debug`, `extauth_broker=debug`);
+    /// reloaded on SIGHUP [default: info].
+    #[arg(long, env = "EXTAUTH_LOG_LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Log format: `text` or `json` (one object per line) [default: text].
+    #[arg(long, env = "EXTAUTH_LOG_FORMAT")]
+    pub log_format: Option<String>,
+
+    /// When started as root: drop to this user after binding the sockets.
+    #[arg(long, env = "EXTAUTH_USER")]
+    pub user: Option<String>,
+
+    /// When started as root: drop to this group after binding (Unix sockets get this group).
+    #[arg(long, env = "EXTAUTH_GROUP")]
+    pub group: Option<String>,
+
+    /// Most shim connections served at once; more wait in the listen queue [default: 4096].
+    #[arg(long, env = "EXTAUTH_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Most requests in flight per connection; a connection over it is read no further until one
+    /// completes [default: 256].
+    #[arg(long, env = "EXTAUTH_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<usize>,
+
+    /// Close a connection idle (no request) for this many seconds; shims reconnect by themselves
+    /// [default: 3600].
+    #[arg(long, env = "EXTAUTH_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<u64>,
+
     /// Settings every domain starts from (file only).
     #[arg(skip)]
     #[serde(default)]
@@ -260,6 +295,27 @@ pub struct Config {
     pub any_domain: Option<DomainConfig>,
     /// The admin endpoint's `HOST:PORT` and bearer secret.
     pub admin: Option<(String, Secret)>,
+    /// The metrics endpoint's `HOST:PORT`.
+    pub metrics_listen: Option<String>,
+    /// Log filter.
+    pub log_level: String,
+    /// Log as JSON lines?
+    pub log_json: bool,
+    /// User and group to run as after binding (when root).
+    pub run_as: Option<(String, Option<String>)>,
+    /// Connection limits.
+    pub limits: Limits,
+}
+
+/// Limits on what shims may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most connections served at once.
+    pub max_connections: usize,
+    /// Most requests in flight per connection.
+    pub max_in_flight: usize,
+    /// A connection without a request for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 impl RunArgs {
@@ -282,7 +338,17 @@ impl RunArgs {
             seen_ttl,
             provider_timeout,
             l1_capacity,
-            max_token_len
+            max_token_len,
+            admin_listen,
+            admin_secret_file,
+            metrics_listen,
+            log_level,
+            log_format,
+            user,
+            group,
+            max_connections,
+            max_in_flight,
+            idle_timeout
         );
         if self.listen.is_empty() {
             self.listen = file.listen;
@@ -318,10 +384,11 @@ impl RunArgs {
         Ok(self.merge(file))
     }
 
-    fn into_config(self) -> Result<Config> {
-        if self.listen.is_empty() {
-            bail!("no listener: give --listen unix:/path or --listen tcp:HOST:PORT");
-        }
+    /// Applies defaults and checks everything (after [`RunArgs::with_file`]).
+    ///
+    /// # Errors
+    /// A message naming the bad or missing setting (never its secret value).
+    pub fn into_config(self) -> Result<Config> {
         let listen = self
             .listen
             .iter()
@@ -387,6 +454,23 @@ impl RunArgs {
             domains,
             any_domain,
             admin,
+            metrics_listen: self.metrics_listen.clone(),
+            log_level: self.log_level.clone().unwrap_or_else(|| "info".into()),
+            log_json: match self.log_format.as_deref().unwrap_or("text") {
+                "text" => false,
+                "json" => true,
+                other => bail!("--log-format {other:?}: want text or json"),
+            },
+            run_as: match (&self.user, &self.group) {
+                (Some(u), g) => Some((u.clone(), g.clone())),
+                (None, Some(_)) => bail!("--group needs --user"),
+                (None, None) => None,
+            },
+            limits: Limits {
+                max_connections: self.max_connections.unwrap_or(4096).max(1),
+                max_in_flight: self.max_in_flight.unwrap_or(256).max(1),
+                idle_timeout: Duration::from_secs(self.idle_timeout.unwrap_or(3600).max(1)),
+            },
         })
     }
 

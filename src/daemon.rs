@@ -1,20 +1,41 @@
-//! Wires a [`Config`] into a running broker: validator, caches, engine, listeners.
+//! Wires a [`Config`] into a running broker: listeners (bound or inherited from systemd),
+//! engine, metrics and admin endpoints, privilege drop, sd_notify, watchdog, SIGHUP reload.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use sd_notify::NotifyState;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{error, info, warn};
 
 use crate::cache::{KeyDeriver, Redis};
 use crate::config::Config;
 use crate::domain::Domains;
 use crate::engine::{Engine, EngineParts};
+use crate::metrics::{self, Readiness};
 use crate::server::{self, Listener};
+use crate::systemd::{self, Inherited, Role};
 
 /// How long shutdown waits for requests in flight.
 const DRAIN: Duration = Duration::from_secs(5);
+
+/// Re-reads the configuration from its sources (flags, environment, file) on SIGHUP.
+pub type Reloader = Box<dyn Fn() -> Result<Config> + Send + Sync>;
+/// Applies a new log filter.
+pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<()> + Send + Sync>;
+
+/// What [`run`] needs besides the configuration.
+#[derive(Default)]
+pub struct RunContext {
+    /// Sockets passed by systemd (socket activation), by role.
+    pub inherited: Vec<(Role, Inherited)>,
+    /// Re-reads the configuration; without it SIGHUP only logs that reload is unsupported.
+    pub reload: Option<Reloader>,
+    /// Changes the log filter on reload.
+    pub set_log_level: Option<LogLevelSetter>,
+}
 
 /// Installs the process-wide rustls crypto provider (ring). Call once before any HTTPS client
 /// is built; later calls are no-ops.
@@ -25,7 +46,7 @@ pub fn install_crypto_provider() {
 /// Builds the engine for `config`.
 ///
 /// # Errors
-/// A bad Redis URL or an HTTP client that cannot be built.
+/// A bad Redis URL, or a validator that cannot be built.
 pub fn engine(config: &Config) -> Result<Engine> {
     let redis = match &config.redis {
         Some(url) => Some(Redis::new(url).context("--redis")?),
@@ -40,41 +61,224 @@ pub fn engine(config: &Config) -> Result<Engine> {
     }))
 }
 
-/// Binds every listener, then serves until `shutdown` is cancelled and in-flight requests
-/// have drained (at most 5 s).
+/// The sockets the broker serves on, bound or inherited.
+struct Sockets {
+    shims: Vec<Listener>,
+    metrics: Option<TcpListener>,
+    admin: Option<TcpListener>,
+}
+
+/// Binds (or takes from systemd) every socket, drops privileges, then serves until `shutdown`
+/// is cancelled and in-flight requests have drained (at most 5 s).
 ///
 /// # Errors
-/// Start-up failures (bind, engine); nothing fails once serving.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+/// Start-up failures (bind, engine, privileges); nothing fails once serving.
+pub async fn run(config: Config, context: RunContext, shutdown: CancellationToken) -> Result<()> {
+    let handle = metrics::install().map_err(anyhow::Error::msg)?;
     let engine = Arc::new(engine(&config)?);
+    let sockets = sockets(&config, context.inherited).await?;
+    if let Some((user, group)) = &config.run_as {
+        let paths: Vec<_> = sockets
+            .shims
+            .iter()
+            .filter_map(Listener::bound_path)
+            .collect();
+        crate::privileges::drop_to(user, group.as_deref(), &paths)?;
+    }
     engine.spawn_revocation_listener();
-    if let Some((addr, secret)) = &config.admin {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding --admin-listen {addr}"))?;
-        tokio::spawn(crate::admin::serve(
+    let ready = Readiness::default();
+    if let Some(listener) = sockets.metrics {
+        tokio::spawn(metrics::serve(
             listener,
-            engine.clone(),
-            secret.clone(),
+            handle,
+            ready.clone(),
             shutdown.clone(),
         ));
     }
-    let mut listeners = Vec::new();
-    for addr in &config.listen {
-        listeners.push(Listener::bind(addr, config.socket_mode).await?);
+    if let Some(listener) = sockets.admin {
+        let secret = config
+            .admin
+            .as_ref()
+            .map(|(_, s)| s.clone())
+            .context("an admin socket needs --admin-secret-file")?;
+        tokio::spawn(crate::admin::serve(
+            listener,
+            engine.clone(),
+            secret,
+            shutdown.clone(),
+        ));
     }
-    let domains: Vec<&str> = config.domains.keys().map(String::as_str).collect();
+    tokio::spawn(watchdog(engine.clone(), shutdown.clone()));
+    tokio::spawn(reload_on_hangup(
+        engine.clone(),
+        context.reload,
+        context.set_log_level,
+        config.clone(),
+    ));
+    tokio::spawn(announce_stop(ready.clone(), shutdown.clone()));
+    ready.set(true);
+    let status = status(&config);
     info!(
-        redis = config.redis.is_some(),
-        domains = if domains.is_empty() {
-            "any".to_owned()
-        } else {
-            domains.join(",")
-        },
-        "extauth-broker {} ready",
+        "extauth-broker {} ready: {status}",
         env!("CARGO_PKG_VERSION")
     );
-    server::serve(listeners, engine, shutdown, DRAIN).await;
+    systemd::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    server::serve(sockets.shims, engine, config.limits, shutdown, DRAIN).await;
     info!("stopped");
     Ok(())
+}
+
+/// Takes the inherited sockets by role and binds the configured ones.
+async fn sockets(config: &Config, inherited: Vec<(Role, Inherited)>) -> Result<Sockets> {
+    let mut sockets = Sockets {
+        shims: Vec::new(),
+        metrics: None,
+        admin: None,
+    };
+    for (role, socket) in inherited {
+        match role {
+            Role::Shim => sockets.shims.push(Listener::inherited(socket)?),
+            Role::Metrics => sockets.metrics = Some(tcp(socket, "metrics")?),
+            Role::Admin => sockets.admin = Some(tcp(socket, "admin")?),
+        }
+    }
+    for addr in &config.listen {
+        sockets
+            .shims
+            .push(Listener::bind(addr, config.socket_mode).await?);
+    }
+    if sockets.shims.is_empty() {
+        bail!("no listener: give --listen unix:/path or --listen tcp:HOST:PORT, or start under systemd socket activation");
+    }
+    if let (None, Some(addr)) = (&sockets.metrics, &config.metrics_listen) {
+        sockets.metrics = Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --metrics-listen {addr}"))?,
+        );
+    }
+    if let (None, Some((addr, _))) = (&sockets.admin, &config.admin) {
+        sockets.admin = Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --admin-listen {addr}"))?,
+        );
+    }
+    Ok(sockets)
+}
+
+fn tcp(socket: Inherited, role: &str) -> Result<TcpListener> {
+    match socket {
+        Inherited::Tcp(l) => {
+            l.set_nonblocking(true)?;
+            Ok(TcpListener::from_std(l)?)
+        }
+        Inherited::Unix(_) => {
+            bail!("the {role} socket must be a TCP socket (ListenStream=HOST:PORT)")
+        }
+    }
+}
+
+/// A short summary for logs and systemd's STATUS=.
+fn status(config: &Config) -> String {
+    let domains = if config.domains.is_empty() {
+        "any domain".to_owned()
+    } else {
+        format!("{} domain(s)", config.domains.len())
+    };
+    let redis = if config.redis.is_some() {
+        "shared cache in Redis"
+    } else {
+        "in-process cache only"
+    };
+    format!("serving {domains}, {redis}")
+}
+
+/// Sends WATCHDOG=1 at half the `WatchdogSec=` interval, but only after the engine answered a
+/// ping, so a wedged broker stops petting the watchdog and systemd restarts it.
+async fn watchdog(engine: Arc<Engine>, shutdown: CancellationToken) {
+    let Some(interval) = systemd::watchdog_interval() else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        if tokio::time::timeout(interval, engine.ping()).await.is_ok() {
+            systemd::notify(&[NotifyState::Watchdog]);
+        }
+    }
+}
+
+/// Marks the broker unready and tells systemd it is stopping as soon as shutdown begins.
+async fn announce_stop(ready: Readiness, shutdown: CancellationToken) {
+    shutdown.cancelled().await;
+    ready.set(false);
+    systemd::notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("draining requests in flight"),
+    ]);
+}
+
+/// Reloads domains (validators, claims, TTLs, isuser) and the log level on every SIGHUP. A
+/// configuration that does not load is refused with a log line; the running one stays.
+async fn reload_on_hangup(
+    engine: Arc<Engine>,
+    reload: Option<Reloader>,
+    set_log_level: Option<LogLevelSetter>,
+    mut running: Config,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        let Some(reload) = &reload else {
+            warn!("SIGHUP: this broker was not started from a configuration it can re-read");
+            continue;
+        };
+        systemd::notify(&[NotifyState::Reloading]);
+        match reload().and_then(|new| Domains::build(&new).map(|domains| (new, domains))) {
+            Ok((new, domains)) => {
+                warn_unreloadable(&running, &new);
+                engine.reload(domains);
+                if let Some(set) = &set_log_level {
+                    if let Err(e) = set(&new.log_level) {
+                        error!("SIGHUP: log level {:?} refused: {e:#}", new.log_level);
+                    }
+                }
+                info!("configuration reloaded: {}", status(&new));
+                running = new;
+            }
+            Err(e) => error!("SIGHUP: configuration refused, the running one stays: {e:#}"),
+        }
+        systemd::notify(&[NotifyState::Ready, NotifyState::Status(&status(&running))]);
+    }
+}
+
+/// Settings that only a restart applies.
+fn warn_unreloadable(running: &Config, new: &Config) {
+    let changed = [
+        ("listen", running.listen != new.listen),
+        ("redis", running.redis != new.redis),
+        // Without a file the secret is random per load, so only a configured one can change.
+        (
+            "cache_secret_file",
+            running.redis.is_some() && running.cache_secret != new.cache_secret,
+        ),
+        ("l1_capacity", running.l1_capacity != new.l1_capacity),
+        (
+            "metrics_listen",
+            running.metrics_listen != new.metrics_listen,
+        ),
+        (
+            "admin_listen",
+            running.admin.as_ref().map(|a| &a.0) != new.admin.as_ref().map(|a| &a.0),
+        ),
+        ("limits", running.limits != new.limits),
+    ];
+    for (name, _) in changed.iter().filter(|(_, c)| *c) {
+        warn!("SIGHUP: {name} changed; it takes effect at the next restart");
+    }
 }

@@ -59,6 +59,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let shutdown = CancellationToken::new();
     let broker = tokio::spawn(crate::daemon::run(
         config(&provider, &client_secret, socket.clone())?,
+        crate::daemon::RunContext::default(),
         shutdown.clone(),
     ));
     wait_for_socket(&socket).await?;

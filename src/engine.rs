@@ -6,12 +6,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tracing::{debug, info, warn};
 
 use crate::cache::{Key, KeyDeriver, Redis, Verdict, L1};
 use crate::config::IsUserPolicy;
 use crate::domain::{Domain, Domains};
 use crate::extauth::{Command, Secret};
+use crate::metrics;
 use crate::revoke::{self, Generations, RevokeError, Target};
 use crate::validate::TokenCheck;
 use crate::wire::{Reason, Source};
@@ -93,7 +95,8 @@ pub struct Engine {
     l1: L1,
     redis: Option<Redis>,
     generations: Arc<Generations>,
-    domains: Domains,
+    /// Replaced whole on reload (SIGHUP); requests in flight keep the domain they started with.
+    domains: ArcSwap<Domains>,
     max_token_len: usize,
     /// Names this broker as the holder of a flight lock.
     owner: String,
@@ -109,7 +112,7 @@ impl Engine {
             generations: Arc::new(Generations::new(parts.redis.clone())),
             keys: parts.keys,
             redis: parts.redis,
-            domains: parts.domains,
+            domains: ArcSwap::from_pointee(parts.domains),
             max_token_len: parts.max_token_len,
             owner: format!(
                 "{}:{}",
@@ -118,6 +121,24 @@ impl Engine {
             ),
             redis_healthy: AtomicBool::new(true),
         }
+    }
+
+    /// The settings serving `name` now.
+    fn domain(&self, name: &str) -> Option<Arc<Domain>> {
+        self.domains.load().get(name).cloned()
+    }
+
+    /// Replaces every domain's settings and validator (a configuration reload). Cached verdicts
+    /// stay: they were decided under rules that were valid when they were made, and expire by
+    /// their TTL.
+    pub fn reload(&self, domains: Domains) {
+        self.domains.store(Arc::new(domains));
+    }
+
+    /// Proves the serving path is alive (the runtime schedules and the cache answers), for the
+    /// systemd watchdog.
+    pub async fn ping(&self) {
+        let _ = self.l1.get(&[0u8; 32]).await;
     }
 
     /// Starts the background task that applies other brokers' revocations (Redis only).
@@ -165,7 +186,7 @@ impl Engine {
             );
             return Outcome::local(Reason::Malformed);
         }
-        let Some(domain) = self.domains.get(domain_name) else {
+        let Some(domain) = self.domain(domain_name) else {
             debug!(user, domain = domain_name, "refused: domain not served");
             return Outcome::local(Reason::UnknownDomain);
         };
@@ -175,24 +196,29 @@ impl Engine {
             .keys
             .verdict(domain_name, user, generation, token.expose());
         if let Some(v) = self.l1.get(&key).await {
+            metrics::cache_hit("l1");
             return Outcome::from_verdict(v, Source::L1);
         }
         let request = AuthRequest {
             user,
             domain_name,
             token,
-            domain,
+            domain: &domain,
             user_key,
             key,
         };
-        // Whoever runs the flight records where its verdict came from; waiters on another
-        // request's flight report `Provider`.
-        let mut source = Source::Provider;
-        match self
+        // Whoever runs the flight records where its verdict came from; a request that finds
+        // `None` afterwards waited on another request's flight.
+        let mut source = None;
+        let result = self
             .l1
             .get_or_load(key, self.load(&request, &mut source))
-            .await
-        {
+            .await;
+        let source = source.unwrap_or_else(|| {
+            metrics::coalesced_waiter();
+            Source::Provider
+        });
+        match result {
             Ok(v) => Outcome::from_verdict(v, source),
             Err(why) => {
                 warn!(
@@ -214,30 +240,21 @@ impl Engine {
     async fn load(
         &self,
         request: &AuthRequest<'_>,
-        source: &mut Source,
+        source: &mut Option<Source>,
     ) -> Result<Verdict, String> {
         let mut stale = self.l1.get_stale(&request.key).await;
         if let Some(v) = self.redis_verdict(&request.key).await {
             if v.is_fresh() {
-                *source = Source::Redis;
-                self.remember(request, v, false).await;
-                return Ok(v);
+                return Ok(self.shared_verdict(request, v, source).await);
             }
             stale = stale.or(Some(v));
         }
         let coordination = self.coordinate(&request.key).await;
         if let Coordination::Shared(v) = coordination {
-            *source = Source::Redis;
-            self.remember(request, v, false).await;
-            return Ok(v);
+            return Ok(self.shared_verdict(request, v, source).await);
         }
-        *source = Source::Provider;
-        let check = TokenCheck {
-            user: request.user,
-            domain: request.domain_name,
-            token: request.token,
-        };
-        let validation = request.domain.validator.validate(check).await;
+        *source = Some(Source::Provider);
+        let validation = self.ask_provider(request).await;
         let decided = request
             .domain
             .decide(request.user, request.domain_name, validation);
@@ -265,6 +282,36 @@ impl Engine {
             }
             None => Err(why),
         })
+    }
+
+    /// Takes a verdict another broker put in Redis.
+    async fn shared_verdict(
+        &self,
+        request: &AuthRequest<'_>,
+        verdict: Verdict,
+        source: &mut Option<Source>,
+    ) -> Verdict {
+        metrics::cache_hit("redis");
+        *source = Some(Source::Redis);
+        self.remember(request, verdict, false).await;
+        verdict
+    }
+
+    /// Calls the domain's validator, timed and counted.
+    async fn ask_provider(&self, request: &AuthRequest<'_>) -> crate::validate::Validation {
+        let check = TokenCheck {
+            user: request.user,
+            domain: request.domain_name,
+            token: request.token,
+        };
+        let started = Instant::now();
+        let validation = request.domain.validator.validate(check).await;
+        metrics::provider_call(
+            request.domain.validator.kind(),
+            &validation,
+            started.elapsed(),
+        );
+        validation
     }
 
     /// A verdict from Redis, fresh or stale-but-usable; `None` on a miss or a Redis error.
@@ -325,7 +372,7 @@ impl Engine {
         if !jid_parts_ok(user, domain_name) {
             return Outcome::local(Reason::Malformed);
         }
-        let Some(domain) = self.domains.get(domain_name) else {
+        let Some(domain) = self.domain(domain_name) else {
             return Outcome::local(Reason::UnknownDomain);
         };
         let known = |known: bool, source| Outcome {
@@ -392,7 +439,7 @@ impl Engine {
     }
 
     /// Logs a Redis failure once per outage (and the recovery once); `None` on error.
-    fn redis_result<T>(&self, what: &str, result: redis::RedisResult<T>) -> Option<T> {
+    fn redis_result<T>(&self, what: &'static str, result: redis::RedisResult<T>) -> Option<T> {
         match result {
             Ok(v) => {
                 if !self.redis_healthy.swap(true, Ordering::Relaxed) {
@@ -401,6 +448,7 @@ impl Engine {
                 Some(v)
             }
             Err(e) => {
+                metrics::redis_error(what);
                 if self.redis_healthy.swap(false, Ordering::Relaxed) {
                     warn!(kind = ?e.kind(), "Redis {what} failed, serving from the in-process cache and the provider until it is back: {e}");
                 } else {

@@ -27,8 +27,16 @@ pub mod domain;
 #[cfg(feature = "broker")]
 pub mod engine;
 #[cfg(feature = "broker")]
+pub mod metrics;
+#[cfg(feature = "broker")]
+pub mod ops;
+#[cfg(feature = "broker")]
+pub mod privileges;
+#[cfg(feature = "broker")]
 pub mod revoke;
 #[cfg(feature = "broker")]
 pub mod server;
+#[cfg(feature = "broker")]
+pub mod systemd;
 #[cfg(feature = "broker")]
 pub mod validate;

@@ -1,13 +1,18 @@
-//! `extauth-broker`: the central daemon (see README.md and `extauth-broker --help`).
+//! `extauth-broker`: the central daemon and its operator commands (see README.md and
+//! `extauth-broker --help`).
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use anyhow::Result;
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
 use extauth_broker::config::{RevokeArgs, RunArgs};
-use extauth_broker::{daemon, demo, revoke};
+use extauth_broker::daemon::{self, RunContext};
+use extauth_broker::{demo, ops, revoke, systemd};
 
 /// Validates ejabberd extauth logins whose password is an OAuth access token, once for the
 /// whole cluster. Without a subcommand, `run` is assumed.
@@ -22,59 +27,54 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     run: RunArgs,
-    /// Log filter (tracing EnvFilter syntax: `info`, `debug`, `extauth_broker=debug`)
-    /// [default: info; warn for `demo`].
-    #[arg(long, env = "EXTAUTH_LOG_LEVEL", global = true)]
-    log_level: Option<String>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Serve shims (the default).
     Run(Box<RunArgs>),
+    /// Check a configuration and print the effective settings, secrets redacted.
+    CheckConfig(Box<RunArgs>),
     /// Run the whole request path on this machine with no external service: a development
     /// introspection provider, the broker with its in-process cache, and a real shim fed good,
     /// wrong and foreign tokens.
     Demo(demo::DemoArgs),
+    /// Ask a running broker about one login through the wire protocol, as a shim would.
+    Probe(ops::ProbeArgs),
+    /// Summarise a running broker's metrics.
+    Stats(ops::StatsArgs),
     /// Revoke one token's cached verdict, or every verdict of a user, on every broker sharing
     /// Redis (they drop their in-process copies within a second).
     Revoke(RevokeArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    Man,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Some(Command::Demo(_))) {
-        "warn"
-    } else {
-        "info"
-    };
-    let level = cli.log_level.as_deref().unwrap_or(default_level);
-    let filter = match EnvFilter::try_new(level) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("extauth-broker: bad --log-level {level:?}: {e}");
-            return ExitCode::from(2);
+    let result = match cli.command {
+        None => serve(cli.run),
+        Some(Command::Run(args)) => serve(*args),
+        Some(Command::CheckConfig(args)) => check_config(*args),
+        Some(Command::Demo(args)) => with_runtime("warn", demo::run(args)),
+        Some(Command::Probe(args)) => ops::probe(&args),
+        Some(Command::Stats(args)) => with_runtime("warn", ops::stats(args)),
+        Some(Command::Revoke(args)) => with_runtime("info", revoke::run_cli(args)),
+        Some(Command::Completions { shell }) => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "extauth-broker",
+                &mut std::io::stdout(),
+            );
+            Ok(())
         }
+        Some(Command::Man) => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map_err(Into::into),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("extauth-broker: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Some(Command::Demo(args)) => demo::run(args).await,
-            Some(Command::Run(args)) => serve(*args).await,
-            Some(Command::Revoke(args)) => revoke::run_cli(args).await,
-            None => serve(cli.run).await,
-        }
-    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -84,11 +84,66 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: RunArgs) -> anyhow::Result<()> {
-    let config = args.resolve()?;
+/// `run`: the daemon. Takes systemd's sockets before any thread exists, sets up logging from the
+/// merged configuration, and re-reads the same sources on SIGHUP.
+fn serve(args: RunArgs) -> Result<()> {
+    // SAFETY: no other thread exists yet (the runtime is started below).
+    let inherited = unsafe { systemd::take_listeners()? };
+    let merged = args.clone().with_file()?;
+    let json = merged.log_format.as_deref() == Some("json");
+    let set_log_level = init_logging(merged.log_level.as_deref().unwrap_or("info"), json)?;
+    let config = merged.into_config()?;
+    let context = RunContext {
+        inherited,
+        reload: Some(Box::new(move || args.clone().resolve())),
+        set_log_level: Some(set_log_level),
+    };
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
-    daemon::run(config, shutdown).await
+    runtime()?.block_on(async {
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        daemon::run(config, context, shutdown).await
+    })
+}
+
+/// `check-config`: resolve everything (reading secret files), build every validator, print.
+fn check_config(args: RunArgs) -> Result<()> {
+    let config = args.resolve()?;
+    runtime()?.block_on(async { extauth_broker::domain::Domains::build(&config) })?;
+    println!("{config:#?}");
+    println!("configuration OK");
+    Ok(())
+}
+
+fn with_runtime(level: &str, job: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    let level = std::env::var("EXTAUTH_LOG_LEVEL").unwrap_or_else(|_| level.to_owned());
+    let _fixed_level = init_logging(&level, false)?;
+    runtime()?.block_on(job)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Runtime::new()?)
+}
+
+/// Logs to stderr, as text or JSON lines, with a filter that can be changed later.
+fn init_logging(level: &str, json: bool) -> Result<daemon::LogLevelSetter> {
+    let filter =
+        EnvFilter::try_new(level).map_err(|e| anyhow::anyhow!("bad --log-level {level:?}: {e}"))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = Registry::default().with(filter);
+    if json {
+        registry
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .init();
+    } else {
+        registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .init();
+    }
+    Ok(Box::new(move |level: &str| {
+        let filter = EnvFilter::try_new(level)?;
+        handle.reload(filter)?;
+        Ok(())
+    }))
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT.

@@ -11,15 +11,20 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::config::ListenAddr;
-use crate::engine::Engine;
-use crate::wire::{self, ClientMsg, Reason, Refused, Response, ServerMsg, Source, Welcome};
+use crate::config::{Limits, ListenAddr};
+use crate::engine::{Engine, Outcome};
+use crate::metrics;
+use crate::systemd::Inherited;
+use crate::wire::{
+    self, ClientMsg, Reason, Refused, Request, Response, ServerMsg, Source, Welcome,
+};
 
 /// How long a new connection may take to send its `Hello`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,8 +33,9 @@ const RESPONSE_QUEUE: usize = 256;
 
 /// A bound listening socket.
 pub enum Listener {
-    /// A Unix stream socket; the path is removed again on shutdown.
-    Unix(UnixListener, PathBuf),
+    /// A Unix stream socket, with its path when this process bound it (the path is removed on
+    /// shutdown; a socket inherited from systemd is left alone).
+    Unix(UnixListener, Option<PathBuf>),
     /// A TCP socket.
     Tcp(TcpListener),
 }
@@ -54,15 +60,44 @@ impl Listener {
                     .with_context(|| format!("binding unix:{}", path.display()))?;
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
                     .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
-                Ok(Listener::Unix(l, path.clone()))
+                Ok(Listener::Unix(l, Some(path.clone())))
             }
+        }
+    }
+
+    /// Wraps a socket passed by systemd (socket activation).
+    ///
+    /// # Errors
+    /// When the socket cannot be made non-blocking or registered with the runtime.
+    pub fn inherited(socket: Inherited) -> std::io::Result<Listener> {
+        match socket {
+            Inherited::Unix(l) => {
+                l.set_nonblocking(true)?;
+                Ok(Listener::Unix(UnixListener::from_std(l)?, None))
+            }
+            Inherited::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                Ok(Listener::Tcp(TcpListener::from_std(l)?))
+            }
+        }
+    }
+
+    /// The path of a Unix socket this process bound, if it is one.
+    pub fn bound_path(&self) -> Option<&Path> {
+        match self {
+            Listener::Unix(_, path) => path.as_deref(),
+            Listener::Tcp(_) => None,
         }
     }
 
     /// The address for logs (`unix:/path`, `tcp:127.0.0.1:7000`).
     pub fn describe(&self) -> String {
         match self {
-            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+            Listener::Unix(l, _) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_else(|| "unix:?".into()),
             Listener::Tcp(l) => l
                 .local_addr()
                 .map_or_else(|_| "tcp:?".into(), |a| format!("tcp:{a}")),
@@ -84,22 +119,26 @@ async fn remove_stale_socket(path: &Path) -> Result<()> {
 }
 
 /// Serves shims on every listener until `shutdown` is cancelled, then waits for in-flight
-/// requests (at most `drain`) and removes Unix socket files.
+/// requests (at most `drain`) and removes the Unix socket files it bound.
 pub async fn serve(
     listeners: Vec<Listener>,
     engine: Arc<Engine>,
+    limits: Limits,
     shutdown: CancellationToken,
     drain: Duration,
 ) {
     let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     for listener in listeners {
         info!(listen = %listener.describe(), "listening for shims");
-        tracker.spawn(accept_loop(
-            listener,
-            engine.clone(),
-            shutdown.clone(),
-            tracker.clone(),
-        ));
+        let acceptor = Acceptor {
+            engine: engine.clone(),
+            limits,
+            slots: slots.clone(),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+        };
+        tracker.spawn(acceptor.run(listener));
     }
     shutdown.cancelled().await;
     tracker.close();
@@ -108,36 +147,49 @@ pub async fn serve(
     }
 }
 
-async fn accept_loop(
-    listener: Listener,
+/// Accepts connections on one listener, at most `max_connections` at once across listeners
+/// (the rest wait in the kernel's listen queue).
+struct Acceptor {
     engine: Arc<Engine>,
+    limits: Limits,
+    slots: Arc<Semaphore>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            a = accept(&listener) => a,
-        };
-        match accepted {
-            Ok((read, write)) => {
-                tracker.spawn(
-                    Connection {
-                        engine: engine.clone(),
-                        shutdown: shutdown.clone(),
-                    }
-                    .run(read, write),
-                );
-            }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+impl Acceptor {
+    async fn run(self, listener: Listener) {
+        loop {
+            let slot = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                s = self.slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+            };
+            let accepted = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                a = accept(&listener) => a,
+            };
+            match accepted {
+                Ok((read, write)) => {
+                    let connection = Connection {
+                        engine: self.engine.clone(),
+                        limits: self.limits,
+                        shutdown: self.shutdown.clone(),
+                    };
+                    self.tracker.spawn(async move {
+                        connection.run(read, write).await;
+                        drop(slot);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
-    }
-    if let Listener::Unix(_, path) = &listener {
-        let _ = std::fs::remove_file(path);
+        if let Some(path) = listener.bound_path() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -162,11 +214,20 @@ async fn accept(listener: &Listener) -> std::io::Result<Halves> {
     }
 }
 
-/// One shim connection: a reader that spawns a task per request and a writer that sends the
-/// responses as they complete (pipelining).
+/// One shim connection: a reader that starts a task per request (at most `max_in_flight` at
+/// once) and a writer that sends the responses as they complete (pipelining).
 struct Connection {
     engine: Arc<Engine>,
+    limits: Limits,
     shutdown: CancellationToken,
+}
+
+/// Why a connection's reader stopped.
+enum Stop {
+    /// The peer closed, sent garbage, or went idle: its pending requests are abandoned.
+    Peer,
+    /// The broker is shutting down: pending requests are finished and answered.
+    Shutdown,
 }
 
 impl Connection {
@@ -192,6 +253,7 @@ impl Connection {
                 return;
             }
         };
+        metrics::connection_opened();
         let (tx, mut rx) = mpsc::channel::<Response>(RESPONSE_QUEUE);
         let writer = tokio::spawn(async move {
             while let Some(response) = rx.recv().await {
@@ -203,54 +265,59 @@ impl Connection {
                 }
             }
         });
-        self.read_requests(&mut frames, tx, &peer).await;
+        let mut requests = JoinSet::new();
+        match self
+            .read_requests(&mut frames, &mut requests, tx, &peer)
+            .await
+        {
+            // Nobody will read these answers: stop the work (waiters of a shared flight leave
+            // it; the flight itself goes on for its other waiters).
+            Stop::Peer => requests.abort_all(),
+            Stop::Shutdown => while requests.join_next().await.is_some() {},
+        }
         // The writer ends once every request task has dropped its sender.
         let _ = writer.await;
+        metrics::connection_closed();
         debug!(peer, "connection closed");
     }
 
     async fn read_requests<R: AsyncRead + Unpin>(
         &self,
         frames: &mut FramedRead<R, LengthDelimitedCodec>,
+        requests: &mut JoinSet<()>,
         tx: mpsc::Sender<Response>,
         peer: &str,
-    ) {
+    ) -> Stop {
+        let permits = Arc::new(Semaphore::new(self.limits.max_in_flight));
         loop {
+            let permit = tokio::select! {
+                _ = self.shutdown.cancelled() => return Stop::Shutdown,
+                p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            };
             let frame = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                f = frames.next() => f,
+                _ = self.shutdown.cancelled() => return Stop::Shutdown,
+                f = tokio::time::timeout(self.limits.idle_timeout, frames.next()) => f,
             };
             let body = match frame {
-                None => return,
-                Some(Ok(body)) => body,
-                Some(Err(e)) => {
+                Err(_) => {
+                    debug!(peer, "closing idle connection");
+                    return Stop::Peer;
+                }
+                Ok(None) => return Stop::Peer,
+                Ok(Some(Ok(body))) => body,
+                Ok(Some(Err(e))) => {
                     warn!(peer, "closing connection: {e}");
-                    return;
+                    return Stop::Peer;
                 }
             };
+            // Reap finished requests so the set does not grow with the connection's lifetime.
+            while requests.try_join_next().is_some() {}
             match wire::decode::<ClientMsg>(&body) {
                 Ok(ClientMsg::Request(request)) => {
                     let (engine, tx) = (self.engine.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        let deadline = Duration::from_millis(request.deadline_ms.into());
-                        let outcome =
-                            match tokio::time::timeout(deadline, engine.handle(&request.command))
-                                .await
-                            {
-                                Ok(o) => Response {
-                                    id: request.id,
-                                    ok: o.ok,
-                                    reason: o.reason,
-                                    source: o.source,
-                                },
-                                Err(_) => Response {
-                                    id: request.id,
-                                    ok: false,
-                                    reason: Reason::DeadlineExceeded,
-                                    source: Source::Local,
-                                },
-                            };
-                        let _ = tx.send(outcome).await;
+                    requests.spawn(async move {
+                        let _ = tx.send(answer(&engine, request).await).await;
+                        drop(permit);
                     });
                 }
                 // The length prefix keeps the stream in sync, so a bad frame costs only itself.
@@ -261,6 +328,33 @@ impl Connection {
                 ),
             }
         }
+    }
+}
+
+/// Decides one request within its deadline, and counts it.
+async fn answer(engine: &Engine, request: Request) -> Response {
+    let started = std::time::Instant::now();
+    let deadline = Duration::from_millis(request.deadline_ms.into());
+    let outcome = match tokio::time::timeout(deadline, engine.handle(&request.command)).await {
+        Ok(o) => o,
+        Err(_) => Outcome {
+            ok: false,
+            reason: Reason::DeadlineExceeded,
+            source: Source::Local,
+        },
+    };
+    metrics::request(
+        request.command.name(),
+        outcome.ok,
+        outcome.reason,
+        outcome.source,
+        started.elapsed(),
+    );
+    Response {
+        id: request.id,
+        ok: outcome.ok,
+        reason: outcome.reason,
+        source: outcome.source,
     }
 }
 

@@ -93,6 +93,7 @@ impl Breaker {
             if failures >= self.config.threshold {
                 let was = self.opened_at_ms.swap(self.now_ms(), Ordering::AcqRel);
                 if was == 0 {
+                    crate::metrics::circuit(self.inner.kind(), true);
                     warn!(
                         validator = self.inner.kind(),
                         failures,
@@ -104,6 +105,7 @@ impl Breaker {
         } else {
             self.failures.store(0, Ordering::Release);
             if self.opened_at_ms.swap(0, Ordering::AcqRel) != 0 {
+                crate::metrics::circuit(self.inner.kind(), false);
                 info!(
                     validator = self.inner.kind(),
                     "circuit closed: provider answers again"

@@ -1,0 +1,181 @@
+//! Operator commands that talk to a running broker: `probe` (one request through the wire
+//! protocol, as a shim sends it) and `stats` (a summary of its Prometheus metrics).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::{read_secret, ListenAddr};
+use crate::extauth::Command;
+use crate::wire::{self, ClientMsg, Hello, Request, ServerMsg};
+
+/// Flags of `extauth-broker probe`.
+#[derive(Debug, clap::Args)]
+pub struct ProbeArgs {
+    /// The broker: `unix:/path` or `tcp:HOST:PORT`.
+    #[arg(long, env = "EXTAUTH_BROKER")]
+    pub broker: String,
+    /// The XMPP domain (vhost).
+    #[arg(long)]
+    pub domain: String,
+    /// The user (localpart), as ejabberd would send it.
+    #[arg(long)]
+    pub user: String,
+    /// File holding the token (first line); without it, an `isuser` request is sent.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
+}
+
+/// Sends one `auth` (or `isuser`) request and prints the verdict, reason, source and latency.
+///
+/// # Errors
+/// An unreachable or refusing broker, a timeout, an unreadable token file.
+pub fn probe(args: &ProbeArgs) -> Result<()> {
+    let (user, server) = (args.user.clone(), args.domain.clone());
+    let command = match &args.token_file {
+        Some(path) => Command::Auth {
+            user,
+            server,
+            password: read_secret(path, "--token-file")?,
+        },
+        None => Command::IsUser { user, server },
+    };
+    let timeout = Duration::from_secs(args.timeout.max(1));
+    let started = Instant::now();
+    let response = match args.broker.parse::<ListenAddr>()? {
+        ListenAddr::Unix(path) => ask(
+            UnixStream::connect(&path)
+                .with_context(|| format!("connecting to {}", path.display()))?,
+            command,
+            timeout,
+        ),
+        ListenAddr::Tcp(addr) => ask(
+            TcpStream::connect(&addr).with_context(|| format!("connecting to {addr}"))?,
+            command,
+            timeout,
+        ),
+    }?;
+    let verdict = if response.ok {
+        "accepted (1)"
+    } else {
+        "refused (0)"
+    };
+    println!(
+        "verdict: {verdict}\nreason:  {}\nsource:  {}\nlatency: {:.3} ms",
+        response.reason.as_str(),
+        response.source.as_str(),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
+/// A stream the probe can time out on.
+trait Timed: io::Read + io::Write {
+    fn set_timeouts(&self, timeout: Duration) -> io::Result<()>;
+}
+
+impl Timed for UnixStream {
+    fn set_timeouts(&self, timeout: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(timeout))?;
+        self.set_write_timeout(Some(timeout))
+    }
+}
+
+impl Timed for TcpStream {
+    fn set_timeouts(&self, timeout: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(timeout))?;
+        self.set_write_timeout(Some(timeout))
+    }
+}
+
+fn ask(mut stream: impl Timed, command: Command, timeout: Duration) -> Result<wire::Response> {
+    stream.set_timeouts(timeout)?;
+    let hello = Hello {
+        version: wire::VERSION,
+        node: "extauth-broker-probe".into(),
+        pid: std::process::id(),
+    };
+    wire::write_msg(&mut stream, &ClientMsg::Hello(hello))?;
+    match wire::read_msg(&mut stream, wire::MAX_FRAME)? {
+        ServerMsg::Welcome(_) => {}
+        ServerMsg::Refused(r) => bail!("the broker refused the handshake: {}", r.reason),
+        ServerMsg::Response(_) => bail!("the broker answered before the handshake"),
+    }
+    let deadline_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    wire::write_msg(
+        &mut stream,
+        &ClientMsg::Request(Request {
+            id: 1,
+            deadline_ms,
+            command,
+        }),
+    )?;
+    match wire::read_msg(&mut stream, wire::MAX_FRAME)? {
+        ServerMsg::Response(r) if r.id == 1 => Ok(r),
+        other => bail!("unexpected answer: {other:?}"),
+    }
+}
+
+/// Flags of `extauth-broker stats`.
+#[derive(Debug, clap::Args)]
+pub struct StatsArgs {
+    /// The broker's metrics endpoint (`--metrics-listen`).
+    #[arg(long, default_value = "http://127.0.0.1:9100/metrics")]
+    pub metrics_url: String,
+}
+
+/// Fetches `/metrics` and prints totals by family and label.
+///
+/// # Errors
+/// An unreachable endpoint or a non-200 answer.
+pub async fn stats(args: StatsArgs) -> Result<()> {
+    crate::daemon::install_crypto_provider();
+    let response = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?
+        .get(&args.metrics_url)
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("{} answered HTTP {}", args.metrics_url, response.status());
+    }
+    print!("{}", summarise(&response.text().await?));
+    Ok(())
+}
+
+/// Sums `extauth_*` samples (not histogram buckets) by metric and label set, one line each.
+fn summarise(text: &str) -> String {
+    let mut totals: BTreeMap<String, f64> = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("extauth_") && !l.contains("_bucket"))
+    {
+        if let Some((series, value)) = line.rsplit_once(' ') {
+            *totals.entry(series.to_owned()).or_default() += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    totals
+        .iter()
+        .map(|(series, v)| format!("{v:>14}  {series}\n"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn stats_keep_extauth_series_and_drop_buckets() {
+        let text = "# HELP x\nextauth_requests_total{command=\"auth\"} 3\nextauth_request_duration_seconds_bucket{le=\"1\"} 3\nother 1\n";
+        assert_eq!(
+            super::summarise(text),
+            "             3  extauth_requests_total{command=\"auth\"}\n"
+        );
+    }
+}
