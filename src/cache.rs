@@ -9,8 +9,8 @@
 //!   `usable_until` (the `stale_if_error` grace, never past the token's `exp`). Entries expire at
 //!   those instants everywhere (`SET ... PXAT`), so a read never extends a lifetime and a copy
 //!   taken from Redis lives no longer than the original.
-//! - Redis errors are returned to the engine, which degrades to L1 + provider; they never become
-//!   verdicts.
+//! - The shared copy lives in Redis ([`crate::store`]); its errors degrade to L1 + provider and
+//!   never become verdicts.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,8 +18,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hmac::{Hmac, Mac};
 use moka::future::Cache;
 use moka::Expiry;
-use redis::aio::ConnectionManager;
-use redis::AsyncCommands;
 use sha2::Sha256;
 
 use crate::extauth::Secret;
@@ -27,14 +25,6 @@ use crate::wire::Reason;
 
 /// A 32-byte HMAC-SHA256 digest used as a cache key.
 pub type Key = [u8; 32];
-
-/// Redis key prefixes; the rest of each key is a hex digest.
-const VERDICT_PREFIX: &str = "extauth:v1:verdict:";
-const SEEN_PREFIX: &str = "extauth:v1:seen:";
-const GENERATION_PREFIX: &str = "extauth:v1:gen:";
-const LOCK_PREFIX: &str = "extauth:v1:lock:";
-/// Pub/sub channel on which revocations are announced to every broker.
-pub const REVOKE_CHANNEL: &str = "extauth:v1:revoke";
 
 /// Derives cache keys with the cache secret.
 #[derive(Clone)]
@@ -108,7 +98,7 @@ impl Verdict {
 
     /// Redis value: `ok|reason|fresh_until_ms|usable_until_ms`, e.g. `1|accepted|1767225600000|1767225600000`.
     /// Holds no token and no subject.
-    fn to_redis(self) -> String {
+    pub(crate) fn to_redis(self) -> String {
         format!(
             "{}|{}|{}|{}",
             self.ok as u8,
@@ -119,7 +109,7 @@ impl Verdict {
     }
 
     /// Parses [`Verdict::to_redis`] output; `None` for anything else (treated as a miss).
-    fn from_redis(value: &str) -> Option<Verdict> {
+    pub(crate) fn from_redis(value: &str) -> Option<Verdict> {
         let mut parts = value.split('|');
         let ok = match parts.next()? {
             "1" => true,
@@ -282,162 +272,6 @@ impl L1 {
     pub async fn seen(&self, user: &Key) -> bool {
         self.seen.get(user).await.is_some_and(|u| u.0 > now_ms())
     }
-}
-
-/// The shared Redis cache (L2), generations, flight locks and revocation messages.
-#[derive(Clone)]
-pub struct Redis {
-    conn: ConnectionManager,
-    client: redis::Client,
-}
-
-impl Redis {
-    /// Prepares a connection to `url` without waiting for Redis to be up: the manager connects in
-    /// the background and reconnects by itself after errors. Each command is bounded by 1 s, so a
-    /// hung Redis costs a login at most that.
-    ///
-    /// # Errors
-    /// A malformed URL.
-    pub fn new(url: &str) -> redis::RedisResult<Self> {
-        let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(1)))
-            .set_number_of_retries(1);
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
-        Ok(Redis { conn, client })
-    }
-
-    /// The client, for a dedicated pub/sub connection.
-    pub fn client(&self) -> &redis::Client {
-        &self.client
-    }
-
-    /// Reads a verdict; a missing, unusable or unparseable entry is `None` (a stale but usable
-    /// one is returned: the caller checks [`Verdict::is_fresh`]).
-    ///
-    /// # Errors
-    /// Redis errors (connection refused, timeout, ...).
-    pub async fn get(&self, key: &Key) -> redis::RedisResult<Option<Verdict>> {
-        let value: Option<String> = self.conn.clone().get(prefixed(VERDICT_PREFIX, key)).await?;
-        Ok(value
-            .as_deref()
-            .and_then(Verdict::from_redis)
-            .filter(|v| v.usable_until_ms > now_ms()))
-    }
-
-    /// Stores a verdict until its usable end (`SET key value PXAT usable_until_ms`).
-    ///
-    /// # Errors
-    /// Redis errors, including a full (`noeviction`) or read-only Redis.
-    pub async fn put(&self, key: &Key, verdict: Verdict) -> redis::RedisResult<()> {
-        if verdict.usable_until_ms <= now_ms() {
-            return Ok(());
-        }
-        redis::cmd("SET")
-            .arg(prefixed(VERDICT_PREFIX, key))
-            .arg(verdict.to_redis())
-            .arg("PXAT")
-            .arg(verdict.usable_until_ms)
-            .query_async(&mut self.conn.clone())
-            .await
-    }
-
-    /// Deletes a verdict (revocation of one token).
-    ///
-    /// # Errors
-    /// Redis errors.
-    pub async fn delete(&self, key: &Key) -> redis::RedisResult<()> {
-        self.conn.clone().del(prefixed(VERDICT_PREFIX, key)).await
-    }
-
-    /// Marks a user as seen for `ttl`.
-    ///
-    /// # Errors
-    /// Redis errors.
-    pub async fn mark_seen(&self, user: &Key, ttl: Duration) -> redis::RedisResult<()> {
-        self.conn
-            .clone()
-            .set_ex(prefixed(SEEN_PREFIX, user), 1u8, ttl.as_secs().max(1))
-            .await
-    }
-
-    /// Was the user seen within the seen TTL (by any broker)?
-    ///
-    /// # Errors
-    /// Redis errors.
-    pub async fn seen(&self, user: &Key) -> redis::RedisResult<bool> {
-        self.conn.clone().exists(prefixed(SEEN_PREFIX, user)).await
-    }
-
-    /// The user's generation (0 when never revoked).
-    ///
-    /// # Errors
-    /// Redis errors.
-    pub async fn generation(&self, user: &Key) -> redis::RedisResult<u64> {
-        let g: Option<u64> = self
-            .conn
-            .clone()
-            .get(prefixed(GENERATION_PREFIX, user))
-            .await?;
-        Ok(g.unwrap_or(0))
-    }
-
-    /// Bumps the user's generation (`INCR`), orphaning every verdict of that user at once.
-    ///
-    /// # Errors
-    /// Redis errors.
-    pub async fn bump_generation(&self, user: &Key) -> redis::RedisResult<u64> {
-        self.conn
-            .clone()
-            .incr(prefixed(GENERATION_PREFIX, user), 1u64)
-            .await
-    }
-
-    /// Tries to take the flight lock of `key` for `ttl` (`SET NX PX`); true when taken.
-    ///
-    /// # Errors
-    /// Redis errors.
-    pub async fn lock(&self, key: &Key, owner: &str, ttl: Duration) -> redis::RedisResult<bool> {
-        let set: Option<String> = redis::cmd("SET")
-            .arg(prefixed(LOCK_PREFIX, key))
-            .arg(owner)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl.as_millis().max(1) as u64)
-            .query_async(&mut self.conn.clone())
-            .await?;
-        Ok(set.is_some())
-    }
-
-    /// Is the flight lock of `key` still held (by anyone)?
-    ///
-    /// # Errors
-    /// Redis errors.
-    pub async fn locked(&self, key: &Key) -> redis::RedisResult<bool> {
-        self.conn.clone().exists(prefixed(LOCK_PREFIX, key)).await
-    }
-
-    /// Releases the flight lock of `key`. If it expired and another broker took it, that broker
-    /// loses it early: at worst one extra provider call, never a wrong verdict.
-    ///
-    /// # Errors
-    /// Redis errors.
-    pub async fn unlock(&self, key: &Key) -> redis::RedisResult<()> {
-        self.conn.clone().del(prefixed(LOCK_PREFIX, key)).await
-    }
-
-    /// Publishes a revocation message on [`REVOKE_CHANNEL`].
-    ///
-    /// # Errors
-    /// Redis errors.
-    pub async fn publish(&self, message: &str) -> redis::RedisResult<()> {
-        self.conn.clone().publish(REVOKE_CHANNEL, message).await
-    }
-}
-
-fn prefixed(prefix: &str, key: &Key) -> String {
-    format!("{prefix}{}", hex::encode(key))
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 use crate::directory::DirectoryConfig;
 use crate::extauth::Secret;
+use crate::store::{RedisConfig, RedisMode};
 use crate::validate::breaker::BreakerConfig;
 use crate::validate::http::HttpTimeouts;
 use crate::validate::introspection::IntrospectionConfig;
@@ -66,9 +67,19 @@ pub struct RunArgs {
     #[arg(long, env = "EXTAUTH_SUBJECT_CLAIM")]
     pub subject_claim: Option<String>,
 
-    /// Shared cache, e.g. `redis://127.0.0.1:6379/0`; without it verdicts stay in process.
+    /// Shared cache, e.g. `redis://127.0.0.1:6379/0` (`rediss://` for TLS); with
+    /// `--redis-mode sentinel` or `cluster`, a comma-separated list of sentinels or seed nodes.
+    /// Without it verdicts stay in process.
     #[arg(long, env = "EXTAUTH_REDIS")]
     pub redis: Option<String>,
+
+    /// How Redis is deployed: standalone, sentinel or cluster [default: standalone].
+    #[arg(long, env = "EXTAUTH_REDIS_MODE")]
+    pub redis_mode: Option<RedisMode>,
+
+    /// The Sentinel service name of the master [default: mymaster].
+    #[arg(long, env = "EXTAUTH_REDIS_MASTER")]
+    pub redis_master: Option<String>,
 
     /// File holding the cache key secret (>= 32 bytes); required with --redis, so every broker
     /// derives the same keys. Without Redis a random per-process secret is used.
@@ -201,9 +212,15 @@ pub struct RevokeArgs {
     /// The broker's TOML file, for `redis` and `cache_secret_file`.
     #[arg(long, env = "EXTAUTH_CONFIG")]
     pub config: Option<PathBuf>,
-    /// The Redis every broker shares.
+    /// The Redis every broker shares (as `run --redis`).
     #[arg(long, env = "EXTAUTH_REDIS")]
     pub redis: Option<String>,
+    /// How Redis is deployed (as `run --redis-mode`).
+    #[arg(long, env = "EXTAUTH_REDIS_MODE")]
+    pub redis_mode: Option<RedisMode>,
+    /// The Sentinel service name (as `run --redis-master`).
+    #[arg(long, env = "EXTAUTH_REDIS_MASTER")]
+    pub redis_master: Option<String>,
     /// The cache key secret every broker uses.
     #[arg(long, env = "EXTAUTH_CACHE_SECRET_FILE")]
     pub cache_secret_file: Option<PathBuf>,
@@ -281,8 +298,8 @@ pub struct Config {
     pub listen: Vec<ListenAddr>,
     /// Mode of Unix sockets.
     pub socket_mode: u32,
-    /// Redis URL, if any.
-    pub redis: Option<String>,
+    /// The shared store, if any.
+    pub redis: Option<RedisConfig>,
     /// HMAC key for cache keys (>= 32 bytes).
     pub cache_secret: Secret,
     /// Most entries in the in-process cache.
@@ -332,6 +349,8 @@ impl RunArgs {
             client_secret_file,
             subject_claim,
             redis,
+            redis_mode,
+            redis_master,
             cache_secret_file,
             max_ttl,
             negative_ttl,
@@ -447,7 +466,7 @@ impl RunArgs {
         Ok(Config {
             listen,
             socket_mode,
-            redis: self.redis,
+            redis: self.redis_config(),
             cache_secret,
             l1_capacity: self.l1_capacity.unwrap_or(1_000_000),
             max_token_len: self.max_token_len.unwrap_or(16 * 1024),
@@ -471,6 +490,25 @@ impl RunArgs {
                 max_in_flight: self.max_in_flight.unwrap_or(256).max(1),
                 idle_timeout: Duration::from_secs(self.idle_timeout.unwrap_or(3600).max(1)),
             },
+        })
+    }
+
+    /// The shared store's settings, when `--redis` is given.
+    pub fn redis_config(&self) -> Option<RedisConfig> {
+        let urls = self
+            .redis
+            .as_ref()?
+            .split(',')
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        Some(RedisConfig {
+            mode: self.redis_mode.unwrap_or_default(),
+            urls,
+            master: self
+                .redis_master
+                .clone()
+                .unwrap_or_else(|| "mymaster".into()),
         })
     }
 

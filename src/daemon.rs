@@ -10,12 +10,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::cache::{KeyDeriver, Redis};
+use crate::cache::KeyDeriver;
 use crate::config::Config;
 use crate::domain::Domains;
 use crate::engine::{Engine, EngineParts};
 use crate::metrics::{self, Readiness};
 use crate::server::{self, Listener};
+use crate::store::Redis;
 use crate::systemd::{self, Inherited, Role};
 
 /// How long shutdown waits for requests in flight.
@@ -46,10 +47,10 @@ pub fn install_crypto_provider() {
 /// Builds the engine for `config`.
 ///
 /// # Errors
-/// A bad Redis URL, or a validator that cannot be built.
-pub fn engine(config: &Config) -> Result<Engine> {
+/// A bad Redis URL (or no reachable cluster node), or a validator that cannot be built.
+pub async fn engine(config: &Config) -> Result<Engine> {
     let redis = match &config.redis {
-        Some(url) => Some(Redis::new(url).context("--redis")?),
+        Some(store) => Some(Redis::new(store).await.context("--redis")?),
         None => None,
     };
     Ok(Engine::new(EngineParts {
@@ -75,7 +76,7 @@ struct Sockets {
 /// Start-up failures (bind, engine, privileges); nothing fails once serving.
 pub async fn run(config: Config, context: RunContext, shutdown: CancellationToken) -> Result<()> {
     let handle = metrics::install().map_err(anyhow::Error::msg)?;
-    let engine = Arc::new(engine(&config)?);
+    let engine = Arc::new(engine(&config).await?);
     let sockets = sockets(&config, context.inherited).await?;
     if let Some((user, group)) = &config.run_as {
         let paths: Vec<_> = sockets

@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tracing::{debug, info, warn};
 
-use crate::cache::{Key, KeyDeriver, Redis, Verdict, L1};
+use crate::cache::{Key, KeyDeriver, Verdict, L1};
 use crate::config::IsUserPolicy;
 use crate::domain::{Domain, Domains};
 use crate::extauth::{Command, Secret};
 use crate::metrics;
 use crate::revoke::{self, Generations, RevokeError, Target};
+use crate::store::Redis;
 use crate::validate::TokenCheck;
 use crate::wire::{Reason, Source};
 

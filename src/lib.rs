@@ -37,6 +37,8 @@ pub mod revoke;
 #[cfg(feature = "broker")]
 pub mod server;
 #[cfg(feature = "broker")]
+pub mod store;
+#[cfg(feature = "broker")]
 pub mod systemd;
 #[cfg(feature = "broker")]
 pub mod validate;

@@ -18,9 +18,10 @@ use futures_util::StreamExt;
 use moka::future::Cache;
 use tracing::{info, warn};
 
-use crate::cache::{Key, KeyDeriver, Redis, L1, REVOKE_CHANNEL};
+use crate::cache::{Key, KeyDeriver, L1};
 use crate::domain::normalise_localpart;
 use crate::extauth::Secret;
+use crate::store::{Redis, REVOKE_CHANNEL};
 
 /// How long a generation read from Redis is trusted without a pub/sub message (a safety net for
 /// messages lost while the subscription was being re-established).
@@ -209,11 +210,13 @@ pub async fn run_cli(args: crate::config::RevokeArgs) -> anyhow::Result<()> {
     let file = crate::config::RunArgs {
         config: args.config,
         redis: args.redis,
+        redis_mode: args.redis_mode,
+        redis_master: args.redis_master,
         cache_secret_file: args.cache_secret_file,
         ..Default::default()
     }
     .with_file()?;
-    let url = file.redis.context(
+    let store = file.redis_config().context(
         "revoke works through the Redis the brokers share: give --redis (or --config). A broker without Redis \
          revokes through its admin endpoint: POST /revoke",
     )?;
@@ -228,7 +231,7 @@ pub async fn run_cli(args: crate::config::RevokeArgs) -> anyhow::Result<()> {
         .token_file
         .map(|p| crate::config::read_secret(&p, "--token-file"))
         .transpose()?;
-    let redis = Redis::new(&url).context("--redis")?;
+    let redis = Redis::new(&store).await.context("--redis")?;
     let generations = Generations::new(Some(redis.clone()));
     let target = Target {
         domain: &args.domain,
@@ -255,7 +258,7 @@ pub async fn run_cli(args: crate::config::RevokeArgs) -> anyhow::Result<()> {
 pub async fn listen(redis: Redis, generations: std::sync::Arc<Generations>, l1: L1) {
     let mut first = true;
     loop {
-        match redis.client().get_async_pubsub().await {
+        match pubsub(&redis).await {
             Ok(mut pubsub) => match pubsub.subscribe(REVOKE_CHANNEL).await {
                 Ok(()) => {
                     if !first {
@@ -282,6 +285,10 @@ pub async fn listen(redis: Redis, generations: std::sync::Arc<Generations>, l1: 
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+async fn pubsub(redis: &Redis) -> redis::RedisResult<redis::aio::PubSub> {
+    redis.pubsub_client().await?.get_async_pubsub().await
 }
 
 /// Applies one revocation message.

@@ -123,6 +123,11 @@ pub struct Redis {
 
 impl Redis {
     pub fn start() -> Redis {
+        Redis::start_with(&[])
+    }
+
+    /// A redis-server with `extra` arguments (e.g. `--cluster-enabled yes`, `--replicaof ...`).
+    pub fn start_with(extra: &[&str]) -> Redis {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let child = Command::new("redis-server")
@@ -138,6 +143,7 @@ impl Redis {
             ])
             .arg("--dir")
             .arg(dir.path())
+            .args(extra)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (apt-get install redis-server)");
@@ -154,6 +160,11 @@ impl Redis {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's working directory (for config files it writes, e.g. a sentinel's).
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
     }
 
     /// Sends one command (RESP) and returns the raw reply, e.g. `+PONG` or `:3`.
