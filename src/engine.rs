@@ -16,7 +16,7 @@ use crate::extauth::{Command, Secret};
 use crate::metrics;
 use crate::revoke::{self, Generations, RevokeError, Target};
 use crate::store::Redis;
-use crate::validate::TokenCheck;
+use crate::validate::{TokenCheck, Validation};
 use crate::wire::{Reason, Source};
 
 /// Longest user or domain accepted (bytes); RFC 7622 caps each JID part at 1023 bytes.
@@ -24,6 +24,8 @@ const MAX_JID_PART: usize = 1023;
 /// How long a broker holds the cluster-wide flight lock of a token at most (ms); other brokers
 /// wait for its verdict at most this long before validating themselves.
 const LOCK_TTL: Duration = Duration::from_secs(6);
+/// Least time left before a request's deadline for a provider call to be started.
+const MIN_PROVIDER_BUDGET: Duration = Duration::from_millis(50);
 /// How often a broker waiting on another broker's flight looks for its verdict.
 const LOCK_POLL: Duration = Duration::from_millis(10);
 
@@ -78,6 +80,8 @@ struct AuthRequest<'a> {
     domain: &'a Domain,
     user_key: Key,
     key: Key,
+    /// When the requester stops waiting.
+    deadline: Instant,
 }
 
 /// What the cluster-wide flight lock said.
@@ -155,13 +159,16 @@ impl Engine {
 
     /// Answers one extauth command. `auth` and `isuser` are decided; every command that would
     /// change an account is refused at once and logged, and nothing is changed.
-    pub async fn handle(&self, command: &Command) -> Outcome {
+    ///
+    /// `deadline` is when the requester stops waiting: no provider call is started with less
+    /// than 50 ms left, and a call in progress is cut at the deadline.
+    pub async fn handle(&self, command: &Command, deadline: Instant) -> Outcome {
         match command {
             Command::Auth {
                 user,
                 server,
                 password,
-            } => self.auth(user, server, password).await,
+            } => self.auth(user, server, password, deadline).await,
             Command::IsUser { user, server } => self.isuser(user, server).await,
             other => {
                 let (user, server) = other.jid_parts();
@@ -174,7 +181,13 @@ impl Engine {
         }
     }
 
-    async fn auth(&self, user: &str, domain_name: &str, token: &Secret) -> Outcome {
+    async fn auth(
+        &self,
+        user: &str,
+        domain_name: &str,
+        token: &Secret,
+        deadline: Instant,
+    ) -> Outcome {
         if !jid_parts_ok(user, domain_name)
             || token.expose().is_empty()
             || token.expose().len() > self.max_token_len
@@ -207,6 +220,7 @@ impl Engine {
             domain: &domain,
             user_key,
             key,
+            deadline,
         };
         // Whoever runs the flight records where its verdict came from; a request that finds
         // `None` afterwards waited on another request's flight.
@@ -299,14 +313,25 @@ impl Engine {
     }
 
     /// Calls the domain's validator, timed and counted.
-    async fn ask_provider(&self, request: &AuthRequest<'_>) -> crate::validate::Validation {
+    async fn ask_provider(&self, request: &AuthRequest<'_>) -> Validation {
         let check = TokenCheck {
             user: request.user,
             domain: request.domain_name,
             token: request.token,
         };
         let started = Instant::now();
-        let validation = request.domain.validator.validate(check).await;
+        let left = request.deadline.saturating_duration_since(started);
+        if left < MIN_PROVIDER_BUDGET {
+            return Validation::Unavailable(format!(
+                "only {left:?} left before the request's deadline: no provider call started"
+            ));
+        }
+        let validation = match tokio::time::timeout(left, request.domain.validator.validate(check))
+            .await
+        {
+            Ok(v) => v,
+            Err(_) => Validation::Unavailable("provider call cut at the request's deadline".into()),
+        };
         metrics::provider_call(
             request.domain.validator.kind(),
             &validation,

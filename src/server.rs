@@ -335,7 +335,9 @@ impl Connection {
 async fn answer(engine: &Engine, request: Request) -> Response {
     let started = std::time::Instant::now();
     let deadline = Duration::from_millis(request.deadline_ms.into());
-    let outcome = match tokio::time::timeout(deadline, engine.handle(&request.command)).await {
+    let until = started + deadline;
+    let outcome = match tokio::time::timeout(deadline, engine.handle(&request.command, until)).await
+    {
         Ok(o) => o,
         Err(_) => Outcome {
             ok: false,
