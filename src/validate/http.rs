@@ -88,6 +88,29 @@ pub async fn send(
     }
 }
 
+/// Checks a configured endpoint: an absolute `http://` or `https://` URL with a host, once any
+/// `{user}` and `{domain}` placeholders are filled in.
+///
+/// # Errors
+/// A message naming `setting` and the bad value (URLs carry no secret).
+pub fn check_url(setting: &str, url: &str) -> Result<(), String> {
+    match reqwest::Url::parse(&expand_template(url, "u", "d")) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Ok(()),
+        _ => Err(format!(
+            "{setting} must be an http:// or https:// URL, got {url:?}"
+        )),
+    }
+}
+
+/// Parses a configured HTTP method (`GET`, `post`, ...; case-insensitive).
+///
+/// # Errors
+/// A message naming `setting` when `name` is not an HTTP token (RFC 9110 section 9.1).
+pub fn method(setting: &str, name: &str) -> Result<reqwest::Method, String> {
+    reqwest::Method::from_bytes(name.to_uppercase().as_bytes())
+        .map_err(|_| format!("{setting}: bad HTTP method {name:?}"))
+}
+
 /// Expands `{user}` and `{domain}` in a URL template, percent-encoding each value (RFC 3986
 /// section 2.1) so a localpart like `a&b` or `a/b` cannot change the URL's structure.
 pub fn expand_template(template: &str, user: &str, domain: &str) -> String {
@@ -140,6 +163,17 @@ mod tests {
             expand_template("http://x/{user}/{user}", "é", "d"),
             "http://x/%C3%A9/%C3%A9"
         );
+    }
+
+    #[test]
+    fn urls_and_methods_are_checked() {
+        assert!(check_url("url", "https://api.example/users/{user}@{domain}").is_ok());
+        assert!(check_url("url", "http://127.0.0.1:8080/userinfo").is_ok());
+        for bad in ["ftp://x/", "https://", "/relative", "not a url"] {
+            assert!(check_url("url", bad).is_err(), "{bad}");
+        }
+        assert_eq!(method("method", "post"), Ok(reqwest::Method::POST));
+        assert!(method("method", "GE T").is_err());
     }
 
     #[test]

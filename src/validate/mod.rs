@@ -7,7 +7,10 @@
 pub mod breaker;
 pub mod claims;
 pub mod http;
+pub mod http_api;
 pub mod introspection;
+pub mod jwt;
+pub mod userinfo;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -73,9 +76,16 @@ pub trait Validator: Send + Sync {
 pub enum ValidatorConfig {
     /// RFC 7662 token introspection.
     Introspection(introspection::IntrospectionConfig),
+    /// OpenID Connect UserInfo (OIDC Core 5.3).
+    Userinfo(userinfo::UserinfoConfig),
+    /// A JWT verified locally (RFC 7519) with a JWK Set (RFC 7517) or an HS256 secret.
+    Jwt(jwt::JwtConfig),
+    /// The site's own HTTP API (`kind = "http"`).
+    Http(http_api::HttpApiConfig),
 }
 
-/// Builds the validator `config` describes, wrapped in a circuit breaker.
+/// Builds the validator `config` describes, wrapped in a circuit breaker (except `jwt`, which
+/// makes no call per login; its JWKS fetches are limited by `jwks_min_refresh`).
 ///
 /// # Errors
 /// A message naming the bad setting (unreadable secret file, bad URL, ...).
@@ -87,6 +97,11 @@ pub fn build(
         ValidatorConfig::Introspection(c) => {
             Arc::new(introspection::Introspection::new(c.clone())?)
         }
+        ValidatorConfig::Userinfo(c) => Arc::new(userinfo::Userinfo::new(c.clone())?),
+        ValidatorConfig::Http(c) => Arc::new(http_api::HttpApi::new(c.clone())?),
+        // Verified locally: there is no per-login call for a breaker to spare, and an open one
+        // would refuse tokens whose keys are at hand. JWKS fetches have their own limit.
+        ValidatorConfig::Jwt(c) => return Ok(Arc::new(jwt::Jwt::new(c.clone())?)),
     };
     Ok(Arc::new(breaker::Breaker::new(inner, breaker)))
 }

@@ -3,3 +3,4 @@
 
 pub mod ejabberd;
 pub mod services;
+pub mod tokens;
