@@ -59,15 +59,9 @@ impl Directory {
     /// # Errors
     /// A bad method, URL, timeout or unreadable token file.
     pub fn new(config: DirectoryConfig) -> Result<Self, String> {
-        if !(config.url.starts_with("http://") || config.url.starts_with("https://")) {
-            return Err(format!(
-                "directory url must start with http:// or https://, got {:?}",
-                config.url
-            ));
-        }
+        http::check_url("directory url", &config.url)?;
         config.timeouts.check()?;
-        let method = reqwest::Method::from_bytes(config.method.to_uppercase().as_bytes())
-            .map_err(|_| format!("bad directory method {:?}", config.method))?;
+        let method = http::method("directory method", &config.method)?;
         let bearer = match &config.bearer_token_file {
             Some(path) => Some(
                 crate::config::read_secret(path, "directory.bearer_token_file")

@@ -65,12 +65,7 @@ impl Introspection {
     /// # Errors
     /// A bad URL or timeout, a missing or unreadable secret, or a TLS set-up failure.
     pub fn new(config: IntrospectionConfig) -> Result<Self, String> {
-        if !(config.url.starts_with("http://") || config.url.starts_with("https://")) {
-            return Err(format!(
-                "introspection url must start with http:// or https://, got {:?}",
-                config.url
-            ));
-        }
+        http::check_url("introspection url", &config.url)?;
         if config.client_id.is_empty() {
             return Err("introspection needs a client id (--client-id or client_id)".into());
         }
