@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -152,6 +153,37 @@ pub struct RunArgs {
     /// [default: 3600].
     #[arg(long, env = "EXTAUTH_IDLE_TIMEOUT")]
     pub idle_timeout: Option<u64>,
+
+    /// Certificate chain (PEM) for TCP listeners: shims then connect with `tls:HOST:PORT`.
+    #[arg(long, env = "EXTAUTH_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "EXTAUTH_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by this CA (PEM) on TLS listeners (mTLS).
+    #[arg(long, env = "EXTAUTH_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+
+    /// Allow plaintext TCP on non-loopback addresses (tokens then cross the network in clear).
+    #[arg(long, env = "EXTAUTH_INSECURE_TCP", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
+    pub insecure_tcp: Option<bool>,
+
+    /// Unix socket peers allowed (SO_PEERCRED uid; names or numbers; repeatable). Without
+    /// --allow-uid/--allow-gid: root, the broker's own user, and members of the socket's group.
+    #[arg(long, env = "EXTAUTH_ALLOW_UID", value_delimiter = ',')]
+    #[serde(default)]
+    pub allow_uid: Vec<String>,
+
+    /// Unix socket peers allowed by group (the peer's primary group, or its membership).
+    #[arg(long, env = "EXTAUTH_ALLOW_GID", value_delimiter = ',')]
+    #[serde(default)]
+    pub allow_gid: Vec<String>,
+
+    /// Seconds a new connection may take for its TLS and protocol handshakes [default: 10].
+    #[arg(long, env = "EXTAUTH_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Option<u64>,
 
     /// Settings every domain starts from (file only).
     #[arg(skip)]
@@ -322,6 +354,10 @@ pub struct Config {
     pub run_as: Option<(String, Option<String>)>,
     /// Connection limits.
     pub limits: Limits,
+    /// Unix socket peer checks.
+    pub peers: PeerPolicy,
+    /// TCP transport security.
+    pub tcp: TcpSecurity,
 }
 
 /// Limits on what shims may hold.
@@ -333,6 +369,35 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// A connection without a request for this long is closed.
     pub idle_timeout: Duration,
+    /// Time for a new connection's TLS and protocol handshakes.
+    pub handshake_timeout: Duration,
+}
+
+/// Which Unix socket peers may talk to the broker (SO_PEERCRED).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerPolicy {
+    /// Allowed user ids; with `gids`, empty both = the default policy.
+    pub uids: Vec<u32>,
+    /// Allowed group ids.
+    pub gids: Vec<u32>,
+}
+
+/// TCP transport security.
+#[derive(Clone)]
+pub struct TcpSecurity {
+    /// TLS for every TCP listener, when configured.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Plaintext allowed on non-loopback addresses.
+    pub insecure: bool,
+}
+
+impl std::fmt::Debug for TcpSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpSecurity")
+            .field("tls", &self.tls.is_some())
+            .field("insecure", &self.insecure)
+            .finish()
+    }
 }
 
 impl RunArgs {
@@ -367,8 +432,19 @@ impl RunArgs {
             group,
             max_connections,
             max_in_flight,
-            idle_timeout
+            idle_timeout,
+            tls_cert,
+            tls_key,
+            client_ca,
+            insecure_tcp,
+            handshake_timeout
         );
+        if self.allow_uid.is_empty() {
+            self.allow_uid = file.allow_uid;
+        }
+        if self.allow_gid.is_empty() {
+            self.allow_gid = file.allow_gid;
+        }
         if self.listen.is_empty() {
             self.listen = file.listen;
         }
@@ -489,8 +565,33 @@ impl RunArgs {
                 max_connections: self.max_connections.unwrap_or(4096).max(1),
                 max_in_flight: self.max_in_flight.unwrap_or(256).max(1),
                 idle_timeout: Duration::from_secs(self.idle_timeout.unwrap_or(3600).max(1)),
+                handshake_timeout: Duration::from_secs(self.handshake_timeout.unwrap_or(10).max(1)),
+            },
+            peers: PeerPolicy {
+                uids: ids(&self.allow_uid, "--allow-uid", user_id)?,
+                gids: ids(&self.allow_gid, "--allow-gid", group_id)?,
+            },
+            tcp: TcpSecurity {
+                tls: self.tls()?,
+                insecure: self.insecure_tcp.unwrap_or(false),
             },
         })
+    }
+
+    /// The TLS server settings, when `--tls-cert` is given.
+    fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(crate::tls::server_config(
+                cert,
+                key,
+                self.client_ca.as_deref(),
+            )?)),
+            (None, None) if self.client_ca.is_some() => {
+                bail!("--client-ca needs --tls-cert and --tls-key")
+            }
+            (None, None) => Ok(None),
+            _ => bail!("--tls-cert and --tls-key go together"),
+        }
     }
 
     /// The shared store's settings, when `--redis` is given.
@@ -592,6 +693,33 @@ impl DomainFile {
             directory: self.directory.clone(),
         })
     }
+}
+
+/// Resolves names or numbers to ids.
+fn ids(names: &[String], flag: &str, lookup: fn(&str) -> Option<u32>) -> Result<Vec<u32>> {
+    names
+        .iter()
+        .map(|n| {
+            n.parse()
+                .ok()
+                .or_else(|| lookup(n))
+                .with_context(|| format!("{flag} {n}: no such user or group"))
+        })
+        .collect()
+}
+
+fn user_id(name: &str) -> Option<u32> {
+    nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .map(|u| u.uid.as_raw())
+}
+
+fn group_id(name: &str) -> Option<u32> {
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
 }
 
 /// Reads a secret from the first line of a file (trailing newline and spaces removed).

@@ -14,8 +14,9 @@ use crate::cache::KeyDeriver;
 use crate::config::Config;
 use crate::domain::Domains;
 use crate::engine::{Engine, EngineParts};
+use crate::listener::Listener;
 use crate::metrics::{self, Readiness};
-use crate::server::{self, Listener};
+use crate::server;
 use crate::store::Redis;
 use crate::systemd::{self, Inherited, Role};
 
@@ -124,7 +125,15 @@ pub async fn run(config: Config, context: RunContext, shutdown: CancellationToke
         env!("CARGO_PKG_VERSION")
     );
     systemd::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
-    server::serve(sockets.shims, engine, config.limits, shutdown, DRAIN).await;
+    server::serve(
+        sockets.shims,
+        engine,
+        config.limits,
+        config.peers.clone(),
+        shutdown,
+        DRAIN,
+    )
+    .await;
     info!("stopped");
     Ok(())
 }
@@ -138,7 +147,9 @@ async fn sockets(config: &Config, inherited: Vec<(Role, Inherited)>) -> Result<S
     };
     for (role, socket) in inherited {
         match role {
-            Role::Shim => sockets.shims.push(Listener::inherited(socket)?),
+            Role::Shim => sockets
+                .shims
+                .push(Listener::inherited(socket, &config.tcp)?),
             Role::Metrics => sockets.metrics = Some(tcp(socket, "metrics")?),
             Role::Admin => sockets.admin = Some(tcp(socket, "admin")?),
         }
@@ -146,7 +157,7 @@ async fn sockets(config: &Config, inherited: Vec<(Role, Inherited)>) -> Result<S
     for addr in &config.listen {
         sockets
             .shims
-            .push(Listener::bind(addr, config.socket_mode).await?);
+            .push(Listener::bind(addr, config.socket_mode, &config.tcp).await?);
     }
     if sockets.shims.is_empty() {
         bail!("no listener: give --listen unix:/path or --listen tcp:HOST:PORT, or start under systemd socket activation");

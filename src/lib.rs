@@ -6,6 +6,8 @@
 //! See `docs/architecture.md` for the request path.
 
 pub mod extauth;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod wire;
 
 #[cfg(feature = "broker")]
@@ -26,6 +28,8 @@ pub mod directory;
 pub mod domain;
 #[cfg(feature = "broker")]
 pub mod engine;
+#[cfg(feature = "broker")]
+pub mod listener;
 #[cfg(feature = "broker")]
 pub mod metrics;
 #[cfg(feature = "broker")]

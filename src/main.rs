@@ -135,8 +135,10 @@ fn init_logging(level: &str, json: bool) -> Result<daemon::LogLevelSetter> {
             .with(fmt::layer().json().with_writer(std::io::stderr))
             .init();
     } else {
+        // Colours only for people: a log file or journald gets plain text.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
         registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
             .init();
     }
     Ok(Box::new(move |level: &str| {

@@ -15,6 +15,7 @@
 //! | `extauth_provider_duration_seconds` | histogram | `validator` |
 //! | `extauth_redis_errors_total` | counter | `op` |
 //! | `extauth_connections_open` | gauge | |
+//! | `extauth_peers_refused_total` | counter | |
 //! | `extauth_circuit_open` | gauge | `validator` (1 open, 0 closed) |
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -94,6 +95,11 @@ pub fn provider_call(validator: &'static str, validation: &Validation, elapsed: 
 /// Counts a failed Redis operation.
 pub fn redis_error(op: &'static str) {
     counter!("extauth_redis_errors_total", "op" => op).increment(1);
+}
+
+/// Counts a connection refused before any request (peer credentials, TLS).
+pub fn peer_refused() {
+    counter!("extauth_peers_refused_total").increment(1);
 }
 
 /// Tracks open shim connections.

@@ -1,16 +1,12 @@
 //! Listeners and connections: accept shims on Unix and TCP sockets, run the wire-protocol
 //! handshake, answer pipelined requests, and stop cleanly.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
@@ -18,105 +14,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::config::{Limits, ListenAddr};
+use crate::config::{Limits, PeerPolicy};
 use crate::engine::{Engine, Outcome};
+use crate::listener::{Incoming, Listener};
 use crate::metrics;
-use crate::systemd::Inherited;
 use crate::wire::{
     self, ClientMsg, Reason, Refused, Request, Response, ServerMsg, Source, Welcome,
 };
 
-/// How long a new connection may take to send its `Hello`.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
 /// Responses queued per connection before its request reader waits for the writer.
 const RESPONSE_QUEUE: usize = 256;
-
-/// A bound listening socket.
-pub enum Listener {
-    /// A Unix stream socket, with its path when this process bound it (the path is removed on
-    /// shutdown; a socket inherited from systemd is left alone).
-    Unix(UnixListener, Option<PathBuf>),
-    /// A TCP socket.
-    Tcp(TcpListener),
-}
-
-impl Listener {
-    /// Binds `addr`. A Unix socket path left over by a previous run is replaced, but only if no
-    /// process answers on it; the socket gets `mode`.
-    ///
-    /// # Errors
-    /// Bind failures, a live socket already at the path, permission changes that fail.
-    pub async fn bind(addr: &ListenAddr, mode: u32) -> Result<Listener> {
-        match addr {
-            ListenAddr::Tcp(hostport) => {
-                let l = TcpListener::bind(hostport)
-                    .await
-                    .with_context(|| format!("binding tcp:{hostport}"))?;
-                Ok(Listener::Tcp(l))
-            }
-            ListenAddr::Unix(path) => {
-                remove_stale_socket(path).await?;
-                let l = UnixListener::bind(path)
-                    .with_context(|| format!("binding unix:{}", path.display()))?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-                    .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
-                Ok(Listener::Unix(l, Some(path.clone())))
-            }
-        }
-    }
-
-    /// Wraps a socket passed by systemd (socket activation).
-    ///
-    /// # Errors
-    /// When the socket cannot be made non-blocking or registered with the runtime.
-    pub fn inherited(socket: Inherited) -> std::io::Result<Listener> {
-        match socket {
-            Inherited::Unix(l) => {
-                l.set_nonblocking(true)?;
-                Ok(Listener::Unix(UnixListener::from_std(l)?, None))
-            }
-            Inherited::Tcp(l) => {
-                l.set_nonblocking(true)?;
-                Ok(Listener::Tcp(TcpListener::from_std(l)?))
-            }
-        }
-    }
-
-    /// The path of a Unix socket this process bound, if it is one.
-    pub fn bound_path(&self) -> Option<&Path> {
-        match self {
-            Listener::Unix(_, path) => path.as_deref(),
-            Listener::Tcp(_) => None,
-        }
-    }
-
-    /// The address for logs (`unix:/path`, `tcp:127.0.0.1:7000`).
-    pub fn describe(&self) -> String {
-        match self {
-            Listener::Unix(l, _) => l
-                .local_addr()
-                .ok()
-                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
-                .unwrap_or_else(|| "unix:?".into()),
-            Listener::Tcp(l) => l
-                .local_addr()
-                .map_or_else(|_| "tcp:?".into(), |a| format!("tcp:{a}")),
-        }
-    }
-}
-
-async fn remove_stale_socket(path: &Path) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    if tokio::net::UnixStream::connect(path).await.is_ok() {
-        anyhow::bail!(
-            "{} is in use by a running process (another broker?)",
-            path.display()
-        );
-    }
-    std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))
-}
 
 /// Serves shims on every listener until `shutdown` is cancelled, then waits for in-flight
 /// requests (at most `drain`) and removes the Unix socket files it bound.
@@ -124,16 +34,19 @@ pub async fn serve(
     listeners: Vec<Listener>,
     engine: Arc<Engine>,
     limits: Limits,
+    peers: PeerPolicy,
     shutdown: CancellationToken,
     drain: Duration,
 ) {
     let tracker = TaskTracker::new();
+    let peers = Arc::new(peers);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     for listener in listeners {
         info!(listen = %listener.describe(), "listening for shims");
         let acceptor = Acceptor {
             engine: engine.clone(),
             limits,
+            peers: peers.clone(),
             slots: slots.clone(),
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
@@ -152,6 +65,7 @@ pub async fn serve(
 struct Acceptor {
     engine: Arc<Engine>,
     limits: Limits,
+    peers: Arc<PeerPolicy>,
     slots: Arc<Semaphore>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -166,17 +80,18 @@ impl Acceptor {
             };
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
-                a = accept(&listener) => a,
+                a = listener.accept() => a,
             };
             match accepted {
-                Ok((read, write)) => {
+                Ok(incoming) => {
                     let connection = Connection {
                         engine: self.engine.clone(),
                         limits: self.limits,
+                        peers: self.peers.clone(),
                         shutdown: self.shutdown.clone(),
                     };
                     self.tracker.spawn(async move {
-                        connection.run(read, write).await;
+                        connection.run(incoming).await;
                         drop(slot);
                     });
                 }
@@ -193,32 +108,12 @@ impl Acceptor {
     }
 }
 
-type Halves = (
-    Box<dyn AsyncRead + Send + Unpin>,
-    Box<dyn AsyncWrite + Send + Unpin>,
-);
-
-async fn accept(listener: &Listener) -> std::io::Result<Halves> {
-    match listener {
-        Listener::Unix(l, _) => {
-            let (s, _) = l.accept().await?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w)))
-        }
-        Listener::Tcp(l) => {
-            let (s, _) = l.accept().await?;
-            s.set_nodelay(true)?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w)))
-        }
-    }
-}
-
 /// One shim connection: a reader that starts a task per request (at most `max_in_flight` at
 /// once) and a writer that sends the responses as they complete (pipelining).
 struct Connection {
     engine: Arc<Engine>,
     limits: Limits,
+    peers: Arc<PeerPolicy>,
     shutdown: CancellationToken,
 }
 
@@ -231,28 +126,19 @@ enum Stop {
 }
 
 impl Connection {
-    async fn run(
-        self,
-        read: Box<dyn AsyncRead + Send + Unpin>,
-        write: Box<dyn AsyncWrite + Send + Unpin>,
-    ) {
-        let codec = || {
-            LengthDelimitedCodec::builder()
-                .max_frame_length(wire::MAX_FRAME)
-                .new_codec()
-        };
-        let mut frames = FramedRead::new(read, codec());
-        let mut sink = FramedWrite::new(write, codec());
-        let peer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut frames, &mut sink))
-            .await
-        {
-            Ok(Some(peer)) => peer,
-            Ok(None) => return,
-            Err(_) => {
-                debug!("no handshake within {HANDSHAKE_TIMEOUT:?}; closing");
-                return;
-            }
-        };
+    async fn run(self, incoming: Incoming) {
+        // Peer check, TLS and the Hello all within one bound: a slow-loris peer holds nothing
+        // but its own task.
+        let limit = self.limits.handshake_timeout;
+        let (mut frames, mut sink, peer) =
+            match tokio::time::timeout(limit, self.open(incoming)).await {
+                Ok(Some(opened)) => opened,
+                Ok(None) => return,
+                Err(_) => {
+                    debug!("no handshake within {limit:?}; closing");
+                    return;
+                }
+            };
         metrics::connection_opened();
         let (tx, mut rx) = mpsc::channel::<Response>(RESPONSE_QUEUE);
         let writer = tokio::spawn(async move {
@@ -279,6 +165,27 @@ impl Connection {
         let _ = writer.await;
         metrics::connection_closed();
         debug!(peer, "connection closed");
+    }
+
+    /// Checks the peer, completes TLS and the protocol handshake.
+    async fn open(
+        &self,
+        incoming: Incoming,
+    ) -> Option<(
+        FramedRead<Reader, LengthDelimitedCodec>,
+        FramedWrite<Writer, LengthDelimitedCodec>,
+        String,
+    )> {
+        let (read, write) = incoming.open(&self.peers).await?;
+        let codec = || {
+            LengthDelimitedCodec::builder()
+                .max_frame_length(wire::MAX_FRAME)
+                .new_codec()
+        };
+        let mut frames = FramedRead::new(read, codec());
+        let mut sink = FramedWrite::new(write, codec());
+        let peer = handshake(&mut frames, &mut sink).await?;
+        Some((frames, sink, peer))
     }
 
     async fn read_requests<R: AsyncRead + Unpin>(

@@ -7,6 +7,7 @@
 
 mod options;
 mod relay;
+mod stream;
 
 use std::io::{self, Read, Write};
 use std::process::ExitCode;

@@ -1,13 +1,22 @@
 //! Command-line and environment options of the shim (std only, no argument-parser crate, to keep
 //! the binary small and its start-up in the millisecond range).
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+use extauth_broker::tls;
 
 /// Printed with `--help` and after a usage error (on stderr: stdout carries replies only).
 pub const USAGE: &str = "\
 usage: extauth-shim --broker ADDR[,ADDR...] [--timeout SECONDS] [--connect-timeout SECONDS] [--node NAME]
+                    [--ca FILE [--cert FILE --key FILE]]
 
-  --broker ADDR[,...]      brokers to try in order: unix:/path or tcp:HOST:PORT (env EXTAUTH_BROKER)
+  --broker ADDR[,...]      brokers to try in order: unix:/path, tcp:HOST:PORT or tls:HOST:PORT
+                           (env EXTAUTH_BROKER)
+  --ca FILE                CA certificate(s) (PEM) that sign the brokers' certificates, for tls: (env EXTAUTH_CA)
+  --cert FILE, --key FILE  client certificate chain and key (PEM), for brokers requiring mTLS
+                           (env EXTAUTH_CERT, EXTAUTH_KEY)
   --timeout SECONDS        answer 0 when no broker has answered within this (default 10; env EXTAUTH_TIMEOUT)
   --connect-timeout SECONDS  give up connecting after this, within --timeout (default 2; env EXTAUTH_CONNECT_TIMEOUT)
   --node NAME              name sent to the broker for its logs (default: host name; env EXTAUTH_NODE)
@@ -21,6 +30,8 @@ pub enum Addr {
     Unix(String),
     /// `tcp:HOST:PORT`: a TCP address.
     Tcp(String),
+    /// `tls:HOST:PORT`: TCP with TLS; HOST is also the name checked in the certificate.
+    Tls(String),
 }
 
 /// The shim's settings.
@@ -34,6 +45,8 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// Name sent in the handshake.
     pub node: String,
+    /// TLS client settings, when a `tls:` broker is listed.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Options {
@@ -49,6 +62,8 @@ impl Options {
         let mut timeout = env("EXTAUTH_TIMEOUT");
         let mut connect_timeout = env("EXTAUTH_CONNECT_TIMEOUT");
         let mut node = env("EXTAUTH_NODE");
+        let (mut ca, mut cert, mut key) =
+            (env("EXTAUTH_CA"), env("EXTAUTH_CERT"), env("EXTAUTH_KEY"));
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             let (flag, inline) = match arg.split_once('=') {
@@ -60,6 +75,9 @@ impl Options {
                 "--timeout" => &mut timeout,
                 "--connect-timeout" => &mut connect_timeout,
                 "--node" => &mut node,
+                "--ca" => &mut ca,
+                "--cert" => &mut cert,
+                "--key" => &mut key,
                 "-h" | "--help" => {
                     eprintln!("{USAGE}");
                     return Ok(None);
@@ -77,11 +95,14 @@ impl Options {
             );
         }
         let brokers = brokers.ok_or("--broker (or EXTAUTH_BROKER) is required")?;
+        let brokers: Vec<Addr> = brokers
+            .split(',')
+            .map(parse_addr)
+            .collect::<Result<_, _>>()?;
+        let wants_tls = brokers.iter().any(|b| matches!(b, Addr::Tls(_)));
         Ok(Some(Options {
-            brokers: brokers
-                .split(',')
-                .map(parse_addr)
-                .collect::<Result<_, _>>()?,
+            tls: tls_config(wants_tls, ca, cert, key)?,
+            brokers,
             timeout: parse_seconds("--timeout", timeout.as_deref().unwrap_or("10"))?,
             connect_timeout: parse_seconds(
                 "--connect-timeout",
@@ -96,17 +117,38 @@ fn parse_addr(text: &str) -> Result<Addr, String> {
     let text = text.trim();
     match text.split_once(':') {
         Some(("unix", path)) if !path.is_empty() => Ok(Addr::Unix(path.to_owned())),
-        Some(("tcp", hostport))
-            if hostport
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) =>
-        {
-            Ok(Addr::Tcp(hostport.to_owned()))
-        }
+        Some(("tcp", hostport)) if host_port_ok(hostport) => Ok(Addr::Tcp(hostport.to_owned())),
+        Some(("tls", hostport)) if host_port_ok(hostport) => Ok(Addr::Tls(hostport.to_owned())),
         _ => Err(format!(
-            "bad broker address {text:?} (want unix:/path or tcp:HOST:PORT)"
+            "bad broker address {text:?} (want unix:/path, tcp:HOST:PORT or tls:HOST:PORT)"
         )),
     }
+}
+
+fn host_port_ok(hostport: &str) -> bool {
+    hostport
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+}
+
+fn tls_config(
+    wanted: bool,
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    if !wanted {
+        return Ok(None);
+    }
+    let ca = ca.ok_or("a tls: broker needs --ca (the CA that signs the broker's certificate)")?;
+    let client = match (&cert, &key) {
+        (Some(c), Some(k)) => Some((Path::new(c), Path::new(k))),
+        (None, None) => None,
+        _ => return Err("--cert and --key go together".into()),
+    };
+    tls::client_config(Path::new(&ca), client)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 fn parse_seconds(flag: &str, text: &str) -> Result<Duration, String> {
@@ -136,6 +178,10 @@ mod tests {
         assert_eq!(
             parse_addr("tcp:127.0.0.1:7000"),
             Ok(Addr::Tcp("127.0.0.1:7000".into()))
+        );
+        assert_eq!(
+            parse_addr("tls:broker.example:7100"),
+            Ok(Addr::Tls("broker.example:7100".into()))
         );
         assert_eq!(
             parse_addr("tcp:[::1]:7000"),

@@ -1,16 +1,15 @@
 //! The shim's one persistent broker connection: opened lazily, re-opened with a short backoff
 //! when it breaks, and never trusted past a request's deadline.
 
-use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
-use std::os::unix::net::UnixStream;
+use std::io;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use extauth_broker::extauth::Command;
 use extauth_broker::wire::{self, ClientMsg, Hello, Request, ServerMsg};
 
-use crate::options::{Addr, Options};
+use crate::options::Options;
+use crate::stream::Stream;
 
 /// First pause between connection attempts; doubled after each failed round, up to the cap.
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
@@ -79,7 +78,9 @@ impl<'a> Relay<'a> {
         let mut backoff = FIRST_BACKOFF;
         loop {
             for addr in &self.options.brokers {
-                match Stream::open(addr, give_up).and_then(|s| self.handshake(s, give_up)) {
+                match Stream::open(addr, give_up, self.options.tls.as_ref())
+                    .and_then(|s| self.handshake(s, give_up))
+                {
                     Ok(stream) => return Some(stream),
                     Err(e) => eprintln!("extauth-shim: broker {addr:?}: {e}"),
                 }
@@ -145,77 +146,4 @@ fn is_timeout(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
-}
-
-/// A connected Unix or TCP stream.
-enum Stream {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Stream {
-    fn open(addr: &Addr, deadline: Instant) -> io::Result<Stream> {
-        match addr {
-            Addr::Unix(path) => UnixStream::connect(path).map(Stream::Unix),
-            Addr::Tcp(hostport) => {
-                let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-                for sa in hostport.to_socket_addrs()? {
-                    match TcpStream::connect_timeout(&sa, time_left(deadline)?) {
-                        Ok(s) => {
-                            s.set_nodelay(true)?;
-                            return Ok(Stream::Tcp(s));
-                        }
-                        Err(e) => last = e,
-                    }
-                }
-                Err(last)
-            }
-        }
-    }
-
-    /// Makes every blocking read and write fail once `deadline` has passed.
-    fn set_deadline(&self, deadline: Instant) -> io::Result<()> {
-        let left = Some(time_left(deadline)?);
-        match self {
-            Stream::Unix(s) => s
-                .set_read_timeout(left)
-                .and_then(|()| s.set_write_timeout(left)),
-            Stream::Tcp(s) => s
-                .set_read_timeout(left)
-                .and_then(|()| s.set_write_timeout(left)),
-        }
-    }
-}
-
-fn time_left(deadline: Instant) -> io::Result<Duration> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
-    }
-    Ok(left)
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.flush(),
-            Stream::Tcp(s) => s.flush(),
-        }
-    }
 }

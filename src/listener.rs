@@ -1,0 +1,278 @@
+//! Listening sockets and who may come in: Unix sockets with a peer-credential check
+//! (SO_PEERCRED, unix(7)), TCP in plaintext only on loopback, TLS (rustls) with optional client
+//! certificates elsewhere.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use nix::unistd::{Gid, Group, Uid, User};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::warn;
+
+use crate::config::{ListenAddr, PeerPolicy, TcpSecurity};
+use crate::metrics;
+use crate::systemd::Inherited;
+
+/// The two halves of an accepted, checked stream.
+pub type Halves = (
+    Box<dyn AsyncRead + Send + Unpin>,
+    Box<dyn AsyncWrite + Send + Unpin>,
+);
+
+/// A listening socket.
+pub enum Listener {
+    /// A Unix stream socket; `bound` is its path when this process created it (removed on
+    /// shutdown; a socket inherited from systemd is left alone).
+    Unix {
+        listener: UnixListener,
+        path: Option<Arc<Path>>,
+        bound: bool,
+    },
+    /// A TCP socket, with TLS when configured.
+    Tcp {
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+    },
+}
+
+/// An accepted connection, not yet checked.
+pub enum Incoming {
+    /// A Unix peer; `path` locates the socket whose group the default policy uses.
+    Unix {
+        stream: UnixStream,
+        path: Option<Arc<Path>>,
+    },
+    /// A TCP peer (loopback, or allowed by `--insecure-tcp`).
+    Tcp(TcpStream),
+    /// A TCP peer that must complete a TLS handshake first.
+    Tls(TcpStream, TlsAcceptor),
+}
+
+impl Listener {
+    /// Binds `addr`. A Unix socket path left over by a previous run is replaced, but only if no
+    /// process answers on it; the socket gets `mode`. A TCP address that is not loopback needs
+    /// TLS or `--insecure-tcp`.
+    ///
+    /// # Errors
+    /// Bind failures, a live socket already at the path, an unprotected non-loopback address.
+    pub async fn bind(addr: &ListenAddr, mode: u32, security: &TcpSecurity) -> Result<Listener> {
+        match addr {
+            ListenAddr::Tcp(hostport) => {
+                let listener = TcpListener::bind(hostport)
+                    .await
+                    .with_context(|| format!("binding tcp:{hostport}"))?;
+                Listener::tcp(listener, security)
+            }
+            ListenAddr::Unix(path) => {
+                remove_stale_socket(path).await?;
+                let listener = UnixListener::bind(path)
+                    .with_context(|| format!("binding unix:{}", path.display()))?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                    .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
+                Ok(Listener::Unix {
+                    listener,
+                    path: Some(Arc::from(path.as_path())),
+                    bound: true,
+                })
+            }
+        }
+    }
+
+    /// Wraps a socket passed by systemd (socket activation), under the same TCP rules.
+    ///
+    /// # Errors
+    /// A socket that cannot be registered with the runtime, or an unprotected non-loopback one.
+    pub fn inherited(socket: Inherited, security: &TcpSecurity) -> Result<Listener> {
+        match socket {
+            Inherited::Unix(l) => {
+                l.set_nonblocking(true)?;
+                let path = l
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(Arc::from));
+                Ok(Listener::Unix {
+                    listener: UnixListener::from_std(l)?,
+                    path,
+                    bound: false,
+                })
+            }
+            Inherited::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                Listener::tcp(TcpListener::from_std(l)?, security)
+            }
+        }
+    }
+
+    fn tcp(listener: TcpListener, security: &TcpSecurity) -> Result<Listener> {
+        let local: SocketAddr = listener.local_addr()?;
+        if security.tls.is_none() && !security.insecure && !local.ip().is_loopback() {
+            bail!(
+                "tcp:{local} is not a loopback address: tokens would cross the network in clear. Give \
+                 --tls-cert and --tls-key (shims then use tls:HOST:PORT), or --insecure-tcp"
+            );
+        }
+        Ok(Listener::Tcp {
+            listener,
+            tls: security.tls.clone().map(TlsAcceptor::from),
+        })
+    }
+
+    /// The path of a Unix socket this process bound, if it is one.
+    pub fn bound_path(&self) -> Option<&Path> {
+        match self {
+            Listener::Unix {
+                path, bound: true, ..
+            } => path.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The address for logs (`unix:/path`, `tcp:127.0.0.1:7000`, `tls:...`).
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Unix { path, .. } => path
+                .as_ref()
+                .map_or_else(|| "unix:?".into(), |p| format!("unix:{}", p.display())),
+            Listener::Tcp { listener, tls } => {
+                let scheme = if tls.is_some() { "tls" } else { "tcp" };
+                listener
+                    .local_addr()
+                    .map_or_else(|_| format!("{scheme}:?"), |a| format!("{scheme}:{a}"))
+            }
+        }
+    }
+
+    /// Waits for the next connection.
+    ///
+    /// # Errors
+    /// accept(2) errors (EMFILE, ...).
+    pub async fn accept(&self) -> io::Result<Incoming> {
+        match self {
+            Listener::Unix { listener, path, .. } => Ok(Incoming::Unix {
+                stream: listener.accept().await?.0,
+                path: path.clone(),
+            }),
+            Listener::Tcp { listener, tls } => {
+                let (stream, _) = listener.accept().await?;
+                stream.set_nodelay(true)?;
+                Ok(match tls {
+                    Some(acceptor) => Incoming::Tls(stream, acceptor.clone()),
+                    None => Incoming::Tcp(stream),
+                })
+            }
+        }
+    }
+}
+
+async fn remove_stale_socket(path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    if UnixStream::connect(path).await.is_ok() {
+        bail!(
+            "{} is in use by a running process (another broker?)",
+            path.display()
+        );
+    }
+    std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))
+}
+
+impl Incoming {
+    /// Checks a Unix peer against `peers` and completes a TLS handshake; the halves to serve,
+    /// or `None` when the peer is refused (logged and counted) or the handshake fails.
+    pub async fn open(self, peers: &PeerPolicy) -> Option<Halves> {
+        match self {
+            Incoming::Unix { stream, path } => {
+                let cred = stream.peer_cred().ok()?;
+                let socket_gid = path
+                    .and_then(|p| std::fs::metadata(&*p).ok())
+                    .map(|m| m.gid());
+                if !allowed(peers, cred.uid(), cred.gid(), socket_gid) {
+                    warn!(
+                        uid = cred.uid(),
+                        gid = cred.gid(),
+                        pid = cred.pid(),
+                        "refused a Unix socket peer (see --allow-uid, --allow-gid)"
+                    );
+                    metrics::peer_refused();
+                    return None;
+                }
+                let (r, w) = stream.into_split();
+                Some((Box::new(r), Box::new(w)))
+            }
+            Incoming::Tcp(stream) => {
+                let (r, w) = stream.into_split();
+                Some((Box::new(r), Box::new(w)))
+            }
+            Incoming::Tls(stream, acceptor) => match acceptor.accept(stream).await {
+                Ok(tls) => {
+                    let (r, w) = tokio::io::split(tls);
+                    Some((Box::new(r), Box::new(w)))
+                }
+                Err(e) => {
+                    warn!("TLS handshake failed: {e}");
+                    metrics::peer_refused();
+                    None
+                }
+            },
+        }
+    }
+}
+
+/// May this peer talk to the broker? With an explicit policy: its uid is listed, or its primary
+/// group or a group it belongs to is. Without one: root, the broker's own user, and members of
+/// the socket's group (the people the socket's mode already lets in).
+fn allowed(peers: &PeerPolicy, uid: u32, gid: u32, socket_gid: Option<u32>) -> bool {
+    if peers.uids.is_empty() && peers.gids.is_empty() {
+        return uid == 0
+            || uid == Uid::effective().as_raw()
+            || socket_gid.is_some_and(|g| g == gid || member(uid, g));
+    }
+    peers.uids.contains(&uid) || peers.gids.iter().any(|g| *g == gid || member(uid, *g))
+}
+
+/// Is user `uid` a listed member of group `gid` (getgrgid(3))?
+fn member(uid: u32, gid: u32) -> bool {
+    let name = User::from_uid(Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    let group = Group::from_gid(Gid::from_raw(gid)).ok().flatten();
+    matches!((name, group), (Some(n), Some(g)) if g.mem.contains(&n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_policies_list_users_and_groups() {
+        let policy = PeerPolicy {
+            uids: vec![1000],
+            gids: vec![2000],
+        };
+        assert!(allowed(&policy, 1000, 5, None));
+        assert!(allowed(&policy, 7, 2000, None));
+        assert!(
+            !allowed(&policy, 7, 8, Some(8)),
+            "the socket's group no longer counts"
+        );
+        assert!(!allowed(&policy, 0, 0, None), "not even root");
+    }
+
+    #[test]
+    fn the_default_policy_follows_the_socket_group() {
+        let default = PeerPolicy::default();
+        assert!(allowed(&default, 0, 0, None));
+        assert!(allowed(&default, Uid::effective().as_raw(), 12345, None));
+        assert!(allowed(&default, 4242, 777, Some(777)));
+        assert!(!allowed(&default, 4242, 778, Some(777)));
+        assert!(!allowed(&default, 4242, 777, None));
+    }
+}
