@@ -6,8 +6,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use extauth_broker::extauth;
-use extauth_broker::wire::{self, ClientMsg, Hello, Reason, Request, Response, ServerMsg, Source};
+use common::wire_client::{auth, connect};
+use extauth_broker::wire::{Reason, Response, Source};
 
 use common::services::{token, Broker, BrokerSpec, Provider, Redis, Shim};
 use serde_json::json;
@@ -96,36 +96,22 @@ fn brokers_with_different_cache_secrets_share_nothing() {
     );
 }
 
-/// One wire-protocol connection to a broker, as a shim opens it (handshake first).
-fn connect(broker: &Broker) -> UnixStream {
-    let mut stream = UnixStream::connect(&broker.socket).unwrap();
-    let hello = ClientMsg::Hello(Hello {
-        version: wire::VERSION,
-        node: "test".into(),
-        pid: std::process::id(),
-    });
-    wire::write_msg(&mut stream, &hello).unwrap();
-    match wire::read_msg(&mut stream, wire::MAX_FRAME).unwrap() {
-        ServerMsg::Welcome(_) => stream,
-        other => panic!("handshake refused: {other:?}"),
-    }
-}
-
-fn auth(stream: &mut UnixStream, id: u64, user: &str, token: &str) -> Response {
-    let command = extauth::parse(format!("auth:{user}:example.com:{token}").as_bytes()).unwrap();
-    wire::write_msg(
-        stream,
-        &ClientMsg::Request(Request {
-            id,
-            deadline_ms: 10_000,
-            command,
-        }),
-    )
-    .unwrap();
-    match wire::read_msg(stream, wire::MAX_FRAME).unwrap() {
-        ServerMsg::Response(r) => r,
-        other => panic!("unexpected {other:?}"),
-    }
+/// Sends `auth:alice:example.com:TOKEN` on every stream at once (released together by a
+/// barrier) and returns the responses.
+fn herd(streams: Vec<UnixStream>, token: &str) -> Vec<Response> {
+    let barrier = Arc::new(Barrier::new(streams.len()));
+    let threads: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut stream)| {
+            let (barrier, token) = (barrier.clone(), token.to_owned());
+            std::thread::spawn(move || {
+                barrier.wait();
+                auth(&mut stream, i as u64, "alice", &token)
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
 }
 
 #[test]
@@ -138,19 +124,7 @@ fn two_brokers_with_a_hundred_requests_each_make_one_provider_call() {
     provider.insert(&fresh, json!({"username": "alice"}));
     provider.set_latency(Duration::from_millis(300));
     let streams: Vec<UnixStream> = (0..200).map(|i| connect(&brokers[i % 2])).collect();
-    let barrier = Arc::new(Barrier::new(streams.len()));
-    let threads: Vec<_> = streams
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut stream)| {
-            let (barrier, fresh) = (barrier.clone(), fresh.clone());
-            std::thread::spawn(move || {
-                barrier.wait();
-                auth(&mut stream, i as u64, "alice", &fresh)
-            })
-        })
-        .collect();
-    let responses: Vec<Response> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let responses = herd(streams, &fresh);
     assert!(
         responses
             .iter()
@@ -183,19 +157,7 @@ fn a_failed_flight_fails_all_its_waiters_and_the_next_request_tries_again() {
     provider.set_latency(Duration::from_millis(300));
     provider.set_fail_status(503);
     let streams: Vec<UnixStream> = (0..20).map(|_| connect(&broker)).collect();
-    let barrier = Arc::new(Barrier::new(streams.len()));
-    let threads: Vec<_> = streams
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut stream)| {
-            let (barrier, fresh) = (barrier.clone(), fresh.clone());
-            std::thread::spawn(move || {
-                barrier.wait();
-                auth(&mut stream, i as u64, "alice", &fresh)
-            })
-        })
-        .collect();
-    let responses: Vec<Response> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let responses = herd(streams, &fresh);
     assert!(
         responses
             .iter()

@@ -40,24 +40,32 @@ fn revoke_cli(
     String::from_utf8(out.stdout).unwrap()
 }
 
-#[test]
-fn revoking_a_user_makes_every_broker_ask_the_provider_again() {
-    let provider = Provider::start();
-    let redis = Redis::start();
-    let spec = BrokerSpec::new(&provider).with_redis(&redis);
-    let (a, b) = (Broker::start(&spec), Broker::start(&spec));
+/// Gives alice two valid tokens, logs in with both through a shim on each broker, and checks
+/// that cost one provider call per token. Returns the two shims.
+fn cached_on_both(provider: &Provider, a: &Broker, b: &Broker, tokens: [&str; 2]) -> (Shim, Shim) {
     let (mut via_a, mut via_b) = (
         Shim::spawn(&a.addr(), 5.0, &[]),
         Shim::spawn(&b.addr(), 5.0, &[]),
     );
-    let (phone, laptop) = (token("phone"), token("laptop"));
-    provider.insert(&phone, json!({"username": "alice"}));
-    provider.insert(&laptop, json!({"username": "alice"}));
+    for t in tokens {
+        provider.insert(t, json!({"username": "alice"}));
+    }
     for shim in [&mut via_a, &mut via_b] {
-        assert!(shim.ask(&format!("auth:alice:example.com:{phone}")));
-        assert!(shim.ask(&format!("auth:alice:example.com:{laptop}")));
+        for t in tokens {
+            assert!(shim.ask(&format!("auth:alice:example.com:{t}")));
+        }
     }
     assert_eq!(provider.calls(), 2, "cached everywhere");
+    (via_a, via_b)
+}
+
+#[test]
+fn revoking_a_user_makes_every_broker_ask_the_provider_again() {
+    let (provider, redis) = (Provider::start(), Redis::start());
+    let spec = BrokerSpec::new(&provider).with_redis(&redis);
+    let (a, b) = (Broker::start(&spec), Broker::start(&spec));
+    let (phone, laptop) = (token("phone"), token("laptop"));
+    let (mut via_a, mut via_b) = cached_on_both(&provider, &a, &b, [&phone, &laptop]);
 
     // The provider now refuses the phone's token; alice's verdicts are revoked (user "Alice"
     // is normalised as ejabberd would).
@@ -89,22 +97,11 @@ fn revoking_a_user_makes_every_broker_ask_the_provider_again() {
 
 #[test]
 fn revoking_one_token_leaves_the_users_other_tokens_cached() {
-    let provider = Provider::start();
-    let redis = Redis::start();
+    let (provider, redis) = (Provider::start(), Redis::start());
     let spec = BrokerSpec::new(&provider).with_redis(&redis);
     let (a, b) = (Broker::start(&spec), Broker::start(&spec));
-    let (mut via_a, mut via_b) = (
-        Shim::spawn(&a.addr(), 5.0, &[]),
-        Shim::spawn(&b.addr(), 5.0, &[]),
-    );
     let (stolen, kept) = (token("stolen"), token("kept"));
-    provider.insert(&stolen, json!({"username": "alice"}));
-    provider.insert(&kept, json!({"username": "alice"}));
-    for shim in [&mut via_a, &mut via_b] {
-        assert!(shim.ask(&format!("auth:alice:example.com:{stolen}")));
-        assert!(shim.ask(&format!("auth:alice:example.com:{kept}")));
-    }
-    assert_eq!(provider.calls(), 2);
+    let (mut via_a, mut via_b) = cached_on_both(&provider, &a, &b, [&stolen, &kept]);
     provider.insert(&stolen, json!({"active": false}));
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");

@@ -4,3 +4,4 @@
 pub mod ejabberd;
 pub mod services;
 pub mod tokens;
+pub mod wire_client;
