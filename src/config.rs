@@ -342,8 +342,10 @@ pub struct Config {
     pub domains: BTreeMap<String, DomainConfig>,
     /// Settings for any other domain, when no domain is configured (single-tenant mode).
     pub any_domain: Option<DomainConfig>,
-    /// The admin endpoint's `HOST:PORT` and bearer secret.
-    pub admin: Option<(String, Secret)>,
+    /// The admin endpoint's `HOST:PORT` (it may also come from systemd).
+    pub admin_listen: Option<String>,
+    /// The admin endpoint's bearer secret.
+    pub admin_secret: Option<Secret>,
     /// The metrics endpoint's `HOST:PORT`.
     pub metrics_listen: Option<String>,
     /// Log filter.
@@ -507,15 +509,14 @@ impl RunArgs {
         if cache_secret.expose().len() < 32 {
             bail!("--cache-secret-file must hold at least 32 bytes");
         }
-        let admin = match (&self.admin_listen, &self.admin_secret_file) {
-            (Some(addr), Some(path)) => {
-                Some((addr.clone(), read_secret(path, "--admin-secret-file")?))
-            }
-            (Some(_), None) => bail!(
-                "--admin-listen needs --admin-secret-file (the bearer secret callers present)"
-            ),
-            (None, _) => None,
-        };
+        if self.admin_listen.is_some() && self.admin_secret_file.is_none() {
+            bail!("--admin-listen needs --admin-secret-file (the bearer secret callers present)");
+        }
+        let admin_secret = self
+            .admin_secret_file
+            .as_deref()
+            .map(|p| read_secret(p, "--admin-secret-file"))
+            .transpose()?;
         let defaults = self.flag_defaults();
         let mut domains = BTreeMap::new();
         for name in &self.domain_names {
@@ -548,7 +549,8 @@ impl RunArgs {
             max_token_len: self.max_token_len.unwrap_or(16 * 1024),
             domains,
             any_domain,
-            admin,
+            admin_listen: self.admin_listen.clone(),
+            admin_secret,
             metrics_listen: self.metrics_listen.clone(),
             log_level: self.log_level.clone().unwrap_or_else(|| "info".into()),
             log_json: match self.log_format.as_deref().unwrap_or("text") {

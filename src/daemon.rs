@@ -99,9 +99,8 @@ pub async fn run(config: Config, context: RunContext, shutdown: CancellationToke
     }
     if let Some(listener) = sockets.admin {
         let secret = config
-            .admin
-            .as_ref()
-            .map(|(_, s)| s.clone())
+            .admin_secret
+            .clone()
             .context("an admin socket needs --admin-secret-file")?;
         tokio::spawn(crate::admin::serve(
             listener,
@@ -169,7 +168,7 @@ async fn sockets(config: &Config, inherited: Vec<(Role, Inherited)>) -> Result<S
                 .with_context(|| format!("binding --metrics-listen {addr}"))?,
         );
     }
-    if let (None, Some((addr, _))) = (&sockets.admin, &config.admin) {
+    if let (None, Some(addr)) = (&sockets.admin, &config.admin_listen) {
         sockets.admin = Some(
             TcpListener::bind(addr)
                 .await
@@ -284,10 +283,7 @@ fn warn_unreloadable(running: &Config, new: &Config) {
             "metrics_listen",
             running.metrics_listen != new.metrics_listen,
         ),
-        (
-            "admin_listen",
-            running.admin.as_ref().map(|a| &a.0) != new.admin.as_ref().map(|a| &a.0),
-        ),
+        ("admin_listen", running.admin_listen != new.admin_listen),
         ("limits", running.limits != new.limits),
     ];
     for (name, _) in changed.iter().filter(|(_, c)| *c) {

@@ -144,3 +144,27 @@ fn a_late_answer_is_never_written() {
     );
     assert!(shim.ask(&format!("auth:bob:example.com:{quick}")));
 }
+
+#[test]
+fn a_socket_that_accepts_while_its_broker_is_down_does_not_block_failover() {
+    let provider = Provider::start();
+    let alice = token("alice");
+    provider.insert(&alice, json!({"username": "alice"}));
+    let broker = Broker::start(&BrokerSpec::new(&provider));
+    // What systemd does while the local broker restarts: the socket accepts, nobody answers.
+    let dir = tempfile::tempdir().unwrap();
+    let silent = dir.path().join("silent.sock");
+    let _held = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    let brokers = format!("unix:{},{}", silent.display(), broker.addr());
+    let mut shim = Shim::spawn(&brokers, 5.0, &["--connect-timeout", "2"]);
+    let started = Instant::now();
+    assert!(
+        shim.ask(&format!("auth:alice:example.com:{alice}")),
+        "served by the second broker"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "within the connect budget: {:?}",
+        started.elapsed()
+    );
+}

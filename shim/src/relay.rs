@@ -14,6 +14,8 @@ use crate::stream::Stream;
 /// First pause between connection attempts; doubled after each failed round, up to the cap.
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// Least time one broker of the list gets to connect and answer the handshake.
+const MIN_SHARE: Duration = Duration::from_millis(200);
 
 /// Relays requests to the first broker that answers.
 pub struct Relay<'a> {
@@ -75,11 +77,16 @@ impl<'a> Relay<'a> {
     /// handshake or the connect budget (bounded by `deadline`) is spent.
     fn connect(&self, deadline: Instant) -> Option<Stream> {
         let give_up = deadline.min(Instant::now() + self.options.connect_timeout);
+        // Each broker gets an equal share of the budget: a socket that accepts while its
+        // broker is down (systemd keeps listening during a restart) must not use up the time
+        // the next broker in the list needs.
+        let share = self.options.connect_timeout / self.options.brokers.len().max(1) as u32;
         let mut backoff = FIRST_BACKOFF;
         loop {
             for addr in &self.options.brokers {
-                match Stream::open(addr, give_up, self.options.tls.as_ref())
-                    .and_then(|s| self.handshake(s, give_up))
+                let attempt_ends = give_up.min(Instant::now() + share.max(MIN_SHARE));
+                match Stream::open(addr, attempt_ends, self.options.tls.as_ref())
+                    .and_then(|s| self.handshake(s, attempt_ends))
                 {
                     Ok(stream) => return Some(stream),
                     Err(e) => eprintln!("extauth-shim: broker {addr:?}: {e}"),
