@@ -4,6 +4,10 @@
 //! token gets its claims (with `"active": true` unless the claims say otherwise); an unknown one
 //! gets `{"active": false}`; a wrong client secret gets 401. Every call is counted, so tests can
 //! assert how many calls the broker made. Not for production: tokens live in memory.
+//!
+//! For load tests, a [resolver](DevProvider::set_resolver) answers tokens that were never
+//! inserted (so millions of tokens need no table), and an [error rate](DevProvider::set_error_rate)
+//! makes a fraction of calls fail with HTTP 503.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,11 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
-use base64::prelude::{Engine as _, BASE64_STANDARD};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Form, Json, Router};
+use base64::prelude::{Engine as _, BASE64_STANDARD};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -28,6 +32,9 @@ pub struct DevProvider {
     stop: CancellationToken,
 }
 
+/// Claims for a token that is not in the table, or `None` for "unknown" (`{"active": false}`).
+pub type Resolver = Arc<dyn Fn(&str) -> Option<Value> + Send + Sync>;
+
 struct ProviderState {
     /// `base64(client_id:client_secret)`, the expected HTTP Basic credentials.
     basic: String,
@@ -36,6 +43,11 @@ struct ProviderState {
     latency_ms: AtomicU64,
     /// When set, every call gets this HTTP status (e.g. 503) instead of an answer.
     fail_status: AtomicU64,
+    /// Fraction of calls answered HTTP 503, in millionths (0 = none).
+    error_ppm: AtomicU64,
+    /// Calls answered HTTP 503 because of `error_ppm`.
+    injected_errors: AtomicU64,
+    resolver: Mutex<Option<Resolver>>,
 }
 
 #[derive(Deserialize)]
@@ -49,19 +61,41 @@ impl DevProvider {
     /// # Errors
     /// When the port cannot be bound.
     pub async fn start(client_id: &str, client_secret: &str) -> std::io::Result<DevProvider> {
+        Self::start_at("127.0.0.1:0", client_id, client_secret).await
+    }
+
+    /// Like [`DevProvider::start`], on `addr` (e.g. `127.0.0.1:8080`, so that a broker started
+    /// elsewhere can be pointed at it).
+    ///
+    /// # Errors
+    /// When `addr` cannot be bound.
+    pub async fn start_at(
+        addr: &str,
+        client_id: &str,
+        client_secret: &str,
+    ) -> std::io::Result<DevProvider> {
         let state = Arc::new(ProviderState {
             basic: BASE64_STANDARD.encode(format!("{client_id}:{client_secret}")),
             tokens: Mutex::new(HashMap::new()),
             calls: AtomicU64::new(0),
             latency_ms: AtomicU64::new(0),
             fail_status: AtomicU64::new(0),
+            error_ppm: AtomicU64::new(0),
+            injected_errors: AtomicU64::new(0),
+            resolver: Mutex::new(None),
         });
-        let app = Router::new().route("/introspect", post(introspect)).with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let app = Router::new()
+            .route("/introspect", post(introspect))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let until = stop.clone().cancelled_owned();
-        tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(until).await });
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(until)
+                .await
+        });
         Ok(DevProvider { addr, state, stop })
     }
 
@@ -71,11 +105,12 @@ impl DevProvider {
     }
 
     /// Registers `token` with these introspection claims (`active` defaults to true).
-    pub fn insert(&self, token: &str, mut claims: Value) {
-        if let Some(map) = claims.as_object_mut() {
-            map.entry("active").or_insert(Value::Bool(true));
-        }
-        self.state.tokens.lock().expect("token table").insert(token.to_owned(), claims);
+    pub fn insert(&self, token: &str, claims: Value) {
+        self.state
+            .tokens
+            .lock()
+            .expect("token table")
+            .insert(token.to_owned(), active_by_default(claims));
     }
 
     /// Introspection calls answered so far (including failed ones).
@@ -85,12 +120,33 @@ impl DevProvider {
 
     /// Delays every answer by `latency` (to make concurrent requests overlap).
     pub fn set_latency(&self, latency: Duration) {
-        self.state.latency_ms.store(latency.as_millis() as u64, Ordering::SeqCst);
+        self.state
+            .latency_ms
+            .store(latency.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Makes every call answer HTTP `status` (0 restores normal answers).
     pub fn set_fail_status(&self, status: u16) {
-        self.state.fail_status.store(status.into(), Ordering::SeqCst);
+        self.state
+            .fail_status
+            .store(status.into(), Ordering::SeqCst);
+    }
+
+    /// Answers tokens missing from the table with `resolver`'s claims (`active` defaults to
+    /// true); a `None` from it means unknown (`{"active": false}`).
+    pub fn set_resolver(&self, resolver: Resolver) {
+        *self.state.resolver.lock().expect("resolver") = Some(resolver);
+    }
+
+    /// Makes a random `rate` (0.0..=1.0) of calls answer HTTP 503, as a flaky provider would.
+    pub fn set_error_rate(&self, rate: f64) {
+        let ppm = (rate.clamp(0.0, 1.0) * 1e6).round() as u64;
+        self.state.error_ppm.store(ppm, Ordering::SeqCst);
+    }
+
+    /// Calls answered HTTP 503 because of [`DevProvider::set_error_rate`] so far.
+    pub fn injected_errors(&self) -> u64 {
+        self.state.injected_errors.load(Ordering::SeqCst)
     }
 }
 
@@ -100,7 +156,11 @@ impl Drop for DevProvider {
     }
 }
 
-async fn introspect(State(state): State<Arc<ProviderState>>, headers: HeaderMap, Form(form): Form<IntrospectForm>) -> Response {
+async fn introspect(
+    State(state): State<Arc<ProviderState>>,
+    headers: HeaderMap,
+    Form(form): Form<IntrospectForm>,
+) -> Response {
     state.calls.fetch_add(1, Ordering::SeqCst);
     let latency = state.latency_ms.load(Ordering::SeqCst);
     if latency > 0 {
@@ -110,14 +170,43 @@ async fn introspect(State(state): State<Arc<ProviderState>>, headers: HeaderMap,
     if let Ok(status) = StatusCode::from_u16(fail) {
         return status.into_response();
     }
+    let error_ppm = state.error_ppm.load(Ordering::SeqCst);
+    if error_ppm > 0 && rand::random_range(0..1_000_000) < error_ppm {
+        state.injected_errors.fetch_add(1, Ordering::SeqCst);
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
     let authorised = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Basic "))
         .is_some_and(|b| b == state.basic);
     if !authorised {
-        return (StatusCode::UNAUTHORIZED, Json(json!({"error": "invalid_client"}))).into_response();
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "invalid_client"})),
+        )
+            .into_response();
     }
-    let claims = state.tokens.lock().expect("token table").get(&form.token).cloned();
+    let claims = state
+        .tokens
+        .lock()
+        .expect("token table")
+        .get(&form.token)
+        .cloned();
+    let claims = claims.or_else(|| resolve(&state, &form.token));
     Json(claims.unwrap_or_else(|| json!({"active": false}))).into_response()
+}
+
+fn resolve(state: &ProviderState, token: &str) -> Option<Value> {
+    // Cloned out so the resolver runs without the lock held.
+    let resolver = state.resolver.lock().expect("resolver").clone()?;
+    resolver(token).map(active_by_default)
+}
+
+/// Claims without an `active` member are active.
+fn active_by_default(mut claims: Value) -> Value {
+    if let Some(map) = claims.as_object_mut() {
+        map.entry("active").or_insert(Value::Bool(true));
+    }
+    claims
 }

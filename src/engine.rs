@@ -84,6 +84,15 @@ struct AuthRequest<'a> {
     deadline: Instant,
 }
 
+/// Why a flight produced no verdict; shared with its waiters, never cached.
+#[derive(Debug)]
+enum FlightError {
+    /// The provider could not answer (a log-safe message).
+    Unavailable(String),
+    /// The deadline of the request running the flight left no time for the provider call.
+    Deadline,
+}
+
 /// What the cluster-wide flight lock said.
 enum Coordination {
     /// This broker validates (and must unlock).
@@ -105,8 +114,8 @@ pub struct Engine {
     max_token_len: usize,
     /// Names this broker as the holder of a flight lock.
     owner: String,
-    /// False while Redis is failing, so an outage is logged once, not once per request.
-    redis_healthy: AtomicBool,
+    /// Logs each Redis outage once, not once per request.
+    redis_health: RedisHealth,
 }
 
 impl Engine {
@@ -124,7 +133,7 @@ impl Engine {
                 std::process::id(),
                 hex::encode(rand::random::<[u8; 6]>())
             ),
-            redis_healthy: AtomicBool::new(true),
+            redis_health: RedisHealth::default(),
         }
     }
 
@@ -225,17 +234,40 @@ impl Engine {
         // Whoever runs the flight records where its verdict came from; a request that finds
         // `None` afterwards waited on another request's flight.
         let mut source = None;
-        let result = self
+        let mut result = self
             .l1
             .get_or_load(key, self.load(&request, &mut source))
             .await;
+        // A flight is cut at the deadline of the request that started it; a waiter with time
+        // left starts a new one rather than share that refusal.
+        let cut = matches!(
+            result.as_ref().map_err(|e| &**e),
+            Err(FlightError::Deadline)
+        );
+        if cut
+            && source.is_none()
+            && deadline.saturating_duration_since(Instant::now()) >= MIN_PROVIDER_BUDGET
+        {
+            result = self
+                .l1
+                .get_or_load(key, self.load(&request, &mut source))
+                .await;
+        }
         let source = source.unwrap_or_else(|| {
             metrics::coalesced_waiter();
             Source::Provider
         });
-        match result {
-            Ok(v) => Outcome::from_verdict(v, source),
-            Err(why) => {
+        match result.as_ref().map_err(|e| &**e) {
+            Ok(v) => Outcome::from_verdict(*v, source),
+            Err(FlightError::Deadline) => {
+                debug!(
+                    user,
+                    domain = domain_name,
+                    "refused: no time left for a provider call"
+                );
+                Outcome::local(Reason::DeadlineExceeded)
+            }
+            Err(FlightError::Unavailable(why)) => {
                 warn!(
                     user,
                     domain = domain_name,
@@ -256,7 +288,7 @@ impl Engine {
         &self,
         request: &AuthRequest<'_>,
         source: &mut Option<Source>,
-    ) -> Result<Verdict, String> {
+    ) -> Result<Verdict, FlightError> {
         let mut stale = self.l1.get_stale(&request.key).await;
         if let Some(v) = self.redis_verdict(&request.key).await {
             if v.is_fresh() {
@@ -269,10 +301,13 @@ impl Engine {
             return Ok(self.shared_verdict(request, v, source).await);
         }
         *source = Some(Source::Provider);
-        let validation = self.ask_provider(request).await;
-        let decided = request
-            .domain
-            .decide(request.user, request.domain_name, validation);
+        let decided = match self.ask_provider(request).await {
+            Ok(validation) => request
+                .domain
+                .decide(request.user, request.domain_name, validation)
+                .map_err(FlightError::Unavailable),
+            Err(cut) => Err(cut),
+        };
         if let Ok(verdict) = &decided {
             info!(
                 user = request.user,
@@ -286,8 +321,8 @@ impl Engine {
         if let (Coordination::Hold, Some(redis)) = (&coordination, &self.redis) {
             self.redis_result("unlock", redis.unlock(&request.key).await);
         }
-        decided.or_else(|why| match stale {
-            Some(v) => {
+        decided.or_else(|e| match (e, stale) {
+            (FlightError::Unavailable(why), Some(v)) => {
                 warn!(
                     user = request.user,
                     domain = request.domain_name,
@@ -295,7 +330,7 @@ impl Engine {
                 );
                 Ok(v)
             }
-            None => Err(why),
+            (e, _) => Err(e),
         })
     }
 
@@ -313,7 +348,7 @@ impl Engine {
     }
 
     /// Calls the domain's validator, timed and counted.
-    async fn ask_provider(&self, request: &AuthRequest<'_>) -> Validation {
+    async fn ask_provider(&self, request: &AuthRequest<'_>) -> Result<Validation, FlightError> {
         let check = TokenCheck {
             user: request.user,
             domain: request.domain_name,
@@ -322,22 +357,17 @@ impl Engine {
         let started = Instant::now();
         let left = request.deadline.saturating_duration_since(started);
         if left < MIN_PROVIDER_BUDGET {
-            return Validation::Unavailable(format!(
-                "only {left:?} left before the request's deadline: no provider call started"
-            ));
+            return Err(FlightError::Deadline);
         }
-        let validation = match tokio::time::timeout(left, request.domain.validator.validate(check))
+        let validation = tokio::time::timeout(left, request.domain.validator.validate(check))
             .await
-        {
-            Ok(v) => v,
-            Err(_) => Validation::Unavailable("provider call cut at the request's deadline".into()),
-        };
+            .map_err(|_| FlightError::Deadline)?;
         metrics::provider_call(
             request.domain.validator.kind(),
             &validation,
             started.elapsed(),
         );
-        validation
+        Ok(validation)
     }
 
     /// A verdict from Redis, fresh or stale-but-usable; `None` on a miss or a Redis error.
@@ -468,19 +498,74 @@ impl Engine {
     fn redis_result<T>(&self, what: &'static str, result: redis::RedisResult<T>) -> Option<T> {
         match result {
             Ok(v) => {
-                if !self.redis_healthy.swap(true, Ordering::Relaxed) {
-                    info!("Redis is reachable again; sharing verdicts");
-                }
+                self.redis_health.recovered(what);
                 Some(v)
             }
             Err(e) => {
                 metrics::redis_error(what);
-                if self.redis_healthy.swap(false, Ordering::Relaxed) {
-                    warn!(kind = ?e.kind(), "Redis {what} failed, serving from the in-process cache and the provider until it is back: {e}");
-                } else {
-                    debug!(kind = ?e.kind(), "Redis {what} failed again");
-                }
+                self.redis_health.failed(what, &e);
                 None
+            }
+        }
+    }
+}
+
+/// What is known to fail in Redis, so each outage is logged (and shown in
+/// `extauth_redis_up`) once. A lost connection affects everything; a server that refuses writes
+/// (full, read-only) still answers reads, so reads and writes are tracked apart.
+struct RedisHealth {
+    connection: AtomicBool,
+    reads: AtomicBool,
+    writes: AtomicBool,
+}
+
+impl Default for RedisHealth {
+    fn default() -> Self {
+        RedisHealth {
+            connection: AtomicBool::new(true),
+            reads: AtomicBool::new(true),
+            writes: AtomicBool::new(true),
+        }
+    }
+}
+
+impl RedisHealth {
+    /// The flag an operation's server-side failures belong to; `None` for one whose success
+    /// proves nothing about its class (a `DEL` works on a full Redis).
+    fn class(&self, what: &str) -> Option<(&'static str, &AtomicBool)> {
+        match what {
+            "unlock" => None,
+            "write" | "seen write" | "lock" => Some(("write", &self.writes)),
+            _ => Some(("read", &self.reads)),
+        }
+    }
+
+    fn failed(&self, what: &'static str, e: &redis::RedisError) {
+        let connection_lost = e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal();
+        let (class, flag) = match (connection_lost, self.class(what)) {
+            (false, Some(class)) => class,
+            _ => ("connection", &self.connection),
+        };
+        if flag.swap(false, Ordering::Relaxed) {
+            metrics::redis_up(class, false);
+            warn!(kind = ?e.kind(), "Redis {what} failed, serving from the in-process cache and the provider until it is back: {e}");
+        } else {
+            debug!(kind = ?e.kind(), "Redis {what} failed again");
+        }
+    }
+
+    fn recovered(&self, what: &str) {
+        if !self.connection.swap(true, Ordering::Relaxed) {
+            metrics::redis_up("connection", true);
+            info!("Redis is reachable again; sharing verdicts");
+        }
+        if let Some((class, flag)) = self.class(what) {
+            if !flag.swap(true, Ordering::Relaxed) {
+                metrics::redis_up(class, true);
+                info!("Redis {class}s work again");
             }
         }
     }

@@ -31,6 +31,8 @@ pub mod engine;
 #[cfg(feature = "broker")]
 pub mod listener;
 #[cfg(feature = "broker")]
+pub mod load;
+#[cfg(feature = "broker")]
 pub mod metrics;
 #[cfg(feature = "broker")]
 pub mod ops;

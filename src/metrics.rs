@@ -14,6 +14,7 @@
 //! | `extauth_provider_calls_total` | counter | `validator`, `outcome` (`valid`, `invalid`, `unavailable`) |
 //! | `extauth_provider_duration_seconds` | histogram | `validator` |
 //! | `extauth_redis_errors_total` | counter | `op` |
+//! | `extauth_redis_up` | gauge | `op` (`connection`, `read`, `write`; 0 during an outage, set on changes) |
 //! | `extauth_connections_open` | gauge | |
 //! | `extauth_peers_refused_total` | counter | |
 //! | `extauth_circuit_open` | gauge | `validator` (1 open, 0 closed) |
@@ -100,6 +101,11 @@ pub fn redis_error(op: &'static str) {
 /// Counts a connection refused before any request (peer credentials, TLS).
 pub fn peer_refused() {
     counter!("extauth_peers_refused_total").increment(1);
+}
+
+/// Records whether the Redis connection, reads or writes (`op`) work, as a 1/0 gauge.
+pub fn redis_up(op: &'static str, up: bool) {
+    gauge!("extauth_redis_up", "op" => op).set(if up { 1.0 } else { 0.0 });
 }
 
 /// Tracks open shim connections.

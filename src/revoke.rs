@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use moka::future::Cache;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::cache::{Key, KeyDeriver, L1};
 use crate::domain::normalise_localpart;
@@ -257,31 +257,34 @@ pub async fn run_cli(args: crate::config::RevokeArgs) -> anyhow::Result<()> {
 /// generation, since messages may have been missed.
 pub async fn listen(redis: Redis, generations: std::sync::Arc<Generations>, l1: L1) {
     let mut first = true;
+    // Logged once per outage: the first failure warns, the retries (every second) do not.
+    let mut down = false;
     loop {
-        match pubsub(&redis).await {
-            Ok(mut pubsub) => match pubsub.subscribe(REVOKE_CHANNEL).await {
-                Ok(()) => {
-                    if !first {
-                        info!("revocation channel back; dropping in-process verdicts that may have missed a revocation");
-                        l1.invalidate_all();
-                        generations.forget_cached();
-                    }
-                    first = false;
-                    let mut messages = pubsub.on_message();
-                    while let Some(msg) = messages.next().await {
-                        if let Ok(text) = msg.get_payload::<String>() {
-                            apply(&text, &generations, &l1).await;
-                        }
-                    }
-                    warn!("revocation channel closed; re-subscribing");
-                }
-                Err(e) => warn!("subscribing to revocations failed: {e}"),
-            },
-            Err(e) => {
+        let subscribed = match pubsub(&redis).await {
+            Ok(mut pubsub) => pubsub.subscribe(REVOKE_CHANNEL).await.map(|()| pubsub),
+            Err(e) => Err(e),
+        };
+        match subscribed {
+            Ok(mut pubsub) => {
                 if !first {
-                    warn!("revocation channel unavailable: {e}");
+                    info!("revocation channel back; dropping in-process verdicts that may have missed a revocation");
+                    l1.invalidate_all();
+                    generations.forget_cached();
                 }
+                (first, down) = (false, false);
+                let mut messages = pubsub.on_message();
+                while let Some(msg) = messages.next().await {
+                    if let Ok(text) = msg.get_payload::<String>() {
+                        apply(&text, &generations, &l1).await;
+                    }
+                }
+                debug!("revocation channel closed; re-subscribing");
             }
+            Err(e) if !down && !first => {
+                warn!("revocation channel unavailable, retrying every second: {e}");
+                down = true;
+            }
+            Err(e) => debug!("revocation channel still unavailable: {e}"),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

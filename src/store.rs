@@ -9,6 +9,7 @@
 //! `extauth:v1:seen:<hex>`, `extauth:v1:gen:<hex>`, `extauth:v1:lock:<hex>`; channel
 //! `extauth:v1:revoke`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,6 +62,54 @@ pub struct RedisConfig {
 #[derive(Clone)]
 pub struct Redis {
     backend: Backend,
+    gate: Arc<Gate>,
+}
+
+/// After a connection-level failure, Redis is skipped for [`RETRY_AFTER`] (one probe call is let
+/// through per period), so a hung or dead Redis costs a login at most one timeout per period
+/// instead of one per command.
+#[derive(Default)]
+struct Gate {
+    /// Before this instant (ms since the epoch) calls are skipped; 0 = Redis is up.
+    closed_until_ms: AtomicU64,
+}
+
+/// How long Redis is skipped after a connection-level failure.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+impl Gate {
+    /// May a call go to Redis now? While closed, the first caller after each period probes.
+    fn admit(&self) -> bool {
+        let until = self.closed_until_ms.load(Ordering::Acquire);
+        let now = now_ms();
+        if until == 0 {
+            return true;
+        }
+        until <= now
+            && self
+                .closed_until_ms
+                .compare_exchange(
+                    until,
+                    now + RETRY_AFTER.as_millis() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+    }
+
+    fn record<T>(&self, result: &RedisResult<T>) {
+        match result {
+            Err(e) if is_connection_error(e) => self
+                .closed_until_ms
+                .store(now_ms() + RETRY_AFTER.as_millis() as u64, Ordering::Release),
+            // A server answer (even an error such as OOM or READONLY) proves the connection.
+            _ => self.closed_until_ms.store(0, Ordering::Release),
+        }
+    }
+}
+
+fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal()
 }
 
 #[derive(Clone)]
@@ -124,11 +173,27 @@ impl Redis {
                 }
             }
         };
-        Ok(Redis { backend })
+        Ok(Redis {
+            backend,
+            gate: Arc::default(),
+        })
     }
 
     /// Runs one command.
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> RedisResult<T> {
+        if !self.gate.admit() {
+            return Err((
+                redis::ErrorKind::Io,
+                "Redis skipped: it failed within the last second",
+            )
+                .into());
+        }
+        let result = self.send(cmd).await;
+        self.gate.record(&result);
+        result
+    }
+
+    async fn send<T: FromRedisValue>(&self, cmd: &Cmd) -> RedisResult<T> {
         match &self.backend {
             Backend::Standalone { conn, .. } => cmd.query_async(&mut conn.clone()).await,
             Backend::Cluster { conn, .. } => cmd.query_async(&mut conn.clone()).await,
@@ -136,12 +201,7 @@ impl Redis {
                 let mut conn = sentinel_master(sentinel, master).await?.1;
                 let result = cmd.query_async(&mut conn).await;
                 if let Err(e) = &result {
-                    if e.is_io_error()
-                        || e.is_connection_dropped()
-                        || e.is_timeout()
-                        || e.code() == Some("READONLY")
-                        || e.is_connection_refusal()
-                    {
+                    if is_connection_error(e) || e.code() == Some("READONLY") {
                         // The master may have moved: ask the sentinels again next time.
                         master.lock().await.take();
                     }

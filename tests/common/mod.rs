@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod ejabberd;
+pub mod faults;
 pub mod services;
 pub mod tokens;
 pub mod wire_client;

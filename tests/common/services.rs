@@ -74,13 +74,19 @@ pub struct Provider {
 impl Provider {
     /// Starts the provider on a free loopback port.
     pub fn start() -> Provider {
+        Provider::start_at("127.0.0.1:0")
+    }
+
+    /// Starts the provider on `addr` (e.g. a port a broker already points at, to end a
+    /// "connection refused" outage).
+    pub fn start_at(addr: &str) -> Provider {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
         let inner = rt
-            .block_on(DevProvider::start(CLIENT_ID, CLIENT_SECRET))
+            .block_on(DevProvider::start_at(addr, CLIENT_ID, CLIENT_SECRET))
             .unwrap();
         Provider { inner, _rt: rt }
     }
@@ -119,6 +125,8 @@ pub struct Redis {
     child: Child,
     pub port: u16,
     _dir: TempDir,
+    /// The `extra` arguments it was started with (a restart uses them again).
+    extra: Vec<String>,
 }
 
 impl Redis {
@@ -130,7 +138,20 @@ impl Redis {
     pub fn start_with(extra: &[&str]) -> Redis {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let child = Command::new("redis-server")
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let child = Redis::spawn(port, dir.path(), &extra);
+        let redis = Redis {
+            child,
+            port,
+            _dir: dir,
+            extra,
+        };
+        redis.wait_ready();
+        redis
+    }
+
+    fn spawn(port: u16, dir: &Path, extra: &[String]) -> Child {
+        Command::new("redis-server")
             .args([
                 "--port",
                 &port.to_string(),
@@ -142,20 +163,32 @@ impl Redis {
                 "no",
             ])
             .arg("--dir")
-            .arg(dir.path())
+            .arg(dir)
             .args(extra)
             .stdout(Stdio::null())
             .spawn()
-            .expect("redis-server must be installed (apt-get install redis-server)");
-        let redis = Redis {
-            child,
-            port,
-            _dir: dir,
-        };
+            .expect("redis-server must be installed (apt-get install redis-server)")
+    }
+
+    fn wait_ready(&self) {
         wait_until(Duration::from_secs(10), "redis-server", || {
-            redis.command(&["PING"]).is_ok_and(|r| r == "+PONG")
+            self.command(&["PING"]).is_ok_and(|r| r == "+PONG")
         });
-        redis
+    }
+
+    /// Kills the server (SIGKILL) and waits for it: clients see their connections drop and new
+    /// ones refused.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port and directory (empty: nothing is persisted),
+    /// with the same arguments; kills it first if it still runs.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Redis::spawn(self.port, self._dir.path(), &self.extra);
+        self.wait_ready();
     }
 
     pub fn url(&self) -> String {
@@ -384,6 +417,28 @@ impl Shim {
     pub fn ask(&mut self, request: &str) -> bool {
         self.send(request.as_bytes());
         self.reply()
+    }
+
+    /// Like [`Shim::ask`], but a shim that exited (or wrote anything but a reply) is an error
+    /// instead of a panic, so a load thread can report it.
+    pub fn try_ask(&mut self, request: &str) -> std::io::Result<bool> {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(&frame(request.as_bytes()))?;
+        stdin.flush()?;
+        let mut answer = [0u8; 4];
+        self.stdout.read_exact(&mut answer)?;
+        match answer {
+            a if a == reply(true) => Ok(true),
+            a if a == reply(false) => Ok(false),
+            other => Err(std::io::Error::other(format!(
+                "not an extauth reply: {other:?}"
+            ))),
+        }
+    }
+
+    /// Has the process exited (without being waited for by [`Shim::finish`])?
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
     }
 
     /// Closes stdin and returns everything left on stdout and the exit status.

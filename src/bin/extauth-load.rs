@@ -1,0 +1,85 @@
+//! `extauth-load`: load-test harness for extauth-broker (see docs/benchmarks.md and
+//! `extauth-load --help`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use extauth_broker::load::{self, cli::LoadArgs};
+
+/// Drives extauth-broker the way a clustered ejabberd does (real extauth-shim processes, or
+/// straight over the wire protocol, or any extauth program), with a built-in mock OAuth provider,
+/// and reports throughput, latency percentiles, verdicts and provider calls.
+#[derive(Parser)]
+#[command(name = "extauth-load", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: LoadArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a load test (the default).
+    Run(Box<LoadArgs>),
+    /// A trivial extauth program that accepts everything: the floor for `--via program`.
+    Echo,
+    /// A broker that accepts every request without any work, on a Unix socket (what --floor
+    /// starts).
+    FloorBroker {
+        /// Socket path.
+        socket: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Command::Echo) => return exit(load::floor::echo().map_err(Into::into)),
+        Some(Command::FloorBroker { socket }) => {
+            return exit(runtime().and_then(|rt| rt.block_on(load::floor::serve_floor(&socket))))
+        }
+        Some(Command::Run(args)) => *args,
+        None => cli.run,
+    };
+    let report = match runtime().and_then(|rt| rt.block_on(load::run(&args))) {
+        Ok(report) => report,
+        Err(e) => return exit(Err(e)),
+    };
+    println!("{report}");
+    let written = args
+        .json
+        .as_deref()
+        .map(|p| report.write_json(p))
+        .transpose()
+        .and_then(|_| {
+            args.plot
+                .as_deref()
+                .map(|p| load::plot::draw(&report, p))
+                .transpose()
+        });
+    if let Err(e) = written {
+        return exit(Err(e));
+    }
+    if !report.passed() {
+        eprintln!("extauth-load: FAILED: wrong verdicts or broken lanes (see above)");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Runtime::new()?)
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("extauth-load: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

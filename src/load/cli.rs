@@ -1,0 +1,251 @@
+//! Command-line options of `extauth-load` (see `extauth-load --help` and docs/benchmarks.md).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+/// The workload: which tokens are sent, and what the right answer to each is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScenarioKind {
+    /// `--tokens` valid tokens, each validated once in a warm-up, then requested round-robin:
+    /// the cached path.
+    Hot,
+    /// Every request carries a token never seen before: one provider call each.
+    Cold,
+    /// Rounds of one new token sent by every lane at once (herd size = lanes).
+    Herd,
+    /// Zipf-distributed picks among `--tokens` tokens, `--invalid-pct` of them unknown to the
+    /// provider and `--foreign-pct` presented by another user.
+    Mixed,
+    /// `--tokens` tokens whose `exp` passes `--expire-after` seconds into the run.
+    Expiry,
+}
+
+/// How requests reach the system under test.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// `--nodes` x `--pool-size` real extauth-shim processes, as ejabberd runs them.
+    Shim,
+    /// Straight to the broker over the wire protocol: `--connections` x `--depth` requests in
+    /// flight.
+    Wire,
+    /// Any extauth program over stdio (run with `sh -c`), `--nodes` x `--pool-size` copies.
+    Program(String),
+}
+
+/// Options of a load run.
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// Workload.
+    #[arg(long, value_enum, default_value = "hot")]
+    pub scenario: ScenarioKind,
+
+    /// `shim`, `wire`, or `program 'CMD ...'` (any extauth program, started with `sh -c`; it gets
+    /// EXTAUTH_INTROSPECTION_URL, EXTAUTH_CLIENT_ID, EXTAUTH_CLIENT_SECRET and EXTAUTH_BROKER).
+    #[arg(long, num_args = 1..=2, value_names = ["KIND", "CMD"], default_values = ["shim"])]
+    pub via: Vec<String>,
+
+    /// ejabberd nodes to play (shim and program modes).
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+
+    /// extauth programs per node (`extauth_pool_size`), each with one request in flight.
+    #[arg(long, default_value_t = 8)]
+    pub pool_size: usize,
+
+    /// Wire mode: connections to the broker(s).
+    #[arg(long, default_value_t = 2)]
+    pub connections: usize,
+
+    /// Wire mode: requests in flight per connection (pipelining depth).
+    #[arg(long, default_value_t = 64)]
+    pub depth: usize,
+
+    /// The extauth-shim binary [default: next to this executable].
+    #[arg(long)]
+    pub shim: Option<PathBuf>,
+
+    /// Stop sending after this many seconds [default: 10 unless --requests is given].
+    #[arg(long, value_parser = seconds)]
+    pub duration: Option<Duration>,
+
+    /// Stop after this many measured requests (whichever of --duration and --requests comes first).
+    #[arg(long)]
+    pub requests: Option<u64>,
+
+    /// Open loop: send this many requests per second whatever the answers' pace, and measure
+    /// latency from each request's intended send time (no coordinated omission).
+    /// Without it: closed loop, each lane sends its next request when the last is answered.
+    #[arg(long)]
+    pub rate: Option<f64>,
+
+    /// Distinct tokens (hot, mixed, expiry); also distinct users for cold and herd.
+    #[arg(long, default_value_t = 1000)]
+    pub tokens: u64,
+
+    /// Mixed: Zipf exponent of token popularity.
+    #[arg(long, default_value_t = 1.0)]
+    pub zipf: f64,
+
+    /// Mixed: percentage of requests with a token the provider does not know.
+    #[arg(long, default_value_t = 5.0)]
+    pub invalid_pct: f64,
+
+    /// Mixed: percentage of requests presenting another user's valid token.
+    #[arg(long, default_value_t = 5.0)]
+    pub foreign_pct: f64,
+
+    /// Expiry: seconds from the start until every token's `exp` passes.
+    #[arg(long, default_value_t = 2)]
+    pub expire_after: u64,
+
+    /// Mock provider: delay before every answer, milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub provider_latency: u64,
+
+    /// Mock provider: fraction (0..1) of calls answered HTTP 503.
+    #[arg(long, default_value_t = 0.0)]
+    pub provider_error_rate: f64,
+
+    /// Mock provider: listen here (e.g. 127.0.0.1:8089) instead of a free port, so a broker you
+    /// start yourself can use it (--client-id extauth-load, same EXTAUTH_CLIENT_SECRET).
+    #[arg(long)]
+    pub provider_listen: Option<String>,
+
+    /// Target running broker(s) (`unix:/path`, `tcp:HOST:PORT`) instead of starting them.
+    #[arg(long, value_delimiter = ',')]
+    pub broker: Vec<String>,
+
+    /// Brokers to start (shims and connections are spread over them); give --redis to share.
+    #[arg(long, default_value_t = 1)]
+    pub brokers: usize,
+
+    /// Started brokers use this Redis (L1 only without it).
+    #[arg(long)]
+    pub redis: Option<String>,
+
+    /// The extauth-broker binary [default: next to this executable].
+    #[arg(long)]
+    pub broker_bin: Option<PathBuf>,
+
+    /// Extra argument for started brokers (repeatable), e.g. --broker-arg=--max-ttl=60.
+    #[arg(long = "broker-arg", allow_hyphen_values = true)]
+    pub broker_args: Vec<String>,
+
+    /// Start the floor instead of the broker: a relay endpoint that accepts every request
+    /// without any work (the cost of shim + socket + wire protocol). Implies --no-verify.
+    #[arg(long)]
+    pub floor: bool,
+
+    /// Do not check verdicts (for floors and echo programs, which accept everything).
+    #[arg(long)]
+    pub no_verify: bool,
+
+    /// XMPP domain of every request.
+    #[arg(long, default_value = "localhost")]
+    pub domain: String,
+
+    /// Seed of the mixed scenario's random picks [default: random].
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+
+    /// Draw latency percentiles and throughput over time into this SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl LoadArgs {
+    /// The parsed `--via`.
+    ///
+    /// # Errors
+    /// An unknown kind, or `program` without its command.
+    pub fn via(&self) -> Result<Via> {
+        match self.via.as_slice() {
+            [kind] if kind == "shim" => Ok(Via::Shim),
+            [kind] if kind == "wire" => Ok(Via::Wire),
+            [kind, cmd] if kind == "program" && !cmd.trim().is_empty() => {
+                Ok(Via::Program(cmd.clone()))
+            }
+            [kind] if kind == "program" => {
+                bail!("--via program needs the command: --via program 'CMD ARGS'")
+            }
+            other => bail!("--via {other:?}: want shim, wire, or program 'CMD ...'"),
+        }
+    }
+
+    /// Requests in flight at once: one per extauth program, or connections x depth.
+    pub fn lanes(&self, via: &Via) -> usize {
+        match via {
+            Via::Wire => self.connections * self.depth,
+            Via::Shim | Via::Program(_) => self.nodes * self.pool_size,
+        }
+    }
+
+    /// Whether verdicts are checked against what the harness knows about each token.
+    pub fn verify(&self) -> bool {
+        !(self.floor || self.no_verify)
+    }
+
+    /// The run length when neither limit is given: 10 s.
+    pub fn duration_or_default(&self) -> Option<Duration> {
+        match (self.duration, self.requests) {
+            (None, None) => Some(Duration::from_secs(10)),
+            (d, _) => d,
+        }
+    }
+
+    /// Checks combinations clap cannot.
+    ///
+    /// # Errors
+    /// A message naming the bad option.
+    pub fn check(&self, via: &Via) -> Result<()> {
+        if self.lanes(via) == 0 {
+            bail!("no lanes: --nodes, --pool-size, --connections and --depth must be at least 1");
+        }
+        if self.tokens == 0 {
+            bail!("--tokens must be at least 1");
+        }
+        if self.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+            bail!("--rate must be a positive number of requests per second");
+        }
+        if self.scenario == ScenarioKind::Herd && self.rate.is_some() {
+            bail!("herd sends rounds (every lane at once); --rate does not apply");
+        }
+        if !(0.0..=1.0).contains(&self.provider_error_rate) {
+            bail!("--provider-error-rate is a fraction between 0 and 1");
+        }
+        if self.invalid_pct < 0.0
+            || self.foreign_pct < 0.0
+            || self.invalid_pct + self.foreign_pct > 100.0
+        {
+            bail!("--invalid-pct and --foreign-pct must be >= 0 and add up to at most 100");
+        }
+        if !self.broker.is_empty() && (self.floor || self.redis.is_some()) {
+            bail!(
+                "--broker targets running brokers: --floor and --redis apply to started ones only"
+            );
+        }
+        Ok(())
+    }
+}
+
+fn seconds(text: &str) -> Result<Duration, String> {
+    text.trim_end_matches('s')
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("want a positive number of seconds, got {text:?}"))
+}

@@ -1,0 +1,299 @@
+//! The result of a run: a table for people, JSON for machines.
+
+use std::fmt::{self, Display};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use super::cli::ScenarioKind;
+use super::services::Rss;
+use super::stats::{Counts, Tally, BUCKET};
+
+/// Latency summary, microseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Largest.
+    pub max: f64,
+    /// Mean.
+    pub mean: f64,
+}
+
+/// Everything a run measured. Latencies are microseconds, rates per second, memory KiB.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The workload.
+    pub scenario: ScenarioKind,
+    /// How requests travelled, e.g. `shim 2x8` or `wire 2x64`.
+    pub via: String,
+    /// Requests in flight at most.
+    pub lanes: usize,
+    /// `closed`, `open` or `rounds`.
+    pub pace: String,
+    /// Open loop: requests per second asked for.
+    pub rate: Option<f64>,
+    /// Brokers the lanes were spread over (`floor` runs count their floors).
+    pub brokers: usize,
+    /// Whether the brokers were floors (no work at all).
+    pub floor: bool,
+    /// Measured time from the first send to the last answer, seconds.
+    pub duration_s: f64,
+    /// Measured requests answered.
+    pub answered: u64,
+    /// Open loop: requests scheduled but never answered (the run ended first).
+    pub unanswered: u64,
+    /// Answers per second.
+    pub throughput: f64,
+    /// Latency of answered requests (open loop: from the intended send time).
+    pub latency_us: Latency,
+    /// Verdicts and errors.
+    pub counts: Counts,
+    /// Whether verdicts were checked.
+    pub verified: bool,
+    /// Wrong verdicts (must be 0); `None` when verdicts were not checked.
+    pub wrong_verdicts: Option<u64>,
+    /// auth requests sent before measuring (hot's warm-up).
+    pub warmup_requests: u64,
+    /// Calls the mock provider answered (warm-up included).
+    pub provider_calls: u64,
+    /// Of which answered HTTP 503 by `--provider-error-rate`.
+    pub provider_errors: u64,
+    /// Calls a correct broker makes: one per distinct (user, token) sent; `None` when provider
+    /// errors (never cached) or an unchecked floor make it unknowable.
+    pub expected_provider_calls: Option<u64>,
+    /// auth requests (warm-up included) per provider call.
+    pub dedup_ratio: Option<f64>,
+    /// Resident memory of each started broker at the end of the run, and its peak.
+    pub broker_rss: Vec<Rss>,
+    /// CPU time the started brokers used while measuring, seconds (10 ms resolution).
+    pub broker_cpu_s: Option<f64>,
+    /// Broker CPU time per answered request, microseconds: what an auth costs the broker
+    /// whoever else shares the cores (2 cores / this = the broker's capacity on 2 free cores).
+    pub broker_cpu_us_per_auth: Option<f64>,
+    /// Largest peak resident memory among the extauth programs.
+    pub program_peak_rss_kib: Option<u64>,
+    /// `(percentile, latency in µs)` points of the latency distribution.
+    pub percentiles: Vec<(f64, f64)>,
+    /// Answers per second in each whole 100 ms bucket of the run.
+    pub timeline: Vec<f64>,
+}
+
+/// What the run knew besides its tally.
+pub struct RunFacts {
+    /// See [`Report::scenario`].
+    pub scenario: ScenarioKind,
+    /// See [`Report::via`].
+    pub via: String,
+    /// See [`Report::lanes`].
+    pub lanes: usize,
+    /// See [`Report::rate`]; `rounds` marks a herd.
+    pub rate: Option<f64>,
+    /// Herd rounds?
+    pub rounds: bool,
+    /// See [`Report::brokers`].
+    pub brokers: usize,
+    /// See [`Report::floor`].
+    pub floor: bool,
+    /// See [`Report::verified`].
+    pub verified: bool,
+    /// Measured time.
+    pub elapsed: Duration,
+    /// Open loop: requests scheduled.
+    pub scheduled: Option<u64>,
+    /// See [`Report::warmup_requests`].
+    pub warmup_requests: u64,
+    /// See [`Report::provider_calls`].
+    pub provider_calls: u64,
+    /// See [`Report::provider_errors`].
+    pub provider_errors: u64,
+    /// Whether provider errors were injected.
+    pub errors_injected: bool,
+    /// See [`Report::broker_rss`].
+    pub broker_rss: Vec<Rss>,
+    /// CPU time of the started brokers while measuring (`None` when targeting running ones).
+    pub broker_cpu: Option<Duration>,
+    /// See [`Report::program_peak_rss_kib`].
+    pub program_peak_rss_kib: Option<u64>,
+}
+
+impl Report {
+    /// Summarises `tally`.
+    pub fn new(tally: &Tally, facts: RunFacts) -> Report {
+        let h = &tally.latency;
+        let us = |ns: u64| ns as f64 / 1000.0;
+        let answered = tally.counts.answered();
+        let secs = facts.elapsed.as_secs_f64().max(1e-9);
+        let auths = answered + facts.warmup_requests;
+        let exact = facts.verified && !facts.errors_injected;
+        Report {
+            scenario: facts.scenario,
+            via: facts.via,
+            lanes: facts.lanes,
+            pace: match (facts.rounds, facts.rate) {
+                (true, _) => "rounds",
+                (false, Some(_)) => "open",
+                (false, None) => "closed",
+            }
+            .into(),
+            rate: facts.rate,
+            brokers: facts.brokers,
+            floor: facts.floor,
+            duration_s: secs,
+            answered,
+            unanswered: facts
+                .scheduled
+                .map_or(0, |s| s.saturating_sub(answered + tally.counts.errors)),
+            throughput: answered as f64 / secs,
+            latency_us: Latency {
+                p50: us(h.value_at_quantile(0.5)),
+                p90: us(h.value_at_quantile(0.9)),
+                p99: us(h.value_at_quantile(0.99)),
+                p999: us(h.value_at_quantile(0.999)),
+                max: us(h.max()),
+                mean: h.mean() / 1000.0,
+            },
+            counts: tally.counts,
+            verified: facts.verified,
+            wrong_verdicts: facts.verified.then(|| tally.counts.wrong()),
+            warmup_requests: facts.warmup_requests,
+            provider_calls: facts.provider_calls,
+            provider_errors: facts.provider_errors,
+            expected_provider_calls: exact.then_some(tally.keys.len() as u64),
+            dedup_ratio: (facts.provider_calls > 0 && !facts.floor)
+                .then(|| auths as f64 / facts.provider_calls as f64),
+            broker_rss: facts.broker_rss,
+            broker_cpu_s: facts.broker_cpu.map(|c| c.as_secs_f64()),
+            broker_cpu_us_per_auth: facts
+                .broker_cpu
+                .filter(|_| answered > 0)
+                .map(|c| c.as_secs_f64() * 1e6 / answered as f64),
+            program_peak_rss_kib: facts.program_peak_rss_kib,
+            percentiles: h
+                .iter_quantiles(4)
+                .map(|v| (v.quantile_iterated_to() * 100.0, us(v.value_iterated_to())))
+                .collect(),
+            // Whole buckets only: a last, partial one would show a false drop.
+            timeline: tally
+                .timeline
+                .iter()
+                .take((facts.elapsed.as_nanos() / BUCKET.as_nanos()).max(1) as usize)
+                .map(|&n| n as f64 / BUCKET.as_secs_f64())
+                .collect(),
+        }
+    }
+
+    /// Whether the run found no fault: no wrong verdict and no broken lane.
+    pub fn passed(&self) -> bool {
+        self.wrong_verdicts.unwrap_or(0) == 0 && self.counts.errors == 0
+    }
+
+    /// Writes the report as pretty JSON.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+impl Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let target = if self.floor { "floor" } else { "broker" };
+        let pace = match (self.rate, self.pace.as_str()) {
+            (Some(rate), _) => format!("open loop at {rate} req/s"),
+            (None, "rounds") => "herd rounds".to_owned(),
+            (None, _) => "closed loop".to_owned(),
+        };
+        writeln!(
+            f,
+            "scenario {:?} via {} ({} lanes), {pace}, {} {target}(s)",
+            self.scenario, self.via, self.lanes, self.brokers
+        )?;
+        writeln!(
+            f,
+            "  {:<18} {} in {:.2} s = {:.0} auth/s",
+            "answered", self.answered, self.duration_s, self.throughput
+        )?;
+        if self.unanswered > 0 {
+            writeln!(
+                f,
+                "  {:<18} {} scheduled requests were never answered",
+                "unanswered", self.unanswered
+            )?;
+        }
+        let l = self.latency_us;
+        writeln!(
+            f,
+            "  {:<18} p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}",
+            "latency (us)", l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+        )?;
+        let c = self.counts;
+        let wrong = self
+            .wrong_verdicts
+            .map_or_else(|| "not checked".to_owned(), |w| w.to_string());
+        writeln!(
+            f,
+            "  {:<18} accepts {}  rejects {}  wrong {wrong}",
+            "verdicts", c.accepts, c.rejects
+        )?;
+        if c.either + c.upstream_refusals + c.errors > 0 {
+            writeln!(
+                f,
+                "  {:<18} at expiry {}  refused for provider errors {}  broken lanes {}",
+                "", c.either, c.upstream_refusals, c.errors
+            )?;
+        }
+        let expected = self.expected_provider_calls.map_or_else(String::new, |e| {
+            let mark = if e == self.provider_calls {
+                ""
+            } else {
+                ", NOT what was made"
+            };
+            format!(" (one per distinct login: {e}{mark})")
+        });
+        let dedup = self
+            .dedup_ratio
+            .map_or_else(String::new, |d| format!(", {d:.1} auth requests per call"));
+        writeln!(
+            f,
+            "  {:<18} calls {}{expected}, of which failed {}{dedup}",
+            "provider", self.provider_calls, self.provider_errors
+        )?;
+        let mib = |k: u64| format!("{:.1} MiB", k as f64 / 1024.0);
+        let brokers: Vec<String> = self
+            .broker_rss
+            .iter()
+            .map(|r| format!("{} (peak {})", mib(r.now_kib), mib(r.peak_kib)))
+            .collect();
+        let brokers = if brokers.is_empty() {
+            "-".to_owned()
+        } else {
+            brokers.join(", ")
+        };
+        let programs = self
+            .program_peak_rss_kib
+            .map_or_else(|| "-".to_owned(), mib);
+        if let (Some(cpu), Some(per_auth)) = (self.broker_cpu_s, self.broker_cpu_us_per_auth) {
+            writeln!(
+                f,
+                "  {:<18} {target} {cpu:.2} s = {per_auth:.2} us per answer",
+                "CPU"
+            )?;
+        }
+        write!(
+            f,
+            "  {:<18} {target} {brokers}; largest extauth program peak {programs}",
+            "RSS"
+        )
+    }
+}
