@@ -492,3 +492,51 @@ fn check_config_prints_the_effective_settings_without_secrets() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_tll"));
 }
+
+#[test]
+fn started_as_root_it_binds_then_drops_to_the_given_user() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    let provider = Provider::start();
+    let alice = token("alice");
+    provider.insert(&alice, json!({"username": "alice"}));
+    let mut spec = common::services::BrokerSpec::new(&provider);
+    spec.extra = vec![
+        "--user".into(),
+        "nobody".into(),
+        "--group".into(),
+        "nogroup".into(),
+    ];
+    let broker = common::services::Broker::start(&spec);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", broker.pid())).unwrap();
+    let ids = |field: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .unwrap()
+            .split_whitespace()
+            .skip(1)
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids("Uid:"),
+        vec!["65534"; 4],
+        "real, effective, saved and fs uid"
+    );
+    assert_eq!(ids("Gid:"), vec!["65534"; 4]);
+    assert_eq!(ids("Groups:"), vec!["65534"], "no supplementary group left");
+    let meta = std::fs::metadata(&broker.socket).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (65534, 65534),
+        "the socket belongs to the new user and group"
+    );
+    assert!(
+        Shim::spawn(&broker.addr(), 5.0, &[]).ask(&format!("auth:alice:example.com:{alice}")),
+        "serving after the drop"
+    );
+}
