@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::faults::http_get;
 use common::services::{
     broker_bin, free_port, token, wait_until, Provider, Shim, CLIENT_ID, CLIENT_SECRET,
 };
@@ -118,24 +119,6 @@ fn spawn_activated(
         });
     }
     cmd.spawn().unwrap()
-}
-
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    (
-        response[9..12].parse().unwrap(),
-        response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default(),
-    )
 }
 
 fn stop(child: &mut Child, signal: Signal) -> std::process::ExitStatus {
