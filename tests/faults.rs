@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::faults::{metrics_flags, probe, run_load, LoadReport, Metrics, Mix};
 use common::services::{free_port, token, wait_until, Broker, BrokerSpec, Provider, Redis, Shim};
 use common::wire_client;
-use extauth_broker::wire::{Reason, Response, Source};
+use extauth_broker::wire::{Reason, Response};
 use serde_json::json;
 
 /// Slack on top of a shim's deadline for "answered in time" bounds (process scheduling on a
