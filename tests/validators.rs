@@ -434,3 +434,64 @@ fn the_site_api_decides_by_status_and_json_pointer() {
     assert_eq!(idp.calls("/check/carol") + idp.calls("/check/dave"), 3);
     assert_no_token_logged(&broker, &["api-good", "form-good", "api-broken"]);
 }
+
+#[test]
+fn one_broker_serves_domains_with_different_validator_kinds() {
+    let idp = Idp::start();
+    serve_jwks(&idp, &["rsa-a"]);
+    let (userinfo_token, api_token) = ("opaque-userinfo-token-9d2", "site-api-token-41c");
+    let answer = |at: &str, token: &str, body: Value| {
+        Mock::given(path(at))
+            .and(header("authorization", format!("Bearer {token}").as_str()))
+            .respond_with(ResponseTemplate::new(200).set_body_json(body))
+    };
+    idp.mount(answer("/userinfo", userinfo_token, json!({"sub": "carol"})));
+    idp.mount(answer("/api/users/dave", api_token, json!({})));
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker(
+        &dir,
+        &format!(
+            "[domains.\"jwt.example\".validator]\nkind = \"jwt\"\njwks_url = \"{}\"\nrequire = {{ issuer = \"{ISSUER}\", audience = \"{AUDIENCE}\" }}\n\
+             [domains.\"oidc.example\".validator]\nkind = \"userinfo\"\nurl = \"{}\"\n\
+             [domains.\"site.example\".validator]\nkind = \"http\"\nurl = \"{}\"\n",
+            idp.url("/jwks"),
+            idp.url("/userinfo"),
+            idp.url("/api/users/{user}"),
+        ),
+    );
+    let mut shim = Shim::spawn(&broker.addr(), 5.0, &[]);
+    let jwt = rsa_a("bob", json!({}));
+    assert!(
+        auth(&mut shim, "bob", "jwt.example", &jwt),
+        "a JWT at the JWT domain"
+    );
+    assert!(
+        auth(&mut shim, "carol", "oidc.example", userinfo_token),
+        "userinfo"
+    );
+    assert!(
+        auth(&mut shim, "dave", "site.example", api_token),
+        "the site's API"
+    );
+    assert!(
+        !auth(&mut shim, "bob", "oidc.example", &jwt),
+        "a JWT at the userinfo domain"
+    );
+    assert!(
+        !auth(&mut shim, "carol", "jwt.example", userinfo_token),
+        "an opaque token at the JWT domain"
+    );
+    assert!(!auth(&mut shim, "dave", "jwt.example", api_token));
+    assert!(
+        !auth(&mut shim, "bob", "other.example", &jwt),
+        "unknown domain"
+    );
+    assert_eq!(
+        (
+            idp.calls("/userinfo"),
+            idp.calls("/api/users/dave"),
+            idp.calls("/jwks")
+        ),
+        (2, 1, 1)
+    );
+}
