@@ -77,6 +77,7 @@ struct Sockets {
 /// Start-up failures (bind, engine, privileges); nothing fails once serving.
 pub async fn run(config: Config, context: RunContext, shutdown: CancellationToken) -> Result<()> {
     let handle = metrics::install().map_err(anyhow::Error::msg)?;
+    tokio::spawn(metrics::upkeep(handle.clone(), shutdown.clone()));
     let engine = Arc::new(engine(&config).await?);
     let sockets = sockets(&config, context.inherited).await?;
     if let Some((user, group)) = &config.run_as {

@@ -62,6 +62,18 @@ pub fn install() -> Result<PrometheusHandle, String> {
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
+/// Drains histogram samples into their buckets every 5 s until `shutdown`. The recorder keeps
+/// raw samples until a scrape or an upkeep folds them, so without this a broker nobody scrapes
+/// grows by every request's latency sample (found by the soak run in docs/benchmarks.md).
+pub async fn upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => handle.run_upkeep(),
+        }
+    }
+}
+
 /// Counts and times one answered request.
 pub fn request(command: &'static str, ok: bool, reason: Reason, source: Source, elapsed: Duration) {
     let result = if ok { "accepted" } else { "refused" };
