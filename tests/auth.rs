@@ -188,9 +188,10 @@ fn positive_ttl_is_capped_by_max_ttl_and_by_exp() {
 fn redis_entries_hold_no_token_and_expire_with_the_verdict() {
     let w = world();
     let alice = token("secret-alice");
+    // The shim first (its first start may build it), then a token that expires in 120 s.
+    let mut shim = Shim::spawn(&w.broker.addr(), 5.0, &[]);
     w.provider
         .insert(&alice, json!({"username": "alice", "exp": now_s() + 120}));
-    let mut shim = Shim::spawn(&w.broker.addr(), 5.0, &[]);
     assert!(shim.ask(&format!("auth:alice:example.com:{alice}")));
     let keys = w._redis.command(&["KEYS", "*"]).unwrap();
     assert!(keys.contains("extauth:v1:verdict:"), "{keys}");

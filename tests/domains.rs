@@ -203,7 +203,7 @@ fn stale_if_error_serves_cached_logins_while_the_provider_is_down_but_never_past
     provider.insert(&long, json!({"username": "alice"}));
     provider.insert(&unseen, json!({"username": "alice"}));
     assert!(shim.ask(&format!("auth:alice:example.com:{long}")));
-    let exp = now_s() + 2;
+    let exp = now_s() + 3;
     provider.insert(&short, json!({"username": "alice", "exp": exp}));
     assert!(shim.ask(&format!("auth:alice:example.com:{short}")));
     provider.set_fail_status(503);
