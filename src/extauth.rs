@@ -64,36 +64,61 @@ impl Drop for Secret {
 pub enum Command {
     /// `auth:User:Server:Password`: may this user log in with this password (here: a token)?
     Auth {
+        /// The JID localpart, as ejabberd sends it (already nodeprep'd).
         user: String,
+        /// The JID domain (the ejabberd vhost).
         server: String,
+        /// The password: here, the OAuth access token (may contain `:`).
         password: Secret,
     },
     /// `isuser:User:Server`: does this account exist?
-    IsUser { user: String, server: String },
+    IsUser {
+        /// The JID localpart, as ejabberd sends it (already nodeprep'd).
+        user: String,
+        /// The JID domain (the ejabberd vhost).
+        server: String,
+    },
     /// `setpass:User:Server:Password`: change the password.
     SetPass {
+        /// The JID localpart, as ejabberd sends it (already nodeprep'd).
         user: String,
+        /// The JID domain (the ejabberd vhost).
         server: String,
+        /// The password: here, the OAuth access token (may contain `:`).
         password: Secret,
     },
     /// `tryregister:User:Server:Password`: create the account.
     TryRegister {
+        /// The JID localpart, as ejabberd sends it (already nodeprep'd).
         user: String,
+        /// The JID domain (the ejabberd vhost).
         server: String,
+        /// The password: here, the OAuth access token (may contain `:`).
         password: Secret,
     },
     /// `removeuser:User:Server`: delete the account.
-    RemoveUser { user: String, server: String },
+    RemoveUser {
+        /// The JID localpart, as ejabberd sends it (already nodeprep'd).
+        user: String,
+        /// The JID domain (the ejabberd vhost).
+        server: String,
+    },
     /// `removeuser3:User:Server:Password`: delete the account if the password matches.
     RemoveUser3 {
+        /// The JID localpart, as ejabberd sends it (already nodeprep'd).
         user: String,
+        /// The JID domain (the ejabberd vhost).
         server: String,
+        /// The password: here, the OAuth access token (may contain `:`).
         password: Secret,
     },
     /// `certauth:User:Server:Cert`: certificate authentication (no ejabberd core caller).
     CertAuth {
+        /// The JID localpart, as ejabberd sends it (already nodeprep'd).
         user: String,
+        /// The JID domain (the ejabberd vhost).
         server: String,
+        /// The client certificate, as ejabberd sends it.
         cert: Secret,
     },
 }

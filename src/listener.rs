@@ -30,13 +30,18 @@ pub enum Listener {
     /// A Unix stream socket; `bound` is its path when this process created it (removed on
     /// shutdown; a socket inherited from systemd is left alone).
     Unix {
+        /// The socket.
         listener: UnixListener,
+        /// Its path, when it has one.
         path: Option<Arc<Path>>,
+        /// True when this process bound it (and so removes it on shutdown).
         bound: bool,
     },
     /// A TCP socket, with TLS when configured.
     Tcp {
+        /// The socket.
         listener: TcpListener,
+        /// TLS settings, when configured.
         tls: Option<TlsAcceptor>,
     },
 }
@@ -45,7 +50,9 @@ pub enum Listener {
 pub enum Incoming {
     /// A Unix peer; `path` locates the socket whose group the default policy uses.
     Unix {
+        /// The connection.
         stream: UnixStream,
+        /// The listening socket's path, for its group.
         path: Option<Arc<Path>>,
     },
     /// A TCP peer (loopback, or allowed by `--insecure-tcp`).
