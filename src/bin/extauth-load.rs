@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use extauth_broker::load::{self, cli::LoadArgs};
+use extauth_broker::load::{
+    self,
+    cli::{LoadArgs, ProviderArgs},
+};
 
 /// Drives extauth-broker the way a clustered ejabberd does (real extauth-shim processes, or
 /// straight over the wire protocol, or any extauth program), with a built-in mock OAuth provider,
@@ -32,6 +35,10 @@ enum Command {
         /// Socket path.
         socket: PathBuf,
     },
+    /// The mock introspection provider alone, until SIGINT/SIGTERM, for brokers started by hand
+    /// (client id `extauth-load`, secret from EXTAUTH_CLIENT_SECRET). Token `RUN.N.EXP.NONCE` is
+    /// valid for user `userN` until EXP (seconds since the epoch); any other token is unknown.
+    Provider(ProviderArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +47,11 @@ fn main() -> ExitCode {
         Some(Command::Echo) => return exit(load::floor::echo().map_err(Into::into)),
         Some(Command::FloorBroker { socket }) => {
             return exit(runtime().and_then(|rt| rt.block_on(load::floor::serve_floor(&socket))))
+        }
+        Some(Command::Provider(args)) => {
+            return exit(
+                runtime().and_then(|rt| rt.block_on(load::services::serve_provider(&args))),
+            )
         }
         Some(Command::Run(args)) => *args,
         None => cli.run,

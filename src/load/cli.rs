@@ -241,6 +241,22 @@ impl LoadArgs {
     }
 }
 
+/// Options of `extauth-load provider`: the mock provider alone. It knows the harness's
+/// self-describing tokens: `RUN.N.EXP.NONCE` is a valid token of user `userN` until EXP (seconds
+/// since the epoch; RUN and NONCE are any text without dots), anything else is unknown.
+#[derive(Debug, Clone, Args)]
+pub struct ProviderArgs {
+    /// Listen on this `HOST:PORT`.
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    pub listen: String,
+    /// Delay before every answer, milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency: u64,
+    /// Fraction (0..1) of calls answered HTTP 503.
+    #[arg(long, default_value_t = 0.0)]
+    pub error_rate: f64,
+}
+
 fn seconds(text: &str) -> Result<Duration, String> {
     text.trim_end_matches('s')
         .parse::<f64>()

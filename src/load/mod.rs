@@ -44,7 +44,7 @@ pub async fn run(args: &LoadArgs) -> Result<Report> {
     args.check(&via)?;
     let lane_count = args.lanes(&via);
     let workload = Arc::new(Workload::new(args, lane_count)?);
-    let services = Services::start(args, workload.resolver()).await?;
+    let services = Services::start(args, scenario::resolver()).await?;
     let mut lanes = open_lanes(args, &via, &services).await?;
     let shared = Shared::default();
     let warmup_requests = warm_up(&mut lanes, &workload, &args.domain, &shared).await?;

@@ -167,11 +167,6 @@ impl Workload {
         }
     }
 
-    /// Answers the mock provider gives: claims for this run's valid tokens, unknown otherwise.
-    pub fn resolver(&self) -> Resolver {
-        Arc::new(claims_of)
-    }
-
     /// A valid token of `user` with nonce `nonce`, requested by its owner.
     fn valid(&self, user: u64, nonce: u64, key: u64) -> Job {
         Job {
@@ -207,6 +202,12 @@ impl Workload {
             self.valid(rank, rank, 3 * rank)
         }
     }
+}
+
+/// Answers the mock provider gives: claims for valid tokens in the format of [`Workload`]
+/// (`RUN.USER.EXP.NONCE`), unknown otherwise.
+pub fn resolver() -> Resolver {
+    Arc::new(claims_of)
 }
 
 /// The claims of a token made by [`Workload`]: `{"username": "userN", "exp": EXP}`, or `None`

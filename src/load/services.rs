@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use tempfile::TempDir;
 
-use super::cli::LoadArgs;
+use super::cli::{LoadArgs, ProviderArgs};
 use crate::devprovider::{DevProvider, Resolver};
 
 /// OAuth client id the brokers use against the mock provider.
@@ -37,13 +37,12 @@ impl Services {
     pub async fn start(args: &LoadArgs, resolver: Resolver) -> Result<Services> {
         let client_secret = std::env::var("EXTAUTH_CLIENT_SECRET")
             .unwrap_or_else(|_| hex::encode(rand::random::<[u8; 16]>()));
-        let listen = args.provider_listen.as_deref().unwrap_or("127.0.0.1:0");
-        let provider = DevProvider::start_at(listen, CLIENT_ID, &client_secret)
-            .await
-            .with_context(|| format!("mock provider on {listen}"))?;
-        provider.set_resolver(resolver);
-        provider.set_latency(Duration::from_millis(args.provider_latency));
-        provider.set_error_rate(args.provider_error_rate);
+        let mock = MockSpec {
+            listen: args.provider_listen.as_deref().unwrap_or("127.0.0.1:0"),
+            latency_ms: args.provider_latency,
+            error_rate: args.provider_error_rate,
+        };
+        let provider = mock.start(&client_secret, resolver).await?;
         let dir = tempfile::Builder::new().prefix("extauth-load").tempdir()?;
         let mut services = Services {
             provider,
@@ -160,6 +159,64 @@ impl Drop for Services {
             let _ = child.wait();
         }
     }
+}
+
+/// How to run the mock provider.
+pub struct MockSpec<'a> {
+    /// `HOST:PORT` (port 0: a free one).
+    pub listen: &'a str,
+    /// Delay before every answer, ms.
+    pub latency_ms: u64,
+    /// Fraction (0..=1) of calls answered HTTP 503.
+    pub error_rate: f64,
+}
+
+impl MockSpec<'_> {
+    /// Starts the mock provider for client [`CLIENT_ID`] with `client_secret`, answering with
+    /// `resolver`.
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub async fn start(&self, client_secret: &str, resolver: Resolver) -> Result<DevProvider> {
+        let provider = DevProvider::start_at(self.listen, CLIENT_ID, client_secret)
+            .await
+            .with_context(|| format!("mock provider on {}", self.listen))?;
+        provider.set_resolver(resolver);
+        provider.set_latency(Duration::from_millis(self.latency_ms));
+        provider.set_error_rate(self.error_rate);
+        Ok(provider)
+    }
+}
+
+/// `extauth-load provider`: the mock provider alone, until SIGINT or SIGTERM, for brokers and
+/// ejabberd clusters started by hand or by `deploy/tsung/run.sh`. The client secret comes from
+/// EXTAUTH_CLIENT_SECRET (the brokers must be given the same one). Prints the URL, then the
+/// number of calls answered when stopped.
+///
+/// # Errors
+/// No EXTAUTH_CLIENT_SECRET, an address that cannot be bound, a signal handler that cannot be
+/// installed.
+pub async fn serve_provider(args: &ProviderArgs) -> Result<()> {
+    let secret = std::env::var("EXTAUTH_CLIENT_SECRET")
+        .context("set EXTAUTH_CLIENT_SECRET to the secret the brokers will send")?;
+    let mock = MockSpec {
+        listen: &args.listen,
+        latency_ms: args.latency,
+        error_rate: args.error_rate,
+    };
+    let provider = mock.start(&secret, super::scenario::resolver()).await?;
+    println!("mock provider: {} (client id {CLIENT_ID})", provider.url());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    println!(
+        "mock provider: {} calls answered ({} failed on purpose)",
+        provider.calls(),
+        provider.injected_errors()
+    );
+    Ok(())
 }
 
 /// `given`, or the binary `name` next to the running executable (where cargo builds it).
