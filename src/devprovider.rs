@@ -7,7 +7,8 @@
 //!
 //! For load tests, a [resolver](DevProvider::set_resolver) answers tokens that were never
 //! inserted (so millions of tokens need no table), and an [error rate](DevProvider::set_error_rate)
-//! makes a fraction of calls fail with HTTP 503.
+//! makes a fraction of calls fail with HTTP 503. With a [key set](DevProvider::set_jwks) it also
+//! serves `GET /jwks` (RFC 7517), for brokers that verify JWTs locally; fetches count as calls.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use base64::prelude::{Engine as _, BASE64_STANDARD};
 use serde::Deserialize;
@@ -48,6 +49,8 @@ struct ProviderState {
     /// Calls answered HTTP 503 because of `error_ppm`.
     injected_errors: AtomicU64,
     resolver: Mutex<Option<Resolver>>,
+    /// The JWK Set served at `/jwks` (404 until set).
+    jwks: Mutex<Option<Value>>,
 }
 
 #[derive(Deserialize)]
@@ -83,9 +86,11 @@ impl DevProvider {
             error_ppm: AtomicU64::new(0),
             injected_errors: AtomicU64::new(0),
             resolver: Mutex::new(None),
+            jwks: Mutex::new(None),
         });
         let app = Router::new()
             .route("/introspect", post(introspect))
+            .route("/jwks", get(jwks))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -102,6 +107,16 @@ impl DevProvider {
     /// The introspection endpoint URL.
     pub fn url(&self) -> String {
         format!("http://{}/introspect", self.addr)
+    }
+
+    /// The JWK Set URL (see [`DevProvider::set_jwks`]).
+    pub fn jwks_url(&self) -> String {
+        format!("http://{}/jwks", self.addr)
+    }
+
+    /// Serves `set` (a JWK Set, RFC 7517 section 5) at `/jwks`.
+    pub fn set_jwks(&self, set: Value) {
+        *self.state.jwks.lock().expect("jwks") = Some(set);
     }
 
     /// Registers `token` with these introspection claims (`active` defaults to true).
@@ -161,19 +176,8 @@ async fn introspect(
     headers: HeaderMap,
     Form(form): Form<IntrospectForm>,
 ) -> Response {
-    state.calls.fetch_add(1, Ordering::SeqCst);
-    let latency = state.latency_ms.load(Ordering::SeqCst);
-    if latency > 0 {
-        tokio::time::sleep(Duration::from_millis(latency)).await;
-    }
-    let fail = state.fail_status.load(Ordering::SeqCst) as u16;
-    if let Ok(status) = StatusCode::from_u16(fail) {
-        return status.into_response();
-    }
-    let error_ppm = state.error_ppm.load(Ordering::SeqCst);
-    if error_ppm > 0 && rand::random_range(0..1_000_000) < error_ppm {
-        state.injected_errors.fetch_add(1, Ordering::SeqCst);
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    if let Some(failure) = misbehave(&state).await {
+        return failure;
     }
     let authorised = headers
         .get("authorization")
@@ -195,6 +199,37 @@ async fn introspect(
         .cloned();
     let claims = claims.or_else(|| resolve(&state, &form.token));
     Json(claims.unwrap_or_else(|| json!({"active": false}))).into_response()
+}
+
+async fn jwks(State(state): State<Arc<ProviderState>>) -> Response {
+    if let Some(failure) = misbehave(&state).await {
+        return failure;
+    }
+    let set = state.jwks.lock().expect("jwks").clone();
+    match set {
+        Some(set) => Json(set).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// Counts the call, waits the set latency, and returns the failure to answer with, if any (a
+/// fixed status, or a random 503 at the set error rate).
+async fn misbehave(state: &ProviderState) -> Option<Response> {
+    state.calls.fetch_add(1, Ordering::SeqCst);
+    let latency = state.latency_ms.load(Ordering::SeqCst);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    let fail = state.fail_status.load(Ordering::SeqCst) as u16;
+    if let Ok(status) = StatusCode::from_u16(fail) {
+        return Some(status.into_response());
+    }
+    let error_ppm = state.error_ppm.load(Ordering::SeqCst);
+    if error_ppm > 0 && rand::random_range(0..1_000_000) < error_ppm {
+        state.injected_errors.fetch_add(1, Ordering::SeqCst);
+        return Some(StatusCode::SERVICE_UNAVAILABLE.into_response());
+    }
+    None
 }
 
 fn resolve(state: &ProviderState, token: &str) -> Option<Value> {

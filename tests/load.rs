@@ -13,10 +13,16 @@ use serde_json::Value;
 
 /// Runs `extauth-load` with `args` (plus `--quiet --json`) and returns its JSON report.
 fn load(args: &[&str]) -> Value {
+    load_with_env(args, &[])
+}
+
+/// [`load`] with extra environment variables.
+fn load_with_env(args: &[&str], env: &[(&str, &str)]) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
     let output = Command::new(env!("CARGO_BIN_EXE_extauth-load"))
         .args(args)
+        .envs(env.iter().copied())
         .arg("--shim")
         .arg(shim_bin())
         .arg("--quiet")
@@ -270,4 +276,117 @@ fn floors_answer_without_a_decision() {
         "10",
     ]);
     assert_eq!(num(&report["counts"], "accepts"), 300);
+}
+
+/// `--validator jwt`: the brokers verify EdDSA JWTs against the mock's JWKS, so every scenario
+/// costs one key fetch, whatever the number of tokens; forged, foreign and expired ones are
+/// refused.
+#[test]
+fn jwt_scenarios_cost_one_key_fetch() {
+    for scenario in ["hot", "cold", "herd", "mixed", "expiry"] {
+        let report = load(&[
+            "--validator",
+            "jwt",
+            "--scenario",
+            scenario,
+            "--tokens",
+            "30",
+            "--expire-after",
+            "1",
+            "--duration",
+            "2.5",
+            "--nodes",
+            "2",
+            "--pool-size",
+            "2",
+        ]);
+        assert_eq!(num(&report, "wrong_verdicts"), 0, "{scenario}: {report}");
+        assert_eq!(report["counts"]["errors"], 0, "{scenario}: {report}");
+        assert_eq!(report["provider"], "mock jwt", "{report}");
+        assert_eq!(num(&report, "provider_calls"), 1, "{scenario}: {report}");
+        assert!(report["expected_provider_calls"].is_null(), "{report}");
+        let rejects = num(&report["counts"], "rejects");
+        match scenario {
+            "mixed" | "expiry" => assert!(rejects > 0, "{scenario}: {report}"),
+            _ => assert_eq!(rejects, 0, "{scenario}: {report}"),
+        }
+    }
+}
+
+/// `--provider-url` with `--token-file`: started brokers use a provider the harness does not
+/// run (here `extauth-load provider`, a separate process), with real users' tokens from a file.
+#[test]
+fn a_real_provider_is_driven_with_listed_tokens() {
+    let port = common::services::free_port();
+    let secret = "listed-tokens-test-secret";
+    let mut provider = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_extauth-load"))
+            .args(["provider", "--listen", &format!("127.0.0.1:{port}")])
+            .env("EXTAUTH_CLIENT_SECRET", secret)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    common::services::wait_until(
+        std::time::Duration::from_secs(10),
+        "the provider to listen",
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    let lines: String = (0..20)
+        .map(|i| format!("user{i} listed.{i}.4102444800.{i}\n"))
+        .collect();
+    std::fs::write(&file, format!("# user token\n{lines}")).unwrap();
+    let url = format!("http://127.0.0.1:{port}/introspect");
+    let args = [
+        "--provider-url",
+        &url,
+        "--token-file",
+        file.to_str().unwrap(),
+        "--scenario",
+        "mixed",
+        "--invalid-pct",
+        "20",
+        "--foreign-pct",
+        "20",
+        "--nodes",
+        "2",
+        "--pool-size",
+        "2",
+        "--requests",
+        "500",
+    ];
+    let report = load_with_env(&args, &[("EXTAUTH_CLIENT_SECRET", secret)]);
+    assert_eq!(num(&report, "wrong_verdicts"), 0, "{report}");
+    assert_eq!(report["counts"]["errors"], 0, "{report}");
+    assert_eq!(report["provider"], "real", "{report}");
+    assert!(report["provider_calls"].is_null(), "{report}");
+    assert!(num(&report["counts"], "rejects") > 0, "{report}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(provider.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut printed = String::new();
+    let mut stdout = provider.0.stdout.take().unwrap();
+    std::io::Read::read_to_string(&mut stdout, &mut printed).unwrap();
+    let calls: u64 = printed
+        .split("mock provider: ")
+        .nth(2)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no call count in {printed:?}"));
+    // 20 tokens, each at most once as its owner's, once unknown, once foreign.
+    assert!((1..=60).contains(&calls), "{calls} calls");
+}
+
+/// A child process killed and reaped when the test ends, even by a failed assertion.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -25,6 +25,16 @@ pub enum ScenarioKind {
     Expiry,
 }
 
+/// What the started brokers validate tokens with, against the mock provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MockValidator {
+    /// RFC 7662 introspection: one provider call per distinct login.
+    Introspection,
+    /// JWTs (EdDSA) verified locally against the mock's JWKS: provider calls are key fetches.
+    Jwt,
+}
+
 /// How requests reach the system under test.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Via {
@@ -115,6 +125,26 @@ pub struct LoadArgs {
     /// start yourself can use it (--client-id extauth-load, same EXTAUTH_CLIENT_SECRET).
     #[arg(long)]
     pub provider_listen: Option<String>,
+
+    /// Mock provider: how started brokers validate, `introspection` (RFC 7662) or `jwt`
+    /// (EdDSA JWTs checked against the mock's JWKS at /jwks; provider calls are key fetches).
+    #[arg(long, value_enum, default_value = "introspection")]
+    pub validator: MockValidator,
+
+    /// A real RFC 7662 introspection endpoint instead of the mock: started brokers use it with
+    /// --client-id and EXTAUTH_CLIENT_SECRET, and the tokens come from --token-file (scenarios
+    /// hot and mixed; provider calls are not counted).
+    #[arg(long, requires = "token_file")]
+    pub provider_url: Option<String>,
+
+    /// OAuth client id for --provider-url.
+    #[arg(long, default_value = "extauth-load", requires = "provider_url")]
+    pub client_id: String,
+
+    /// Valid tokens for --provider-url: one `USER TOKEN` pair per line (USER = localpart;
+    /// `#` comments). Mixed runs add unknown tokens and present tokens as another user's.
+    #[arg(long, requires = "provider_url")]
+    pub token_file: Option<PathBuf>,
 
     /// Target running broker(s) (`unix:/path`, `tcp:HOST:PORT`) instead of starting them.
     #[arg(long, value_delimiter = ',')]
@@ -232,6 +262,15 @@ impl LoadArgs {
         {
             bail!("--invalid-pct and --foreign-pct must be >= 0 and add up to at most 100");
         }
+        if self.provider_url.is_some() {
+            self.check_real_provider()?;
+        }
+        if self.validator == MockValidator::Jwt && matches!(via, Via::Program(_)) {
+            bail!("--validator jwt configures started brokers; extauth programs get opaque tokens");
+        }
+        if self.validator == MockValidator::Jwt && self.provider_error_rate > 0.0 {
+            bail!("--provider-error-rate with --validator jwt would only fail key fetches");
+        }
         if !self.broker.is_empty() && (self.floor || self.redis.is_some()) {
             bail!(
                 "--broker targets running brokers: --floor and --redis apply to started ones only"
@@ -255,6 +294,35 @@ pub struct ProviderArgs {
     /// Fraction (0..1) of calls answered HTTP 503.
     #[arg(long, default_value_t = 0.0)]
     pub error_rate: f64,
+}
+
+impl LoadArgs {
+    /// A real provider knows only the tokens it issued: fresh ones cannot be minted.
+    fn check_real_provider(&self) -> Result<()> {
+        if !matches!(self.scenario, ScenarioKind::Hot | ScenarioKind::Mixed) {
+            bail!(
+                "--provider-url works with --scenario hot or mixed (the others mint fresh tokens)"
+            );
+        }
+        if self.validator != MockValidator::Introspection
+            || self.provider_latency > 0
+            || self.provider_error_rate > 0.0
+            || self.provider_listen.is_some()
+        {
+            bail!(
+                "--validator and --provider-* settings shape the mock provider, not --provider-url"
+            );
+        }
+        if !self.broker.is_empty() {
+            bail!(
+                "--provider-url configures started brokers; running ones (--broker) have their own"
+            );
+        }
+        if std::env::var_os("EXTAUTH_CLIENT_SECRET").is_none() {
+            bail!("--provider-url needs the client secret in EXTAUTH_CLIENT_SECRET");
+        }
+        Ok(())
+    }
 }
 
 fn seconds(text: &str) -> Result<Duration, String> {

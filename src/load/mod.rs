@@ -14,6 +14,7 @@ pub mod scenario;
 pub mod schedule;
 pub mod services;
 pub mod stats;
+pub mod tokens;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ use anyhow::{Context, Result};
 use futures_util::future::try_join_all;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use self::cli::{LoadArgs, ScenarioKind, Via};
+use self::cli::{LoadArgs, MockValidator, ScenarioKind, Via};
 use self::lane::{Answer, Lane, ProgramLane, ProgramSpec, WireConn};
 use self::report::{Report, RunFacts};
 use self::scenario::{Judgement, Workload};
@@ -30,6 +31,7 @@ use self::schedule::{LaneSchedule, Pace, Plan, Schedule};
 use self::services::{sibling_binary, Services};
 use self::stats::{Counts, LaneTally, Shared};
 use crate::cache::now_ms;
+use crate::devprovider::DevProvider;
 use crate::wire::Reason;
 
 /// The shim's `--timeout` in shim lanes (its default).
@@ -44,7 +46,7 @@ pub async fn run(args: &LoadArgs) -> Result<Report> {
     args.check(&via)?;
     let lane_count = args.lanes(&via);
     let workload = Arc::new(Workload::new(args, lane_count)?);
-    let services = Services::start(args, scenario::resolver()).await?;
+    let services = Services::start(args, scenario::resolver(), workload.jwks()).await?;
     let mut lanes = open_lanes(args, &via, &services).await?;
     let shared = Shared::default();
     let warmup_requests = warm_up(&mut lanes, &workload, &args.domain, &shared).await?;
@@ -72,8 +74,17 @@ pub async fn run(args: &LoadArgs) -> Result<Report> {
         elapsed: measured.elapsed,
         scheduled: matches!(pace, Pace::Open(_)).then_some(measured.scheduled),
         warmup_requests,
-        provider_calls: services.provider.calls(),
-        provider_errors: services.provider.injected_errors(),
+        provider: match (&args.provider_url, args.validator) {
+            (Some(_), _) => "real".into(),
+            (None, MockValidator::Introspection) => "mock introspection".into(),
+            (None, MockValidator::Jwt) => "mock jwt".into(),
+        },
+        provider_calls: services.provider.as_ref().map(DevProvider::calls),
+        provider_errors: services
+            .provider
+            .as_ref()
+            .map_or(0, DevProvider::injected_errors),
+        calls_per_login: args.validator == MockValidator::Introspection,
         errors_injected: args.provider_error_rate > 0.0,
         broker_rss: services.broker_rss_kib(),
         broker_cpu,
@@ -154,13 +165,13 @@ async fn open_lanes(args: &LoadArgs, via: &Via, services: &Services) -> Result<V
     let count = args.lanes(via);
     let spec = |node: usize| -> Result<ProgramSpec> {
         Ok(match via {
-            Via::Program(cmd) => ProgramSpec::shell(cmd, services.program_env(node)),
+            Via::Program(cmd) => ProgramSpec::shell(cmd, services.program_env(args, node)),
             _ => ProgramSpec {
                 program: sibling_binary(args.shim.as_deref(), "extauth-shim")?
                     .display()
                     .to_string(),
                 args: vec!["--timeout".into(), SHIM_TIMEOUT_S.into()],
-                env: services.program_env(node),
+                env: services.program_env(args, node),
             },
         })
     };

@@ -63,8 +63,11 @@ pub struct Report {
     pub wrong_verdicts: Option<u64>,
     /// auth requests sent before measuring (hot's warm-up).
     pub warmup_requests: u64,
-    /// Calls the mock provider answered (warm-up included).
-    pub provider_calls: u64,
+    /// The provider: `mock introspection`, `mock jwt` or `real`.
+    pub provider: String,
+    /// Calls the mock provider answered (warm-up included): introspections, or JWKS fetches
+    /// with `--validator jwt`; `None` with a real provider (`--provider-url`).
+    pub provider_calls: Option<u64>,
     /// Of which answered HTTP 503 by `--provider-error-rate`.
     pub provider_errors: u64,
     /// Calls a correct broker makes: one per distinct (user, token) sent; `None` when provider
@@ -111,12 +114,16 @@ pub struct RunFacts {
     pub scheduled: Option<u64>,
     /// See [`Report::warmup_requests`].
     pub warmup_requests: u64,
+    /// See [`Report::provider`].
+    pub provider: String,
     /// See [`Report::provider_calls`].
-    pub provider_calls: u64,
+    pub provider_calls: Option<u64>,
     /// See [`Report::provider_errors`].
     pub provider_errors: u64,
     /// Whether provider errors were injected.
     pub errors_injected: bool,
+    /// Whether each distinct login costs one provider call (introspection; not JWT).
+    pub calls_per_login: bool,
     /// See [`Report::broker_rss`].
     pub broker_rss: Vec<Rss>,
     /// CPU time of the started brokers while measuring (`None` when targeting running ones).
@@ -133,7 +140,10 @@ impl Report {
         let answered = tally.counts.answered();
         let secs = facts.elapsed.as_secs_f64().max(1e-9);
         let auths = answered + facts.warmup_requests;
-        let exact = facts.verified && !facts.errors_injected;
+        let exact = facts.verified
+            && !facts.errors_injected
+            && facts.calls_per_login
+            && facts.provider_calls.is_some();
         Report {
             scenario: facts.scenario,
             via: facts.via,
@@ -165,11 +175,14 @@ impl Report {
             verified: facts.verified,
             wrong_verdicts: facts.verified.then(|| tally.counts.wrong()),
             warmup_requests: facts.warmup_requests,
+            provider: facts.provider,
             provider_calls: facts.provider_calls,
             provider_errors: facts.provider_errors,
             expected_provider_calls: exact.then_some(tally.keys.len() as u64),
-            dedup_ratio: (facts.provider_calls > 0 && !facts.floor)
-                .then(|| auths as f64 / facts.provider_calls as f64),
+            dedup_ratio: facts
+                .provider_calls
+                .filter(|&calls| calls > 0 && !facts.floor && facts.calls_per_login)
+                .map(|calls| auths as f64 / calls as f64),
             broker_rss: facts.broker_rss,
             broker_cpu_s: facts.broker_cpu.map(|c| c.as_secs_f64()),
             broker_cpu_us_per_auth: facts
@@ -254,7 +267,7 @@ impl Display for Report {
             )?;
         }
         let expected = self.expected_provider_calls.map_or_else(String::new, |e| {
-            let mark = if e == self.provider_calls {
+            let mark = if Some(e) == self.provider_calls {
                 ""
             } else {
                 ", NOT what was made"
@@ -264,11 +277,14 @@ impl Display for Report {
         let dedup = self
             .dedup_ratio
             .map_or_else(String::new, |d| format!(", {d:.1} auth requests per call"));
-        writeln!(
-            f,
-            "  {:<18} calls {}{expected}, of which failed {}{dedup}",
-            "provider", self.provider_calls, self.provider_errors
-        )?;
+        match self.provider_calls {
+            Some(calls) => writeln!(
+                f,
+                "  {:<18} {}: calls {calls}{expected}, of which failed {}{dedup}",
+                "provider", self.provider, self.provider_errors
+            )?,
+            None => writeln!(f, "  {:<18} real (calls not counted)", "provider")?,
+        }
         let mib = |k: u64| format!("{:.1} MiB", k as f64 / 1024.0);
         let brokers: Vec<String> = self
             .broker_rss

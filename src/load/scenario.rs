@@ -4,7 +4,9 @@
 //! of millions of fresh tokens needs no token table: a valid token is
 //! `RUN.USER.EXP.NONCE` (user `userUSER`, `exp` = EXP seconds since the epoch), an unknown one
 //! `RUN.x.NONCE`. The broker treats both as opaque strings. RUN is random per run, so a broker
-//! kept between runs never answers a "cold" token from its cache.
+//! kept between runs never answers a "cold" token from its cache. With `--validator jwt` the
+//! same claims travel in JWTs the mock provider signs, and with `--token-file` the tokens are
+//! real users' ([`super::tokens`]).
 //!
 //! Every job also carries a *key* naming its (user, token) pair, or for `expiry` its pair and the
 //! side of `exp` it was sent on. Each distinct key costs exactly one provider call (the broker
@@ -19,7 +21,8 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Zipf};
 use serde_json::{json, Value};
 
-use super::cli::{LoadArgs, ScenarioKind};
+use super::cli::{LoadArgs, MockValidator, ScenarioKind};
+use super::tokens::{Logins, Signer, Tokens};
 use crate::cache::now_ms;
 use crate::devprovider::Resolver;
 
@@ -93,6 +96,7 @@ pub struct Job {
 pub struct Workload {
     kind: ScenarioKind,
     run: String,
+    maker: Tokens,
     tokens: u64,
     lanes: u64,
     seed: u64,
@@ -107,8 +111,17 @@ impl Workload {
     /// The workload of `args` for `lanes` lanes (the herd size).
     ///
     /// # Errors
-    /// A Zipf exponent the distribution refuses.
+    /// A Zipf exponent the distribution refuses, an unreadable `--token-file`.
     pub fn new(args: &LoadArgs, lanes: usize) -> Result<Self> {
+        let maker = match (&args.token_file, args.validator) {
+            (Some(path), _) => Tokens::Listed(Logins::read(path, args.foreign_pct > 0.0)?),
+            (None, MockValidator::Jwt) => Tokens::Jwt(Box::new(Signer::generate()?)),
+            (None, MockValidator::Introspection) => Tokens::Opaque,
+        };
+        let tokens = match &maker {
+            Tokens::Listed(logins) => logins.len(),
+            _ => args.tokens,
+        };
         let now_s = now_ms() / 1000;
         let exp_s = match args.scenario {
             // Whole seconds (JWT `exp`), at least --expire-after from now.
@@ -118,10 +131,11 @@ impl Workload {
         Ok(Workload {
             kind: args.scenario,
             run: hex::encode(rand::random::<[u8; 4]>()),
-            tokens: args.tokens,
+            maker,
+            tokens,
             lanes: lanes as u64,
             seed: args.seed.unwrap_or_else(rand::random),
-            zipf: Zipf::new(args.tokens as f64, args.zipf).context("--zipf")?,
+            zipf: Zipf::new(tokens as f64, args.zipf).context("--zipf")?,
             invalid_pct: args.invalid_pct,
             foreign_pct: args.foreign_pct,
             exp_s,
@@ -131,6 +145,14 @@ impl Workload {
     /// The scenario.
     pub fn kind(&self) -> ScenarioKind {
         self.kind
+    }
+
+    /// The JWK Set the mock provider serves, when tokens are JWTs.
+    pub fn jwks(&self) -> Option<Value> {
+        match &self.maker {
+            Tokens::Jwt(signer) => Some(signer.jwks.clone()),
+            _ => None,
+        }
     }
 
     /// Jobs to run before measuring: `hot` validates each of its tokens once.
@@ -169,9 +191,10 @@ impl Workload {
 
     /// A valid token of `user` with nonce `nonce`, requested by its owner.
     fn valid(&self, user: u64, nonce: u64, key: u64) -> Job {
+        let (user, token) = self.maker.valid(&self.run, user, self.exp_s, nonce);
         Job {
-            user: format!("user{user}"),
-            token: format!("{}.{user}.{}.{nonce}", self.run, self.exp_s),
+            user,
+            token,
             expect: Expect::Accept,
             key,
         }
@@ -185,15 +208,14 @@ impl Workload {
         let dice = rng.random_range(0.0..100.0);
         if dice < self.invalid_pct {
             Job {
-                user: format!("user{rank}"),
-                token: format!("{}.x.{rank}", self.run),
+                token: self.maker.unknown(&self.run, rank, self.exp_s, rank),
                 expect: Expect::Reject,
                 key: 3 * rank + 1,
+                ..self.valid(rank, rank, 0)
             }
         } else if dice < self.invalid_pct + self.foreign_pct {
-            let thief = (rank + 1) % self.tokens.max(2);
             Job {
-                user: format!("user{thief}"),
+                user: self.maker.thief(rank, self.tokens),
                 expect: Expect::Reject,
                 key: 3 * rank + 2,
                 ..self.valid(rank, rank, 0)

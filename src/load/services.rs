@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use serde_json::Value;
 use tempfile::TempDir;
 
-use super::cli::{LoadArgs, ProviderArgs};
+use super::cli::{LoadArgs, MockValidator, ProviderArgs};
 use crate::devprovider::{DevProvider, Resolver};
 
 /// OAuth client id the brokers use against the mock provider.
@@ -19,8 +20,8 @@ const START_LIMIT: Duration = Duration::from_secs(10);
 
 /// The provider and the brokers of a run; started brokers are killed on drop.
 pub struct Services {
-    /// The mock provider (counts its calls).
-    pub provider: DevProvider,
+    /// The mock provider (counts its calls); `None` with `--provider-url`.
+    pub provider: Option<DevProvider>,
     /// The client secret the brokers authenticate to the provider with.
     pub client_secret: String,
     /// Broker addresses (`unix:/path` or `tcp:HOST:PORT`).
@@ -30,11 +31,17 @@ pub struct Services {
 }
 
 impl Services {
-    /// Starts the mock provider, then the brokers (or checks `--broker` addresses).
+    /// Starts the mock provider (answering with `resolver`, and serving `jwks` when given)
+    /// unless `--provider-url` names a real one, then the brokers (or takes the `--broker`
+    /// addresses).
     ///
     /// # Errors
     /// A port that cannot be bound, a broker binary that is missing or does not start.
-    pub async fn start(args: &LoadArgs, resolver: Resolver) -> Result<Services> {
+    pub async fn start(
+        args: &LoadArgs,
+        resolver: Resolver,
+        jwks: Option<Value>,
+    ) -> Result<Services> {
         let client_secret = std::env::var("EXTAUTH_CLIENT_SECRET")
             .unwrap_or_else(|_| hex::encode(rand::random::<[u8; 16]>()));
         let mock = MockSpec {
@@ -42,7 +49,13 @@ impl Services {
             latency_ms: args.provider_latency,
             error_rate: args.provider_error_rate,
         };
-        let provider = mock.start(&client_secret, resolver).await?;
+        let provider = match args.provider_url {
+            Some(_) => None,
+            None => Some(mock.start(&client_secret, resolver).await?),
+        };
+        if let (Some(provider), Some(set)) = (&provider, jwks) {
+            provider.set_jwks(set);
+        }
         let dir = tempfile::Builder::new().prefix("extauth-load").tempdir()?;
         let mut services = Services {
             provider,
@@ -117,36 +130,63 @@ impl Services {
             args.broker_bin.as_deref(),
             "extauth-broker",
         )?);
-        cmd.args([
-            "--listen",
-            listen,
-            "--introspection-url",
-            &self.provider.url(),
-            "--client-id",
-            CLIENT_ID,
-        ])
-        .arg("--cache-secret-file")
-        .arg(&secret_file)
-        .args(&args.broker_args)
-        .env("EXTAUTH_CLIENT_SECRET", &self.client_secret)
-        .env("EXTAUTH_LOG_LEVEL", "warn");
+        cmd.args(["--listen", listen]);
+        self.validator_args(args, &mut cmd)?;
+        cmd.arg("--cache-secret-file")
+            .arg(&secret_file)
+            .args(&args.broker_args)
+            .env("EXTAUTH_CLIENT_SECRET", &self.client_secret)
+            .env("EXTAUTH_LOG_LEVEL", "warn");
         if let Some(redis) = &args.redis {
             cmd.args(["--redis", redis]);
         }
         Ok(cmd)
     }
 
+    /// How the broker validates: the mock's introspection endpoint, a JWT validator on the
+    /// mock's JWKS (in a config file: the flags only describe introspection; no leeway, so the
+    /// `expiry` scenario's verdicts flip at `exp`), or the real provider.
+    fn validator_args(&self, args: &LoadArgs, cmd: &mut Command) -> Result<()> {
+        match (&self.provider, args.validator) {
+            (Some(mock), MockValidator::Jwt) => {
+                let config = self.dir.path().join("jwt.toml");
+                let table = format!(
+                    "[defaults.validator]\nkind = \"jwt\"\njwks_url = \"{}\"\nalgorithms = [\"EdDSA\"]\nleeway = 0\n",
+                    mock.jwks_url()
+                );
+                std::fs::write(&config, table)?;
+                cmd.arg("--config").arg(config);
+            }
+            _ => {
+                let url = self.introspection_url(args);
+                cmd.args(["--introspection-url", &url, "--client-id", &args.client_id]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The introspection endpoint the run's tokens are valid at.
+    fn introspection_url(&self, args: &LoadArgs) -> String {
+        match &self.provider {
+            Some(mock) => mock.url(),
+            None => args.provider_url.clone().unwrap_or_default(),
+        }
+    }
+
     /// Environment every extauth program of the run gets (the shim reads EXTAUTH_BROKER; a
     /// baseline reads the provider's settings).
-    pub fn program_env(&self, node: usize) -> Vec<(String, String)> {
+    pub fn program_env(&self, args: &LoadArgs, node: usize) -> Vec<(String, String)> {
         vec![
             (
                 "EXTAUTH_BROKER".into(),
                 self.brokers[node % self.brokers.len()].clone(),
             ),
             ("EXTAUTH_NODE".into(), format!("load-node{node}")),
-            ("EXTAUTH_INTROSPECTION_URL".into(), self.provider.url()),
-            ("EXTAUTH_CLIENT_ID".into(), CLIENT_ID.into()),
+            (
+                "EXTAUTH_INTROSPECTION_URL".into(),
+                self.introspection_url(args),
+            ),
+            ("EXTAUTH_CLIENT_ID".into(), args.client_id.clone()),
             ("EXTAUTH_CLIENT_SECRET".into(), self.client_secret.clone()),
         ]
     }
