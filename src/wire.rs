@@ -240,9 +240,17 @@ pub fn encode<T: Serialize>(msg: &T) -> io::Result<Vec<u8>> {
 /// Decodes a frame body (without its length prefix).
 ///
 /// # Errors
-/// `InvalidData` when the bytes are not a valid encoding of `T`.
+/// `InvalidData` when the bytes are not a valid encoding of `T`, or hold more than one message
+/// (a frame is exactly one message: extra bytes mean a peer that disagrees about the format).
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> io::Result<T> {
-    postcard::from_bytes(body).map_err(invalid)
+    let (msg, rest) = postcard::take_from_bytes(body).map_err(invalid)?;
+    if !rest.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} bytes after the message in a frame", rest.len()),
+        ));
+    }
+    Ok(msg)
 }
 
 /// Writes `msg` as one frame in a single `write_all`, then flushes.
@@ -335,6 +343,21 @@ mod tests {
         }))
         .unwrap();
         assert!(frame.len() - 4 <= MAX_FRAME);
+    }
+
+    #[test]
+    fn a_frame_holds_exactly_one_message() {
+        let hello = ClientMsg::Hello(Hello {
+            version: VERSION,
+            node: "n".into(),
+            pid: 1,
+        });
+        let mut body = encode(&hello).unwrap()[4..].to_vec();
+        assert_eq!(decode::<ClientMsg>(&body).unwrap(), hello);
+        body.push(0);
+        let err = decode::<ClientMsg>(&body).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("1 bytes after"), "{err}");
     }
 
     #[test]
