@@ -19,7 +19,7 @@ pub enum ScenarioKind {
     /// Rounds of one new token sent by every lane at once (herd size = lanes).
     Herd,
     /// Zipf-distributed picks among `--tokens` tokens, `--invalid-pct` of them unknown to the
-    /// provider and `--foreign-pct` presented by another user.
+    /// provider, `--foreign-pct` presented by another user and `--expired-pct` past their `exp`.
     Mixed,
     /// `--tokens` tokens whose `exp` passes `--expire-after` seconds into the run.
     Expiry,
@@ -98,6 +98,10 @@ pub struct LoadArgs {
     /// Mixed: percentage of requests presenting another user's valid token.
     #[arg(long, default_value_t = 5.0)]
     pub foreign_pct: f64,
+
+    /// Mixed: percentage of requests with the user's own token whose `exp` passed an hour ago.
+    #[arg(long, default_value_t = 0.0)]
+    pub expired_pct: f64,
 
     /// Expiry: seconds from the start until every token's `exp` passes.
     #[arg(long, default_value_t = 2)]
@@ -226,11 +230,9 @@ impl LoadArgs {
         if !(0.0..=1.0).contains(&self.provider_error_rate) {
             bail!("--provider-error-rate is a fraction between 0 and 1");
         }
-        if self.invalid_pct < 0.0
-            || self.foreign_pct < 0.0
-            || self.invalid_pct + self.foreign_pct > 100.0
-        {
-            bail!("--invalid-pct and --foreign-pct must be >= 0 and add up to at most 100");
+        let pcts = [self.invalid_pct, self.foreign_pct, self.expired_pct];
+        if pcts.iter().any(|p| p.is_nan() || *p < 0.0) || pcts.iter().sum::<f64>() > 100.0 {
+            bail!("--invalid-pct, --foreign-pct and --expired-pct must be >= 0 and add up to at most 100");
         }
         if !self.broker.is_empty() && (self.floor || self.redis.is_some()) {
             bail!(
