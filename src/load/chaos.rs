@@ -1,5 +1,5 @@
-//! Chaos runs (`--chaos`): while the load runs, Redis and broker A are killed and restarted on a
-//! repeating schedule, and every event is printed and recorded for the report.
+//! Chaos runs (`--chaos`): while the load runs, Redis and the brokers are killed and restarted
+//! on a repeating schedule, and every event is printed and recorded for the report.
 //!
 //! What a chaos run must show (issue 7): no invalid, expired or foreign token is ever accepted;
 //! every valid token is accepted, except a request in flight at a broker kill (the shim may
@@ -21,46 +21,48 @@ use super::cli::LoadArgs;
 use super::redis_server::RedisServer;
 use super::services::Services;
 
-/// The broker the schedule kills: A, the first started (half the shims list it first).
-const VICTIM: usize = 0;
 /// Length of the reference cycle below, ms; `--chaos-period` scales it.
 const REFERENCE_PERIOD_MS: u64 = 15_000;
-/// The reference cycle (ms into a 15 s period). Redis down alone; broker A down alone; then
-/// Redis down, A killed and started again while Redis is still down (a broker must start
+/// The reference cycle (ms into a 15 s period): Redis down alone; broker A down alone; then
+/// Redis down, broker B killed and started again while Redis is still down (a broker must start
 /// without Redis and connect when it is back), and Redis back.
+///
+/// The second kill is B's, not A's, because a shim stays on the broker it failed over to: after
+/// A's kill every shim talks to B, so killing A again would hit an idle broker. Killing B sends
+/// every shim back to A, so that each kill of each cycle hits requests in flight.
 const CYCLE: [(u64, Action); 8] = [
     (2_000, Action::KillRedis),
     (4_000, Action::RestartRedis),
-    (6_000, Action::KillBroker),
-    (7_500, Action::RestartBroker),
+    (6_000, Action::KillBroker(0)),
+    (7_500, Action::RestartBroker(0)),
     (9_000, Action::KillRedis),
-    (10_000, Action::KillBroker),
-    (11_500, Action::RestartBroker),
+    (10_000, Action::KillBroker(1)),
+    (11_500, Action::RestartBroker(1)),
     (12_500, Action::RestartRedis),
 ];
 
 /// One thing the schedule does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// SIGKILL redis-server.
     KillRedis,
     /// Start redis-server again on its port (empty: no persistence).
     RestartRedis,
-    /// SIGKILL broker A.
-    KillBroker,
-    /// Start broker A again on its socket, with its flags.
-    RestartBroker,
+    /// SIGKILL started broker N (0 is A, 1 is B).
+    KillBroker(usize),
+    /// Start broker N again on its socket, with its flags.
+    RestartBroker(usize),
 }
 
 impl Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Action::KillRedis => "kill redis",
-            Action::RestartRedis => "restart redis",
-            Action::KillBroker => "kill broker A",
-            Action::RestartBroker => "restart broker A",
-        })
+        let name = |i: &usize| char::from(b'A' + (*i % 26) as u8);
+        match self {
+            Action::KillRedis => write!(f, "kill redis"),
+            Action::RestartRedis => write!(f, "restart redis"),
+            Action::KillBroker(i) => write!(f, "kill broker {}", name(i)),
+            Action::RestartBroker(i) => write!(f, "restart broker {}", name(i)),
+        }
     }
 }
 
@@ -69,8 +71,8 @@ impl Display for Action {
 pub struct Event {
     /// When it started, seconds since measuring started.
     pub at_s: f64,
-    /// What was done.
-    pub action: Action,
+    /// What was done: `kill redis`, `restart redis`, `kill broker A`, `restart broker B`...
+    pub what: String,
     /// How long it took, ms (a restart: until the process answers again).
     pub took_ms: f64,
 }
@@ -82,7 +84,7 @@ pub struct ChaosReport {
     pub period_s: f64,
     /// Every event, in order.
     pub events: Vec<Event>,
-    /// Times broker A was killed.
+    /// Times a broker was killed.
     pub broker_kills: u64,
     /// Times Redis was killed.
     pub redis_kills: u64,
@@ -124,7 +126,7 @@ impl KillLog {
     }
 }
 
-/// The chaos controller: owns the run's redis-server, kills and restarts it and broker A.
+/// The chaos controller: owns the run's redis-server, kills and restarts it and the brokers.
 pub struct Chaos {
     period: Duration,
     redis: RedisServer,
@@ -194,7 +196,7 @@ impl Chaos {
                 }
                 let event = Event {
                     at_s: (started - origin).as_secs_f64(),
-                    action,
+                    what: action.to_string(),
                     took_ms: started.elapsed().as_secs_f64() * 1000.0,
                 };
                 note(
@@ -204,7 +206,7 @@ impl Chaos {
                         event.at_s, event.took_ms
                     ),
                 );
-                report.broker_kills += u64::from(action == Action::KillBroker);
+                report.broker_kills += u64::from(matches!(action, Action::KillBroker(_)));
                 report.redis_kills += u64::from(action == Action::KillRedis);
                 report.events.push(event);
             }
@@ -217,13 +219,13 @@ impl Chaos {
         match action {
             Action::KillRedis => self.redis.kill(),
             Action::RestartRedis => self.redis.restart().await?,
-            Action::KillBroker => {
+            Action::KillBroker(i) => {
                 let window = self.kills.open();
-                let killed = services.kill_broker(VICTIM);
+                let killed = services.kill_broker(i);
                 self.kills.close(window);
                 killed?;
             }
-            Action::RestartBroker => services.restart_broker(VICTIM).await?,
+            Action::RestartBroker(i) => services.restart_broker(i).await?,
         }
         Ok(())
     }
@@ -245,7 +247,7 @@ mod tests {
 
     #[test]
     fn the_cycle_alternates_and_ends_with_everything_up() {
-        let (mut redis_up, mut broker_up) = (true, true);
+        let (mut redis_up, mut broker_up) = (true, [true, true]);
         let mut last = 0;
         for (at, action) in CYCLE {
             assert!(at > last && at < REFERENCE_PERIOD_MS, "{at}");
@@ -253,12 +255,13 @@ mod tests {
             match action {
                 Action::KillRedis => assert!(std::mem::replace(&mut redis_up, false)),
                 Action::RestartRedis => assert!(!std::mem::replace(&mut redis_up, true)),
-                Action::KillBroker => assert!(std::mem::replace(&mut broker_up, false)),
-                Action::RestartBroker => assert!(!std::mem::replace(&mut broker_up, true)),
+                Action::KillBroker(i) => assert!(std::mem::replace(&mut broker_up[i], false)),
+                Action::RestartBroker(i) => assert!(!std::mem::replace(&mut broker_up[i], true)),
             }
+            assert!(broker_up.contains(&true), "one broker is always up");
         }
         assert!(
-            redis_up && broker_up,
+            redis_up && broker_up == [true, true],
             "the next cycle starts from a whole system"
         );
     }

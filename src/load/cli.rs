@@ -152,17 +152,19 @@ pub struct LoadArgs {
 
     /// Chaos run: start a redis-server and 2 brokers sharing it (--brokers N for more), give
     /// every shim all brokers as its failover list (`A,B` for half the shims, `B,A` for the
-    /// others), and repeat a schedule of kills until the run ends: Redis killed and restarted
-    /// empty, broker A killed (SIGKILL) and restarted on its socket, then both down at once (see
-    /// --chaos-period). A valid token refused while in flight at a broker kill is tolerated
-    /// (bounded by lanes x kills); any other refusal of one is wrong. Shim lanes only.
+    /// others), and repeat a schedule of kills until the last request is answered: Redis killed
+    /// and restarted empty, a broker killed (SIGKILL) and restarted on its socket with its
+    /// flags, then both down at once (see --chaos-period). A valid token refused while in flight
+    /// at a broker kill is tolerated (at most lanes x kills); any other refusal of one is wrong.
+    /// Shim lanes only.
     #[arg(long)]
     pub chaos: bool,
 
     /// Chaos: length of one cycle of the schedule, seconds (at least 5). At 15 s: Redis killed at
     /// 2 s and restarted at 4 s; broker A killed at 6 s and restarted at 7.5 s; Redis killed at
-    /// 9 s, broker A at 10 s, A restarted (Redis still down) at 11.5 s, Redis at 12.5 s. Other
-    /// periods stretch or shrink these times.
+    /// 9 s, broker B at 10 s, B restarted (Redis still down) at 11.5 s, Redis at 12.5 s. Other
+    /// periods stretch or shrink these times. (B, not A again: shims stay on the broker they
+    /// failed over to, so each kill hits the broker every shim is using.)
     #[arg(long, value_parser = seconds, default_value = "15")]
     pub chaos_period: Duration,
 
