@@ -14,7 +14,7 @@ use extauth_broker::load::{
 /// Drives extauth-broker the way a clustered ejabberd does (real extauth-shim processes, or
 /// straight over the wire protocol, or any extauth program), with a built-in mock OAuth provider,
 /// and reports throughput, latency percentiles, verdicts and provider calls. With --chaos, kills
-/// and restarts Redis and a broker on a schedule while it runs, and checks that no login got a
+/// and restarts Redis and the brokers on a schedule while it runs, and checks that no login got a
 /// wrong or late answer.
 ///
 /// Exits non-zero on a wrong verdict, a broken lane, a late reply or a failed chaos schedule.
