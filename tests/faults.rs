@@ -13,6 +13,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::faults::{metrics_flags, probe, run_load, LoadReport, Metrics, Mix};
+use common::harness::{self, num};
 use common::services::{free_port, token, wait_until, Broker, BrokerSpec, Provider, Redis, Shim};
 use common::wire_client;
 use extauth_broker::wire::{Reason, Response};
@@ -797,78 +798,65 @@ fn setpass_and_tryregister_resent_to_another_shim_get_the_same_answer() {
     );
 }
 
-/// Chaos: two brokers sharing Redis, six shims (`--broker A,B` or `B,A`) with a mixed load for
-/// about 15 s, while Redis and broker A are killed and restarted on a schedule. No invalid,
-/// expired or foreign token is ever accepted; every valid token is accepted except requests in
-/// flight when a broker was killed (bounded: one per shim per kill); no reply is later than the
-/// shim's deadline (+ slack); no shim exits.
+/// Chaos: `extauth-load --chaos` runs a mixed load (valid, unknown, foreign and expired tokens)
+/// through six shims (`--broker A,B` or `B,A`) on two brokers sharing a Redis it started, for
+/// 15 s, while it kills and restarts Redis twice, broker A, and broker B while Redis is down (its
+/// 15 s schedule, src/load/chaos.rs). No invalid, expired or foreign token is ever accepted;
+/// every valid token is accepted except requests in flight when a broker was killed (at most one
+/// per shim and kill); no reply is later than the shim's deadline (+ slack); no shim exits.
 #[test]
 fn chaos_two_brokers_redis_and_broker_kills_under_mixed_load() {
-    let provider = Provider::start();
-    let mut redis = Redis::start();
-    let spec = spec_with_redis(&provider, &redis, &[]);
-    let (mut a, b) = (Broker::start(&spec), Broker::start(&spec));
-    let mix = Mix::new(&provider);
-    let (ab, ba) = (
-        format!("{},{}", a.addr(), b.addr()),
-        format!("{},{}", b.addr(), a.addr()),
-    );
-    let lanes = vec![ab.clone(), ab.clone(), ab, ba.clone(), ba.clone(), ba];
-    let timeout = Duration::from_secs(5);
-    let schedule: &[(u64, &str)] = &[
-        (2000, "kill redis"),
-        (4000, "restart redis"),
-        (6000, "kill broker A"),
-        (7500, "restart broker A"),
-        (9000, "kill redis"),
-        (10000, "kill broker A"),
-        (11500, "restart broker A"),
-        (12500, "restart redis"),
-        (15000, "stop"),
-    ];
-    let (report, kills) = run_load(&lanes, timeout.as_secs_f64(), &[], &mix, |_| {
-        let start = Instant::now();
-        let mut kills = Vec::new();
-        for (at_ms, what) in schedule {
-            let at = start + Duration::from_millis(*at_ms);
-            std::thread::sleep(at.saturating_duration_since(Instant::now()));
-            match *what {
-                "kill redis" => redis.kill(),
-                "restart redis" => redis.restart(),
-                "kill broker A" => {
-                    a.kill();
-                    kills.push(Instant::now());
-                }
-                "restart broker A" => a.launch(&spec),
-                _ => {}
-            }
-            println!("chaos {:>6.2} s: {what}", start.elapsed().as_secs_f64());
-        }
-        kills
-    });
-    let (untolerated, tolerated) = split_refusals(&report, &kills);
-    println!("chaos: {}", report.summary());
-    println!(
-        "chaos: {} provider calls; valid logins refused while in flight at a broker kill: {tolerated} (bound {})",
-        provider.calls(),
-        lanes.len() * kills.len()
-    );
-    assert!(report.answers.len() > 200, "the load ran");
-    assert!(
-        report.wrong_accepts().is_empty(),
-        "{:?}",
-        report.wrong_accepts()
+    let report = harness::run(&[
+        "--chaos",
+        "--chaos-period",
+        "15",
+        "--duration",
+        "15",
+        "--scenario",
+        "mixed",
+        "--tokens",
+        "200",
+        "--invalid-pct",
+        "5",
+        "--foreign-pct",
+        "5",
+        "--expired-pct",
+        "5",
+        "--nodes",
+        "2",
+        "--pool-size",
+        "3",
+        "--rate",
+        "200",
+    ]);
+    let counts = &report["counts"];
+    let chaos = &report["chaos"];
+    println!("chaos events: {}", chaos["events"]);
+    assert_eq!(num(counts, "wrong_accepts"), 0, "{report}");
+    assert_eq!(
+        num(counts, "wrong_rejects"),
+        0,
+        "valid tokens refused outside a broker kill: {report}"
     );
     assert!(
-        untolerated.is_empty(),
-        "valid logins refused outside a kill: {untolerated:?}"
+        num(counts, "kill_refusals") <= num(chaos, "kill_refusal_bound"),
+        "{report}"
     );
-    assert!(tolerated <= lanes.len() * kills.len());
-    assert!(report.unanswered().is_empty(), "{:?}", report.unanswered());
-    assert!(report.slowest() <= timeout + SLACK, "{}", report.summary());
-    for exit in &report.exits {
-        assert_eq!(exit, &Ok(()), "no shim exited; each exits 0 on EOF");
-    }
+    assert_eq!(
+        num(counts, "late"),
+        0,
+        "replies after the deadline: {report}"
+    );
+    assert_eq!(num(counts, "errors"), 0, "no shim exited: {report}");
+    assert!(chaos["error"].is_null(), "{report}");
+    assert!(num(chaos, "broker_kills") >= 2, "{report}");
+    assert!(num(chaos, "redis_kills") >= 2, "{report}");
+    assert!(num(&report, "answered") >= 2000, "the load ran: {report}");
+    assert_eq!(num(&report, "unanswered"), 0, "{report}");
+    assert!(
+        num(counts, "rejects") > 0,
+        "wrong tokens were sent: {report}"
+    );
 }
 
 /// Logins through three shims at once while Redis hangs (`CLIENT PAUSE`: connections accepted,

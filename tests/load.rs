@@ -8,46 +8,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::services::shim_bin;
+use common::harness::{num, run as load, run_with_env as load_with_env};
 use serde_json::Value;
-
-/// Runs `extauth-load` with `args` (plus `--quiet --json`) and returns its JSON report.
-fn load(args: &[&str]) -> Value {
-    load_with_env(args, &[])
-}
-
-/// [`load`] with extra environment variables.
-fn load_with_env(args: &[&str], env: &[(&str, &str)]) -> Value {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("report.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_extauth-load"))
-        .args(args)
-        .envs(env.iter().copied())
-        .arg("--shim")
-        .arg(shim_bin())
-        .arg("--quiet")
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .expect("running extauth-load");
-    let shown = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.status.success(),
-        "extauth-load {args:?} failed:\n{shown}"
-    );
-    println!("extauth-load {}\n{shown}", args.join(" "));
-    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
-}
-
-fn num(report: &Value, field: &str) -> u64 {
-    report[field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{field} missing in {report}"))
-}
 
 /// No wrong verdict, nothing broken, and exactly one provider call per distinct login.
 fn assert_correct(report: &Value) {

@@ -19,7 +19,7 @@ pub enum ScenarioKind {
     /// Rounds of one new token sent by every lane at once (herd size = lanes).
     Herd,
     /// Zipf-distributed picks among `--tokens` tokens, `--invalid-pct` of them unknown to the
-    /// provider and `--foreign-pct` presented by another user.
+    /// provider, `--foreign-pct` presented by another user and `--expired-pct` past their `exp`.
     Mixed,
     /// `--tokens` tokens whose `exp` passes `--expire-after` seconds into the run.
     Expiry,
@@ -79,6 +79,11 @@ pub struct LoadArgs {
     #[arg(long)]
     pub shim: Option<PathBuf>,
 
+    /// Shim lanes: the shims' --timeout, seconds. A reply later than this (from the moment the
+    /// request was written to the shim) plus 1 s of slack counts as late and fails the run.
+    #[arg(long, value_parser = seconds, default_value = "10")]
+    pub shim_timeout: Duration,
+
     /// Stop sending after this many seconds [default: 10 unless --requests is given].
     #[arg(long, value_parser = seconds)]
     pub duration: Option<Duration>,
@@ -108,6 +113,10 @@ pub struct LoadArgs {
     /// Mixed: percentage of requests presenting another user's valid token.
     #[arg(long, default_value_t = 5.0)]
     pub foreign_pct: f64,
+
+    /// Mixed: percentage of requests with the user's own token whose `exp` passed an hour ago.
+    #[arg(long, default_value_t = 0.0)]
+    pub expired_pct: f64,
 
     /// Expiry: seconds from the start until every token's `exp` passes.
     #[arg(long, default_value_t = 2)]
@@ -170,6 +179,28 @@ pub struct LoadArgs {
     /// without any work (the cost of shim + socket + wire protocol). Implies --no-verify.
     #[arg(long)]
     pub floor: bool,
+
+    /// Chaos run: start a redis-server and 2 brokers sharing it (--brokers N for more), give
+    /// every shim all brokers as its failover list (`A,B` for half the shims, `B,A` for the
+    /// others), and repeat a schedule of kills until the last request is answered: Redis killed
+    /// and restarted empty, a broker killed (SIGKILL) and restarted on its socket with its
+    /// flags, then both down at once (see --chaos-period). A valid token refused while in flight
+    /// at a broker kill is tolerated (at most lanes x kills); any other refusal of one is wrong.
+    /// Shim lanes only.
+    #[arg(long)]
+    pub chaos: bool,
+
+    /// Chaos: length of one cycle of the schedule, seconds (at least 5). At 15 s: Redis killed at
+    /// 2 s and restarted at 4 s; broker A killed at 6 s and restarted at 7.5 s; Redis killed at
+    /// 9 s, broker B at 10 s, B restarted (Redis still down) at 11.5 s, Redis at 12.5 s. Other
+    /// periods stretch or shrink these times. (B, not A again: shims stay on the broker they
+    /// failed over to, so each kill hits the broker every shim is using.)
+    #[arg(long, value_parser = seconds, default_value = "15")]
+    pub chaos_period: Duration,
+
+    /// Chaos: the redis-server binary [default: redis-server on PATH].
+    #[arg(long)]
+    pub redis_server: Option<PathBuf>,
 
     /// Do not check verdicts (for floors and echo programs, which accept everything).
     #[arg(long)]
@@ -256,11 +287,12 @@ impl LoadArgs {
         if !(0.0..=1.0).contains(&self.provider_error_rate) {
             bail!("--provider-error-rate is a fraction between 0 and 1");
         }
-        if self.invalid_pct < 0.0
-            || self.foreign_pct < 0.0
-            || self.invalid_pct + self.foreign_pct > 100.0
-        {
-            bail!("--invalid-pct and --foreign-pct must be >= 0 and add up to at most 100");
+        let pcts = [self.invalid_pct, self.foreign_pct, self.expired_pct];
+        if pcts.iter().any(|p| p.is_nan() || *p < 0.0) || pcts.iter().sum::<f64>() > 100.0 {
+            bail!("--invalid-pct, --foreign-pct and --expired-pct must be >= 0 and add up to at most 100");
+        }
+        if self.shim_timeout > Duration::from_secs(3600) {
+            bail!("--shim-timeout: the shim accepts at most 3600 s");
         }
         if self.provider_url.is_some() {
             self.check_real_provider()?;
@@ -275,6 +307,32 @@ impl LoadArgs {
             bail!(
                 "--broker targets running brokers: --floor and --redis apply to started ones only"
             );
+        }
+        self.check_chaos(via)
+    }
+
+    /// `--chaos` needs brokers and Redis it can kill, and lanes with a failover list.
+    fn check_chaos(&self, via: &Via) -> Result<()> {
+        if !self.chaos {
+            if self.redis_server.is_some() {
+                bail!("--redis-server applies to --chaos runs only");
+            }
+            return Ok(());
+        }
+        if !self.broker.is_empty() {
+            bail!("--chaos kills and restarts the brokers it starts; it cannot do that to running ones given with --broker");
+        }
+        if self.floor {
+            bail!("--chaos needs real brokers: the floor has no cache or Redis to lose");
+        }
+        if self.redis.is_some() {
+            bail!("--chaos starts (and kills) its own redis-server: drop --redis (--redis-server PATH names the binary)");
+        }
+        if *via != Via::Shim {
+            bail!("--chaos needs shim lanes (--via shim): only the shim fails over between brokers, so a wire connection or another program would break at the first broker kill");
+        }
+        if self.chaos_period < Duration::from_secs(5) {
+            bail!("--chaos-period must be at least 5 s: a restart must fit between two events");
         }
         Ok(())
     }
@@ -318,6 +376,9 @@ impl LoadArgs {
                 "--provider-url configures started brokers; running ones (--broker) have their own"
             );
         }
+        if self.expired_pct > 0.0 {
+            bail!("--expired-pct mints expired tokens, which a real provider never issued");
+        }
         if std::env::var_os("EXTAUTH_CLIENT_SECRET").is_none() {
             bail!("--provider-url needs the client secret in EXTAUTH_CLIENT_SECRET");
         }
@@ -332,4 +393,64 @@ fn seconds(text: &str) -> Result<Duration, String> {
         .filter(|s| s.is_finite() && *s > 0.0)
         .map(Duration::from_secs_f64)
         .ok_or_else(|| format!("want a positive number of seconds, got {text:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        load: LoadArgs,
+    }
+
+    /// The error `check` gives for these arguments, or `None` when they are accepted.
+    fn refusal(args: &[&str]) -> Option<String> {
+        let args = Cli::try_parse_from([&["extauth-load"], args].concat())
+            .expect("parses")
+            .load;
+        let via = args.via().expect("a known --via");
+        args.check(&via).err().map(|e| e.to_string())
+    }
+
+    #[test]
+    fn chaos_refuses_what_it_cannot_kill_or_fail_over() {
+        assert_eq!(refusal(&["--chaos", "--scenario", "mixed"]), None);
+        for (args, says) in [
+            (&["--chaos", "--broker", "unix:/run/b.sock"][..], "--broker"),
+            (&["--chaos", "--via", "program", "cat"], "shim lanes"),
+            (&["--chaos", "--via", "wire"], "shim lanes"),
+            (&["--chaos", "--floor"], "floor"),
+            (&["--chaos", "--redis", "redis://127.0.0.1:6379"], "--redis"),
+            (&["--chaos", "--chaos-period", "2"], "at least 5"),
+            (
+                &["--redis-server", "/usr/bin/redis-server"],
+                "--chaos runs only",
+            ),
+        ] {
+            let refused = refusal(args).unwrap_or_else(|| panic!("{args:?} accepted"));
+            assert!(refused.contains(says), "{args:?}: {refused}");
+        }
+    }
+
+    #[test]
+    fn wrong_token_percentages_add_up_to_at_most_100() {
+        assert_eq!(
+            refusal(&["--invalid-pct", "40", "--expired-pct", "55"]),
+            None
+        );
+        assert!(refusal(&[
+            "--invalid-pct",
+            "40",
+            "--foreign-pct",
+            "40",
+            "--expired-pct",
+            "30"
+        ])
+        .is_some());
+        assert!(refusal(&["--expired-pct", "NaN"]).is_some());
+    }
 }

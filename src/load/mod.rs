@@ -3,12 +3,16 @@
 //! A run: start the mock provider and the broker(s) ([`services`]), open the lanes ([`lane`]:
 //! extauth programs, or slots on wire connections), warm them up, then send the scenario's
 //! requests ([`scenario`]) on the schedule ([`schedule`]), judge every answer, and summarise
-//! ([`stats`], [`report`], [`plot`]). See docs/benchmarks.md for the method.
+//! ([`stats`], [`report`], [`plot`]). A chaos run ([`chaos`]) also starts a redis-server
+//! ([`redis_server`]) and kills and restarts it and a broker while measuring. See
+//! docs/benchmarks.md for the method.
 
+pub mod chaos;
 pub mod cli;
 pub mod floor;
 pub mod lane;
 pub mod plot;
+pub mod redis_server;
 pub mod report;
 pub mod scenario;
 pub mod schedule;
@@ -16,37 +20,47 @@ pub mod services;
 pub mod stats;
 pub mod tokens;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures_util::future::try_join_all;
 use indicatif::{ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
 
+use self::chaos::{Chaos, ChaosReport, KillLog};
 use self::cli::{LoadArgs, MockValidator, ScenarioKind, Via};
 use self::lane::{Answer, Lane, ProgramLane, ProgramSpec, WireConn};
 use self::report::{Report, RunFacts};
 use self::scenario::{Judgement, Workload};
 use self::schedule::{LaneSchedule, Pace, Plan, Schedule};
 use self::services::{sibling_binary, Services};
-use self::stats::{Counts, LaneTally, Shared};
+use self::stats::{Counts, LaneTally, Reply, Shared};
 use crate::cache::now_ms;
 use crate::devprovider::DevProvider;
 use crate::wire::Reason;
 
-/// The shim's `--timeout` in shim lanes (its default).
-const SHIM_TIMEOUT_S: &str = "10";
+/// Slack on top of the shim's deadline before a reply counts as late: the harness and the shim
+/// share 2 loaded cores, and a scheduling delay is not a broker fault.
+pub const LATE_SLACK: Duration = Duration::from_secs(1);
+/// Brokers a chaos run starts at least: one to kill, one to fail over to.
+const CHAOS_BROKERS: usize = 2;
 
 /// Runs a load test and returns its report.
 ///
 /// # Errors
-/// Bad options, services or lanes that do not start, a warm-up that fails.
+/// Bad options, services or lanes that do not start (for `--chaos`: redis-server too), a
+/// warm-up that fails.
 pub async fn run(args: &LoadArgs) -> Result<Report> {
     let via = args.via()?;
     args.check(&via)?;
     let lane_count = args.lanes(&via);
     let workload = Arc::new(Workload::new(args, lane_count)?);
-    let services = Services::start(args, scenario::resolver(), workload.jwks()).await?;
+    let dir = tempfile::Builder::new().prefix("extauth-load").tempdir()?;
+    let (mut chaos, args) = prepare_chaos(args, dir.path()).await?;
+    let args = &args;
+    let mut services = Services::start(args, scenario::resolver(), workload.jwks(), dir).await?;
     let mut lanes = open_lanes(args, &via, &services).await?;
     let shared = Shared::default();
     let warmup_requests = warm_up(&mut lanes, &workload, &args.domain, &shared).await?;
@@ -56,8 +70,22 @@ pub async fn run(args: &LoadArgs) -> Result<Report> {
         (_, Some(rate)) => Pace::Open(rate),
         (_, None) => Pace::Closed,
     };
-    let cpu_before = services.broker_cpu();
-    let measured = measure(args, lanes, pace, workload.clone(), &shared).await?;
+    // CPU time is read from /proc per process: a broker killed mid-run takes its share along.
+    let cpu_before = services.broker_cpu().filter(|_| chaos.is_none());
+    let judge = Arc::new(Judge::new(args, &via, chaos.as_ref().map(Chaos::kills)));
+    let lanes = Lanes {
+        lanes,
+        workload: workload.clone(),
+        shared: &shared,
+        judge,
+    };
+    let measured = measure(
+        args,
+        lanes,
+        pace,
+        chaos.as_mut().map(|c| (c, &mut services)),
+    )
+    .await?;
     let broker_cpu = services
         .broker_cpu()
         .zip(cpu_before)
@@ -89,66 +117,114 @@ pub async fn run(args: &LoadArgs) -> Result<Report> {
         broker_rss: services.broker_rss_kib(),
         broker_cpu,
         program_peak_rss_kib: measured.lanes.iter().filter_map(Lane::peak_rss_kib).max(),
+        reply_deadline: (via == Via::Shim).then_some(args.shim_timeout),
+        chaos: measured.chaos,
     };
     close(measured.lanes).await;
     Ok(Report::new(&shared.into_tally(), facts))
 }
 
-/// What the measured phase leaves: the lanes (still open), its length, and how many requests
-/// the open-loop pacer scheduled.
+/// For `--chaos`: starts the run's redis-server in `dir`, and returns it with the options the
+/// brokers are then started with (sharing that Redis, at least two of them, as `--redis` and
+/// `--brokers` would). Otherwise: no chaos, the options as they are.
+async fn prepare_chaos(args: &LoadArgs, dir: &Path) -> Result<(Option<Chaos>, LoadArgs)> {
+    if !args.chaos {
+        return Ok((None, args.clone()));
+    }
+    let chaos = Chaos::start(args, dir).await?;
+    let args = LoadArgs {
+        redis: Some(chaos.redis_url()),
+        brokers: args.brokers.max(CHAOS_BROKERS),
+        ..args.clone()
+    };
+    Ok((Some(chaos), args))
+}
+
+/// What the measured phase leaves: the lanes (still open), its length, how many requests the
+/// open-loop pacer scheduled, and what a chaos schedule did meanwhile.
 struct Measured {
     lanes: Vec<Lane>,
     elapsed: Duration,
     scheduled: u64,
+    chaos: Option<ChaosReport>,
 }
 
-/// Runs every lane on the schedule until the plan is done, with the progress bar.
+/// The lanes to drive, and what they share: the jobs, the tally and the judge.
+struct Lanes<'a> {
+    lanes: Vec<Lane>,
+    workload: Arc<Workload>,
+    shared: &'a Shared,
+    judge: Arc<Judge>,
+}
+
+/// Runs every lane on the schedule until the plan is done, with the progress bar; in a chaos
+/// run, the chaos schedule runs meanwhile against the run's Redis and brokers, until the last
+/// lane is done.
 async fn measure(
     args: &LoadArgs,
-    lanes: Vec<Lane>,
+    lanes: Lanes<'_>,
     pace: Pace,
-    workload: Arc<Workload>,
-    shared: &Shared,
+    chaos: Option<(&mut Chaos, &mut Services)>,
 ) -> Result<Measured> {
     let plan = Plan {
-        lanes: lanes.len(),
+        lanes: lanes.lanes.len(),
         requests: args.requests,
         duration: args.duration_or_default(),
         pace,
     };
-    let judge = Arc::new(Judge {
-        domain: args.domain.clone(),
-        verify: args.verify(),
-        errors_injected: args.provider_error_rate > 0.0,
-    });
+    let bar = progress_bar(args);
+    let stop = CancellationToken::new();
+    let shared = lanes.shared;
     shared.start_now();
     let started = Instant::now();
     let (schedule, views) = Schedule::start(plan);
-    let progress = progress(args, shared, started);
+    let progress = progress(args, bar.clone(), shared, started);
+    let driving = async {
+        let driven = drive_all(lanes, views).await;
+        stop.cancel();
+        driven
+    };
+    let chaos_run = async {
+        match chaos {
+            Some((chaos, services)) => {
+                Some(chaos.run(services, started, &stop, &bar, plan.lanes).await)
+            }
+            None => None,
+        }
+    };
+    let (lanes, chaos) = tokio::join!(driving, chaos_run);
+    let elapsed = started.elapsed();
+    progress.abort();
+    Ok(Measured {
+        lanes: lanes?,
+        elapsed,
+        scheduled: schedule.finish(),
+        chaos,
+    })
+}
+
+/// Drives each lane on its own task with its view of the schedule; returns the lanes when
+/// every one is done.
+async fn drive_all(lanes: Lanes<'_>, views: Vec<LaneSchedule>) -> Result<Vec<Lane>> {
     let tasks: Vec<_> = lanes
+        .lanes
         .into_iter()
         .zip(views)
         .map(|(lane, view)| {
             tokio::spawn(drive(
                 lane,
                 view,
-                workload.clone(),
-                shared.lane(),
-                judge.clone(),
+                lanes.workload.clone(),
+                lanes.shared.lane(),
+                lanes.judge.clone(),
             ))
         })
         .collect();
-    let mut lanes = Vec::with_capacity(tasks.len());
+    let mut done = Vec::with_capacity(tasks.len());
     for task in tasks {
-        lanes.push(task.await.context("a lane panicked")?);
+        done.push(task.await.context("a lane panicked")?);
     }
-    let elapsed = started.elapsed();
-    progress.abort();
-    Ok(Measured {
-        lanes,
-        elapsed,
-        scheduled: schedule.finish(),
-    })
+    Ok(done)
 }
 
 fn describe(args: &LoadArgs, via: &Via) -> String {
@@ -160,19 +236,31 @@ fn describe(args: &LoadArgs, via: &Via) -> String {
 }
 
 /// Starts the extauth programs (lane `i` plays a program of node `i % nodes`, so consecutive
-/// requests go round-robin over nodes and programs) or opens the wire connections.
+/// requests go round-robin over nodes and programs) or opens the wire connections. In a chaos
+/// run every shim gets every broker as its failover list, lane `i` starting with broker
+/// `i % brokers` (`A,B` for even lanes, `B,A` for odd ones with two brokers).
 async fn open_lanes(args: &LoadArgs, via: &Via, services: &Services) -> Result<Vec<Lane>> {
     let count = args.lanes(via);
-    let spec = |node: usize| -> Result<ProgramSpec> {
+    let spec = |i: usize| -> Result<ProgramSpec> {
+        let node = i % args.nodes;
         Ok(match via {
             Via::Program(cmd) => ProgramSpec::shell(cmd, services.program_env(args, node)),
-            _ => ProgramSpec {
-                program: sibling_binary(args.shim.as_deref(), "extauth-shim")?
-                    .display()
-                    .to_string(),
-                args: vec!["--timeout".into(), SHIM_TIMEOUT_S.into()],
-                env: services.program_env(args, node),
-            },
+            _ => {
+                let mut shim_args = vec![
+                    "--timeout".into(),
+                    args.shim_timeout.as_secs_f64().to_string(),
+                ];
+                if args.chaos {
+                    shim_args.extend(["--broker".into(), services.failover_list(i)]);
+                }
+                ProgramSpec {
+                    program: sibling_binary(args.shim.as_deref(), "extauth-shim")?
+                        .display()
+                        .to_string(),
+                    args: shim_args,
+                    env: services.program_env(args, node),
+                }
+            }
         })
     };
     match via {
@@ -189,11 +277,7 @@ async fn open_lanes(args: &LoadArgs, via: &Via, services: &Services) -> Result<V
                 .collect())
         }
         Via::Shim | Via::Program(_) => (0..count)
-            .map(|i| {
-                Ok(Lane::Program(Box::new(ProgramLane::spawn(&spec(
-                    i % args.nodes,
-                )?)?)))
-            })
+            .map(|i| Ok(Lane::Program(Box::new(ProgramLane::spawn(&spec(i)?)?))))
             .collect(),
     }
 }
@@ -242,9 +326,19 @@ async fn drive(
         let (sent, sent_ms) = (Instant::now(), now_ms());
         match lane.auth(&job.user, &judge.domain, &job.token).await {
             Ok(answer) => {
-                let done = Instant::now();
-                let counts = judge.counts(&job, answer, sent_ms, now_ms());
-                tally.answer(done - slot.intended.unwrap_or(sent), done, counts);
+                let flight = Flight {
+                    sent,
+                    sent_ms,
+                    done: Instant::now(),
+                    done_ms: now_ms(),
+                };
+                let counts = judge.counts(&job, answer, &flight);
+                let reply = Reply {
+                    latency: flight.done - slot.intended.unwrap_or(sent),
+                    took: flight.done - sent,
+                    done: flight.done,
+                };
+                tally.answer(reply, counts);
             }
             Err(_) => {
                 tally.count(Counts {
@@ -258,24 +352,52 @@ async fn drive(
     lane
 }
 
+/// When a request was sent and answered, on both clocks: wall-clock ms since the epoch (token
+/// expiry) and monotonic instants (broker kills, the deadline).
+struct Flight {
+    sent: Instant,
+    sent_ms: u64,
+    done: Instant,
+    done_ms: u64,
+}
+
 /// Turns an answer into counts.
 struct Judge {
     domain: String,
     verify: bool,
     errors_injected: bool,
+    /// Chaos runs: the broker kills, which excuse refusals of requests in flight at one.
+    kills: Option<KillLog>,
+    /// Shim lanes: a reply slower than this (from the send) is late.
+    late_after: Option<Duration>,
 }
 
 impl Judge {
-    fn counts(&self, job: &scenario::Job, answer: Answer, sent_ms: u64, done_ms: u64) -> Counts {
+    /// The judge of `args`' run over `via`; `kills` in a chaos run.
+    fn new(args: &LoadArgs, via: &Via, kills: Option<KillLog>) -> Judge {
+        Judge {
+            domain: args.domain.clone(),
+            verify: args.verify(),
+            errors_injected: args.provider_error_rate > 0.0,
+            kills,
+            late_after: (*via == Via::Shim).then_some(args.shim_timeout + LATE_SLACK),
+        }
+    }
+
+    fn counts(&self, job: &scenario::Job, answer: Answer, flight: &Flight) -> Counts {
         let mut c = Counts {
             accepts: answer.ok.into(),
             rejects: (!answer.ok).into(),
+            late: self
+                .late_after
+                .is_some_and(|limit| flight.done - flight.sent > limit)
+                .into(),
             ..Counts::default()
         };
         if !self.verify {
             return c;
         }
-        match job.expect.judge(answer.ok, sent_ms, done_ms) {
+        match job.expect.judge(answer.ok, flight.sent_ms, flight.done_ms) {
             Judgement::Right => {}
             Judgement::Either => c.either = 1,
             Judgement::Wrong if answer.ok => c.wrong_accepts = 1,
@@ -285,6 +407,10 @@ impl Judge {
                 if job.expect.wants_accept() && self.provider_failed(answer.reason) =>
             {
                 c.upstream_refusals = 1
+            }
+            // The shim may have sent it to the broker that died; it fails closed.
+            Judgement::Wrong if job.expect.wants_accept() && self.killed_in_flight(flight) => {
+                c.kill_refusals = 1
             }
             Judgement::Wrong => c.wrong_rejects = 1,
         }
@@ -297,23 +423,37 @@ impl Judge {
             None => self.errors_injected,
         }
     }
+
+    fn killed_in_flight(&self, flight: &Flight) -> bool {
+        self.kills
+            .as_ref()
+            .is_some_and(|k| k.in_flight(flight.sent, flight.done))
+    }
 }
 
-/// A progress bar with the live rate, redrawn 4 times a second (hidden with --quiet or when
-/// stderr is not a terminal).
-fn progress(args: &LoadArgs, shared: &Shared, started: Instant) -> tokio::task::JoinHandle<()> {
-    let (bar, by_requests) = match (args.requests, args.duration_or_default()) {
-        (_, _) if args.quiet => (ProgressBar::hidden(), true),
-        (Some(n), _) => (ProgressBar::new(n), true),
-        (None, duration) => (
-            ProgressBar::new(duration.map_or(0, |d| d.as_millis() as u64)),
-            false,
-        ),
+/// The progress bar (hidden with --quiet or when stderr is not a terminal); chaos events are
+/// printed above it.
+fn progress_bar(args: &LoadArgs) -> ProgressBar {
+    let bar = match (args.requests, args.duration_or_default()) {
+        _ if args.quiet => ProgressBar::hidden(),
+        (Some(n), _) => ProgressBar::new(n),
+        (None, duration) => ProgressBar::new(duration.map_or(0, |d| d.as_millis() as u64)),
     };
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] {msg}")
             .expect("valid template"),
     );
+    bar
+}
+
+/// Moves `bar` along with the live rate, 4 times a second.
+fn progress(
+    args: &LoadArgs,
+    bar: ProgressBar,
+    shared: &Shared,
+    started: Instant,
+) -> tokio::task::JoinHandle<()> {
+    let by_requests = args.requests.is_some();
     let shared = shared.clone();
     tokio::spawn(async move {
         let mut last = (Instant::now(), 0u64);
@@ -339,4 +479,71 @@ async fn close(lanes: Vec<Lane>) {
         Lane::Wire(_) => None,
     });
     futures_util::future::join_all(programs).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::scenario::{Expect, Job};
+
+    fn judge(kills: Option<KillLog>) -> Judge {
+        Judge {
+            domain: "localhost".into(),
+            verify: true,
+            errors_injected: false,
+            kills,
+            late_after: Some(Duration::from_secs(11)),
+        }
+    }
+
+    fn valid() -> Job {
+        Job {
+            user: "user1".into(),
+            token: "run.1.99999999999.1".into(),
+            expect: Expect::Accept,
+            key: 4,
+        }
+    }
+
+    fn flight(sent: Instant, took: Duration) -> Flight {
+        Flight {
+            sent,
+            sent_ms: 1_000,
+            done: sent + took,
+            done_ms: 1_000 + took.as_millis() as u64,
+        }
+    }
+
+    const REFUSED: Answer = Answer {
+        ok: false,
+        reason: None,
+    };
+
+    #[test]
+    fn a_valid_token_refused_across_a_broker_kill_is_tolerated_and_no_other() {
+        let kills = KillLog::default();
+        let sent = Instant::now();
+        let window = kills.open();
+        kills.close(window);
+        let judge = judge(Some(kills));
+        let across = judge.counts(&valid(), REFUSED, &flight(sent, Duration::from_millis(5)));
+        assert_eq!((across.kill_refusals, across.wrong_rejects), (1, 0));
+        let later = Instant::now() + Duration::from_millis(1);
+        let after = judge.counts(&valid(), REFUSED, &flight(later, Duration::from_millis(5)));
+        assert_eq!((after.kill_refusals, after.wrong_rejects), (0, 1));
+    }
+
+    #[test]
+    fn a_reply_after_the_deadline_is_late_however_it_is_judged() {
+        let judge = judge(None);
+        let answer = Answer {
+            ok: true,
+            reason: None,
+        };
+        let slow = flight(Instant::now(), Duration::from_millis(11_001));
+        let counts = judge.counts(&valid(), answer, &slow);
+        assert_eq!((counts.late, counts.wrong()), (1, 0));
+        let in_time = flight(Instant::now(), Duration::from_secs(11));
+        assert_eq!(judge.counts(&valid(), answer, &in_time).late, 0);
+    }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use super::chaos::ChaosReport;
 use super::cli::ScenarioKind;
 use super::services::Rss;
 use super::stats::{Counts, Tally, BUCKET};
@@ -84,6 +85,16 @@ pub struct Report {
     pub broker_cpu_us_per_auth: Option<f64>,
     /// Largest peak resident memory among the extauth programs.
     pub program_peak_rss_kib: Option<u64>,
+    /// The slowest reply, ms from the moment its request was sent (not from its intended time).
+    pub slowest_reply_ms: f64,
+    /// Shim lanes: the shims' deadline (`--timeout`), ms; a reply slower than it plus
+    /// `late_slack_ms` is counted in `counts.late` and fails the run.
+    pub reply_deadline_ms: Option<u64>,
+    /// Slack on top of `reply_deadline_ms`, ms.
+    pub late_slack_ms: u64,
+    /// Chaos runs: what the schedule did (`counts.kill_refusals` are the valid tokens refused
+    /// while in flight at a broker kill).
+    pub chaos: Option<ChaosReport>,
     /// `(percentile, latency in µs)` points of the latency distribution.
     pub percentiles: Vec<(f64, f64)>,
     /// Answers per second in each whole 100 ms bucket of the run.
@@ -130,6 +141,10 @@ pub struct RunFacts {
     pub broker_cpu: Option<Duration>,
     /// See [`Report::program_peak_rss_kib`].
     pub program_peak_rss_kib: Option<u64>,
+    /// Shim lanes: the shims' `--timeout`.
+    pub reply_deadline: Option<Duration>,
+    /// See [`Report::chaos`].
+    pub chaos: Option<ChaosReport>,
 }
 
 impl Report {
@@ -140,8 +155,11 @@ impl Report {
         let answered = tally.counts.answered();
         let secs = facts.elapsed.as_secs_f64().max(1e-9);
         let auths = answered + facts.warmup_requests;
+        // Injected provider errors are retried, chaos loses caches, JWT runs fetch keys and a
+        // real provider is not counted: no exact call count then.
         let exact = facts.verified
             && !facts.errors_injected
+            && facts.chaos.is_none()
             && facts.calls_per_login
             && facts.provider_calls.is_some();
         Report {
@@ -190,6 +208,10 @@ impl Report {
                 .filter(|_| answered > 0)
                 .map(|c| c.as_secs_f64() * 1e6 / answered as f64),
             program_peak_rss_kib: facts.program_peak_rss_kib,
+            slowest_reply_ms: tally.slowest.as_secs_f64() * 1000.0,
+            reply_deadline_ms: facts.reply_deadline.map(|d| d.as_millis() as u64),
+            late_slack_ms: super::LATE_SLACK.as_millis() as u64,
+            chaos: facts.chaos,
             percentiles: h
                 .iter_quantiles(4)
                 .map(|v| (v.quantile_iterated_to() * 100.0, us(v.value_iterated_to())))
@@ -204,9 +226,41 @@ impl Report {
         }
     }
 
-    /// Whether the run found no fault: no wrong verdict and no broken lane.
+    /// Whether the run found no fault (see [`Report::failures`]).
     pub fn passed(&self) -> bool {
-        self.wrong_verdicts.unwrap_or(0) == 0 && self.counts.errors == 0
+        self.failures().is_empty()
+    }
+
+    /// The faults the run found, one line each: wrong verdicts, broken lanes, late replies, and
+    /// in a chaos run more refusals at broker kills than lanes x kills, or a schedule that
+    /// stopped early.
+    pub fn failures(&self) -> Vec<String> {
+        let c = &self.counts;
+        let mut failures = Vec::new();
+        if let Some(wrong @ 1..) = self.wrong_verdicts {
+            failures.push(format!(
+                "{wrong} wrong verdicts ({} wrong accepts, {} wrong refusals)",
+                c.wrong_accepts, c.wrong_rejects
+            ));
+        }
+        if c.errors > 0 {
+            failures.push(format!("{} broken lanes", c.errors));
+        }
+        if c.late > 0 {
+            failures.push(format!("{} replies later than the deadline", c.late));
+        }
+        if let Some(chaos) = &self.chaos {
+            if c.kill_refusals > chaos.kill_refusal_bound {
+                failures.push(format!(
+                    "{} valid tokens refused at broker kills, more than lanes x kills = {}",
+                    c.kill_refusals, chaos.kill_refusal_bound
+                ));
+            }
+            if let Some(error) = &chaos.error {
+                failures.push(format!("the chaos schedule stopped: {error}"));
+            }
+        }
+        failures
     }
 
     /// Writes the report as pretty JSON.
@@ -216,6 +270,21 @@ impl Report {
     pub fn write_json(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+impl Report {
+    /// The slowest reply against the deadline, and the late ones.
+    fn fmt_replies(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let deadline = self.reply_deadline_ms.map_or_else(
+            || "no deadline".to_owned(),
+            |d| format!("deadline {d} ms + {} ms slack", self.late_slack_ms),
+        );
+        writeln!(
+            f,
+            "  {:<18} slowest {:.1} ms from send ({deadline}), late {}",
+            "replies", self.slowest_reply_ms, self.counts.late
+        )
     }
 }
 
@@ -264,6 +333,21 @@ impl Display for Report {
                 f,
                 "  {:<18} at expiry {}  refused for provider errors {}  broken lanes {}",
                 "", c.either, c.upstream_refusals, c.errors
+            )?;
+        }
+        self.fmt_replies(f)?;
+        if let Some(chaos) = &self.chaos {
+            writeln!(
+                f,
+                "  {:<18} {} events in {:.0} s cycles: broker kills {}, Redis kills {}; valid refused in flight at a broker kill {} (bound {}){}",
+                "chaos",
+                chaos.events.len(),
+                chaos.period_s,
+                chaos.broker_kills,
+                chaos.redis_kills,
+                c.kill_refusals,
+                chaos.kill_refusal_bound,
+                chaos.error.as_ref().map_or_else(String::new, |e| format!("; STOPPED: {e}")),
             )?;
         }
         let expected = self.expected_provider_calls.map_or_else(String::new, |e| {

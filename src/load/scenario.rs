@@ -28,6 +28,8 @@ use crate::devprovider::Resolver;
 
 /// Lifetime of the tokens of every scenario but `expiry` (seconds): longer than any run.
 const TOKEN_LIFETIME_S: u64 = 24 * 3600;
+/// `mixed`: how long ago the `exp` of its expired tokens passed (seconds).
+const EXPIRED_AGO_S: u64 = 3600;
 /// `expiry`: answers this close to `exp` (ms) may go either way (clock reads differ by a few
 /// microseconds between the harness and the broker, and a verdict is cached until exactly `exp`).
 const EXPIRY_SLACK_MS: u64 = 20;
@@ -103,8 +105,11 @@ pub struct Workload {
     zipf: Zipf<f64>,
     invalid_pct: f64,
     foreign_pct: f64,
+    expired_pct: f64,
     /// `exp` of every token (seconds since the epoch).
     exp_s: u64,
+    /// `exp` of `mixed`'s expired tokens (seconds since the epoch, in the past).
+    expired_exp_s: u64,
 }
 
 impl Workload {
@@ -138,7 +143,9 @@ impl Workload {
             zipf: Zipf::new(tokens as f64, args.zipf).context("--zipf")?,
             invalid_pct: args.invalid_pct,
             foreign_pct: args.foreign_pct,
+            expired_pct: args.expired_pct,
             exp_s,
+            expired_exp_s: now_s.saturating_sub(EXPIRED_AGO_S),
         })
     }
 
@@ -200,28 +207,41 @@ impl Workload {
         }
     }
 
-    /// Zipf-popular token; some unknown to the provider, some presented by the next user.
+    /// Zipf-popular token; some unknown to the provider, some presented by the next user, some
+    /// past their `exp`. Keys: `4 * rank` plus 0 (valid), 1 (unknown), 2 (foreign), 3 (expired).
     fn mixed(&self, seq: u64) -> Job {
         // Seeded per request, so a run is reproducible whatever lane sends what.
         let mut rng = SmallRng::seed_from_u64(self.seed ^ seq.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let rank = (self.zipf.sample(&mut rng) as u64).clamp(1, self.tokens) - 1;
         let dice = rng.random_range(0.0..100.0);
-        if dice < self.invalid_pct {
+        // Cumulative thresholds of the dice (0..100) for each kind of wrong token.
+        let invalid_below = self.invalid_pct;
+        let foreign_below = invalid_below + self.foreign_pct;
+        let expired_below = foreign_below + self.expired_pct;
+        if dice < invalid_below {
             Job {
                 token: self.maker.unknown(&self.run, rank, self.exp_s, rank),
                 expect: Expect::Reject,
-                key: 3 * rank + 1,
+                key: 4 * rank + 1,
                 ..self.valid(rank, rank, 0)
             }
-        } else if dice < self.invalid_pct + self.foreign_pct {
+        } else if dice < foreign_below {
             Job {
                 user: self.maker.thief(rank, self.tokens),
                 expect: Expect::Reject,
-                key: 3 * rank + 2,
+                key: 4 * rank + 2,
                 ..self.valid(rank, rank, 0)
             }
+        } else if dice < expired_below {
+            let (user, token) = self.maker.valid(&self.run, rank, self.expired_exp_s, rank);
+            Job {
+                user,
+                token,
+                expect: Expect::Reject,
+                key: 4 * rank + 3,
+            }
         } else {
-            self.valid(rank, rank, 3 * rank)
+            self.valid(rank, rank, 4 * rank)
         }
     }
 }

@@ -1,6 +1,8 @@
 //! What a run talks to: the built-in mock provider, and the brokers (started as child processes
 //! of the real `extauth-broker` binary, or the floor, or brokers already running).
 
+use std::ffi::OsString;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,14 +28,30 @@ pub struct Services {
     pub client_secret: String,
     /// Broker addresses (`unix:/path` or `tcp:HOST:PORT`).
     pub brokers: Vec<String>,
-    started: Vec<Child>,
+    started: Vec<StartedBroker>,
     dir: TempDir,
+}
+
+/// A broker the harness started: its process while it runs, and how to start it again.
+struct StartedBroker {
+    launch: Launch,
+    child: Option<Child>,
+}
+
+/// How to start one broker, again and again: the same command line, environment, socket and log
+/// (appended to, so a restarted broker's log follows its predecessor's).
+struct Launch {
+    program: PathBuf,
+    args: Vec<OsString>,
+    env: Vec<(&'static str, String)>,
+    socket: PathBuf,
+    log: PathBuf,
 }
 
 impl Services {
     /// Starts the mock provider (answering with `resolver`, and serving `jwks` when given)
     /// unless `--provider-url` names a real one, then the brokers (or takes the `--broker`
-    /// addresses).
+    /// addresses), keeping sockets, logs and the cache secret in `dir` (removed on drop).
     ///
     /// # Errors
     /// A port that cannot be bound, a broker binary that is missing or does not start.
@@ -41,6 +59,7 @@ impl Services {
         args: &LoadArgs,
         resolver: Resolver,
         jwks: Option<Value>,
+        dir: TempDir,
     ) -> Result<Services> {
         let client_secret = std::env::var("EXTAUTH_CLIENT_SECRET")
             .unwrap_or_else(|_| hex::encode(rand::random::<[u8; 16]>()));
@@ -56,7 +75,6 @@ impl Services {
         if let (Some(provider), Some(set)) = (&provider, jwks) {
             provider.set_jwks(set);
         }
-        let dir = tempfile::Builder::new().prefix("extauth-load").tempdir()?;
         let mut services = Services {
             provider,
             client_secret,
@@ -72,82 +90,124 @@ impl Services {
         Ok(services)
     }
 
-    /// Resident memory of each started broker, now and at its peak (KiB).
+    /// Resident memory of each started broker that runs, now and at its peak (KiB).
     pub fn broker_rss_kib(&self) -> Vec<Rss> {
-        self.started
-            .iter()
-            .filter_map(|c| Rss::of(c.id()))
-            .collect()
+        self.running().filter_map(|c| Rss::of(c.id())).collect()
     }
 
-    /// CPU time (user + system) the started brokers have used so far, together; `None` when
-    /// the run targets brokers it did not start.
+    /// CPU time (user + system) the running started brokers have used so far, together; `None`
+    /// when the run targets brokers it did not start.
     pub fn broker_cpu(&self) -> Option<Duration> {
-        let started = self.started.iter().filter_map(|c| cpu_time(c.id()));
-        (!self.started.is_empty()).then(|| started.sum())
+        let used = self.running().filter_map(|c| cpu_time(c.id()));
+        (!self.started.is_empty()).then(|| used.sum())
+    }
+
+    /// Every broker address, starting with broker `first` (modulo their number), joined with
+    /// commas: a shim's `--broker` failover list.
+    pub fn failover_list(&self, first: usize) -> String {
+        let n = self.brokers.len().max(1);
+        (0..self.brokers.len())
+            .map(|k| self.brokers[(first + k) % n].as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Kills started broker `i` with SIGKILL and reaps it (its socket file stays behind, as
+    /// after a crash).
+    ///
+    /// # Errors
+    /// When broker `i` was not started by the harness or is not running.
+    pub fn kill_broker(&mut self, i: usize) -> Result<()> {
+        let mut child = self
+            .started
+            .get_mut(i)
+            .and_then(|b| b.child.take())
+            .with_context(|| format!("broker {i} is not running"))?;
+        child.kill().context("killing the broker")?;
+        child.wait().context("reaping the killed broker")?;
+        Ok(())
+    }
+
+    /// Starts started broker `i` again, on its socket with its flags, and waits until it
+    /// listens (kills it first if it still runs).
+    ///
+    /// # Errors
+    /// When broker `i` was not started by the harness, or does not listen again within 10 s.
+    pub async fn restart_broker(&mut self, i: usize) -> Result<()> {
+        let broker = self
+            .started
+            .get_mut(i)
+            .with_context(|| format!("broker {i} was not started by extauth-load"))?;
+        if let Some(mut old) = broker.child.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        broker.child = Some(broker.launch.spawn().await?);
+        Ok(())
+    }
+
+    fn running(&self) -> impl Iterator<Item = &Child> {
+        self.started.iter().filter_map(|b| b.child.as_ref())
     }
 
     async fn start_broker(&mut self, args: &LoadArgs, i: usize) -> Result<()> {
         let socket = self.dir.path().join(format!("broker-{i}.sock"));
+        let log = self.dir.path().join(format!("broker-{i}.log"));
         let listen = format!("unix:{}", socket.display());
-        let log_path = self.dir.path().join(format!("broker-{i}.log"));
-        let log = std::fs::File::create(&log_path)?;
-        let mut cmd = if args.floor {
-            let mut cmd = Command::new(std::env::current_exe()?);
-            cmd.arg("floor-broker").arg(&socket);
-            cmd
-        } else {
-            self.broker_command(args, &listen)?
-        };
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting the broker")?;
-        let started = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            if child.try_wait()?.is_some() || started.elapsed() > START_LIMIT {
-                let _ = child.kill();
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                bail!("the broker did not start listening on {listen}; its log:\n{log}");
+        let launch = if args.floor {
+            Launch {
+                program: std::env::current_exe()?,
+                args: vec!["floor-broker".into(), socket.clone().into()],
+                env: Vec::new(),
+                socket,
+                log,
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        self.started.push(child);
+        } else {
+            self.broker_launch(args, socket, log)?
+        };
+        let child = launch.spawn().await?;
+        self.started.push(StartedBroker {
+            launch,
+            child: Some(child),
+        });
         self.brokers.push(listen);
         Ok(())
     }
 
-    /// The real broker: the mock provider's URL, L1 only unless --redis, a cache secret shared
-    /// by every broker of the run (so they derive the same Redis keys), logs at `warn`.
-    fn broker_command(&self, args: &LoadArgs, listen: &str) -> Result<Command> {
+    /// The real broker on `socket`: the mock provider's URL, L1 only unless --redis, a cache
+    /// secret shared by every broker of the run (so they derive the same Redis keys), logs at
+    /// `warn` to `log`.
+    fn broker_launch(&self, args: &LoadArgs, socket: PathBuf, log: PathBuf) -> Result<Launch> {
         let secret_file = self.dir.path().join("cache.key");
         if !secret_file.exists() {
             std::fs::write(&secret_file, hex::encode(rand::random::<[u8; 32]>()))?;
         }
-        let mut cmd = Command::new(sibling_binary(
-            args.broker_bin.as_deref(),
-            "extauth-broker",
-        )?);
-        cmd.args(["--listen", listen]);
-        self.validator_args(args, &mut cmd)?;
-        cmd.arg("--cache-secret-file")
-            .arg(&secret_file)
-            .args(&args.broker_args)
-            .env("EXTAUTH_CLIENT_SECRET", &self.client_secret)
-            .env("EXTAUTH_LOG_LEVEL", "warn");
+        let listen = format!("unix:{}", socket.display());
+        let mut flags: Vec<OsString> = vec!["--listen".into(), listen.into()];
+        flags.extend(self.validator_flags(args)?);
+        flags.push("--cache-secret-file".into());
+        flags.push(secret_file.into());
+        flags.extend(args.broker_args.iter().map(OsString::from));
         if let Some(redis) = &args.redis {
-            cmd.args(["--redis", redis]);
+            flags.extend(["--redis".into(), redis.into()]);
         }
-        Ok(cmd)
+        Ok(Launch {
+            program: sibling_binary(args.broker_bin.as_deref(), "extauth-broker")?,
+            args: flags,
+            env: vec![
+                ("EXTAUTH_CLIENT_SECRET", self.client_secret.clone()),
+                ("EXTAUTH_LOG_LEVEL", "warn".into()),
+            ],
+            socket,
+            log,
+        })
     }
 
     /// How the broker validates: the mock's introspection endpoint, a JWT validator on the
     /// mock's JWKS (in a config file: the flags only describe introspection; no leeway, so the
     /// `expiry` scenario's verdicts flip at `exp`), or the real provider.
-    fn validator_args(&self, args: &LoadArgs, cmd: &mut Command) -> Result<()> {
-        match (&self.provider, args.validator) {
+    fn validator_flags(&self, args: &LoadArgs) -> Result<Vec<OsString>> {
+        Ok(match (&self.provider, args.validator) {
             (Some(mock), MockValidator::Jwt) => {
                 let config = self.dir.path().join("jwt.toml");
                 let table = format!(
@@ -155,14 +215,17 @@ impl Services {
                     mock.jwks_url()
                 );
                 std::fs::write(&config, table)?;
-                cmd.arg("--config").arg(config);
+                vec!["--config".into(), config.into()]
             }
-            _ => {
-                let url = self.introspection_url(args);
-                cmd.args(["--introspection-url", &url, "--client-id", &args.client_id]);
-            }
-        }
-        Ok(())
+            _ => [
+                "--introspection-url",
+                &self.introspection_url(args),
+                "--client-id",
+                &args.client_id,
+            ]
+            .map(OsString::from)
+            .into(),
+        })
     }
 
     /// The introspection endpoint the run's tokens are valid at.
@@ -192,9 +255,42 @@ impl Services {
     }
 }
 
+impl Launch {
+    /// Starts the process and waits until its socket accepts connections.
+    ///
+    /// # Errors
+    /// A binary that cannot be run, or a process that exits or does not listen within 10 s
+    /// (the message quotes its log).
+    async fn spawn(&self) -> Result<Child> {
+        let log = File::options().create(true).append(true).open(&self.log)?;
+        let mut child = Command::new(&self.program)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.program.display()))?;
+        let started = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if child.try_wait()?.is_some() || started.elapsed() > START_LIMIT {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                bail!(
+                    "the broker did not start listening on unix:{}; its log:\n{log}",
+                    self.socket.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(child)
+    }
+}
+
 impl Drop for Services {
     fn drop(&mut self) {
-        for child in &mut self.started {
+        for child in self.started.iter_mut().filter_map(|b| b.child.as_mut()) {
             let _ = child.kill();
             let _ = child.wait();
         }

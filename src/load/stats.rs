@@ -31,6 +31,11 @@ pub struct Counts {
     pub either: u64,
     /// "No" where "yes" was right, explained by an injected provider failure (fail closed).
     pub upstream_refusals: u64,
+    /// "No" where "yes" was right, for a request in flight when a chaos run killed a broker
+    /// (tolerated, up to one per lane and kill).
+    pub kill_refusals: u64,
+    /// Replies later than the shim's deadline plus slack, measured from the send (must be 0).
+    pub late: u64,
     /// Lanes that broke (program died, connection closed, garbage answer).
     pub errors: u64,
 }
@@ -43,6 +48,8 @@ impl AddAssign for Counts {
         self.wrong_rejects += o.wrong_rejects;
         self.either += o.either;
         self.upstream_refusals += o.upstream_refusals;
+        self.kill_refusals += o.kill_refusals;
+        self.late += o.late;
         self.errors += o.errors;
     }
 }
@@ -69,6 +76,9 @@ pub struct Tally {
     pub keys: HashSet<u64>,
     /// Answers per [`BUCKET`] since the start of the measurement.
     pub timeline: Vec<u64>,
+    /// The slowest reply, from the moment its request was sent (open loop: not from its
+    /// intended time).
+    pub slowest: Duration,
 }
 
 impl Tally {
@@ -80,6 +90,7 @@ impl Tally {
             counts: Counts::default(),
             keys: HashSet::new(),
             timeline: Vec::new(),
+            slowest: Duration::ZERO,
         }
     }
 }
@@ -121,6 +132,7 @@ impl Shared {
             latencies: Vec::with_capacity(BATCH),
             keys: Vec::with_capacity(BATCH),
             counts: Counts::default(),
+            slowest: Duration::ZERO,
         }
     }
 
@@ -138,6 +150,17 @@ pub struct LaneTally {
     latencies: Vec<(u64, usize)>,
     keys: Vec<u64>,
     counts: Counts,
+    slowest: Duration,
+}
+
+/// One answered request, as a lane records it.
+pub struct Reply {
+    /// Latency: from the intended send time in open loop, else from the send.
+    pub latency: Duration,
+    /// From the send to the answer.
+    pub took: Duration,
+    /// When the answer came.
+    pub done: Instant,
 }
 
 impl LaneTally {
@@ -147,11 +170,13 @@ impl LaneTally {
         self.flush_if_full();
     }
 
-    /// Records one answered request: its latency, when it was answered, and how it was judged.
-    pub fn answer(&mut self, latency: Duration, done: Instant, counts: Counts) {
-        let bucket =
-            (done.saturating_duration_since(self.start).as_nanos() / BUCKET.as_nanos()) as usize;
-        self.latencies.push((latency.as_nanos() as u64, bucket));
+    /// Records one answered request and how it was judged.
+    pub fn answer(&mut self, reply: Reply, counts: Counts) {
+        let bucket = (reply.done.saturating_duration_since(self.start).as_nanos()
+            / BUCKET.as_nanos()) as usize;
+        self.latencies
+            .push((reply.latency.as_nanos() as u64, bucket));
+        self.slowest = self.slowest.max(reply.took);
         self.count(counts);
         self.shared.answered.fetch_add(1, Ordering::Relaxed);
     }
@@ -179,6 +204,7 @@ impl LaneTally {
         }
         tally.keys.extend(self.keys.drain(..));
         tally.counts += std::mem::take(&mut self.counts);
+        tally.slowest = tally.slowest.max(self.slowest);
         self.latencies.clear();
     }
 }

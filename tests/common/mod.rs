@@ -3,6 +3,7 @@
 
 pub mod ejabberd;
 pub mod faults;
+pub mod harness;
 pub mod services;
 pub mod tokens;
 pub mod wire_client;
