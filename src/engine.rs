@@ -21,8 +21,9 @@ use crate::wire::{Reason, Source};
 
 /// Longest user or domain accepted (bytes); RFC 7622 caps each JID part at 1023 bytes.
 const MAX_JID_PART: usize = 1023;
-/// How long a broker holds the cluster-wide flight lock of a token at most (ms); other brokers
-/// wait for its verdict at most this long before validating themselves.
+/// How long a broker holds the cluster-wide flight lock of a token at most; other brokers wait
+/// for its verdict at most this long (and at most half their request's time left) before
+/// validating themselves.
 const LOCK_TTL: Duration = Duration::from_secs(6);
 /// Least time left before a request's deadline for a provider call to be started.
 const MIN_PROVIDER_BUDGET: Duration = Duration::from_millis(50);
@@ -296,7 +297,7 @@ impl Engine {
             }
             stale = stale.or(Some(v));
         }
-        let coordination = self.coordinate(&request.key).await;
+        let coordination = self.coordinate(&request.key, request.deadline).await;
         if let Coordination::Shared(v) = coordination {
             return Ok(self.shared_verdict(request, v, source).await);
         }
@@ -378,11 +379,16 @@ impl Engine {
 
     /// Takes the cluster-wide flight lock of `key`, or waits for the broker holding it to publish
     /// its verdict. Never a wrong verdict: at worst an extra provider call.
-    async fn coordinate(&self, key: &Key) -> Coordination {
+    ///
+    /// The wait lasts at most [`LOCK_TTL`] and at most half the time left before `deadline`: a
+    /// broker killed mid-flight leaves its lock behind until the TTL ends, and the requester must
+    /// still have time for its own provider call after giving up on it.
+    async fn coordinate(&self, key: &Key, deadline: Instant) -> Coordination {
         let Some(redis) = &self.redis else {
             return Coordination::Alone;
         };
-        let give_up = Instant::now() + LOCK_TTL;
+        let now = Instant::now();
+        let give_up = now + LOCK_TTL.min(deadline.saturating_duration_since(now) / 2);
         loop {
             match self.redis_result("lock", redis.lock(key, &self.owner, LOCK_TTL).await) {
                 Some(true) => return Coordination::Hold,

@@ -942,3 +942,34 @@ fn redis_hung_does_not_refuse_a_valid_login_with_a_5_s_deadline() {
     let answers = logins_while_redis_hangs(5.0);
     assert!(answers[1].0, "new user refused: {:?}", answers[1]);
 }
+
+/// A broker killed in the middle of a provider call leaves its cluster-wide flight lock in Redis
+/// until the lock's TTL (6 s). Another broker asked for the same token waits for the killed
+/// broker's verdict at most half its request's time left, then validates the token itself: a
+/// shim with a 3 s deadline still gets its "yes" in time (found by `extauth-load --chaos`).
+#[test]
+fn a_flight_lock_left_by_a_killed_broker_does_not_outlast_the_deadline() {
+    let provider = Provider::start();
+    let redis = Redis::start();
+    let spec = spec_with_redis(&provider, &redis, &[]);
+    let (mut a, b) = (Broker::start(&spec), Broker::start(&spec));
+    let orphaned = token("orphaned");
+    provider.insert(&orphaned, json!({"username": "alice"}));
+    provider.set_latency(Duration::from_millis(3000));
+    let mut doomed = Shim::spawn(&a.addr(), 10.0, &[]);
+    doomed.send(auth(&orphaned).as_bytes());
+    wait_until(Duration::from_secs(5), "broker A's provider call", || {
+        provider.calls() == 1
+    });
+    a.kill();
+    drop(doomed);
+    provider.set_latency(Duration::ZERO);
+    let mut shim = Shim::spawn(&b.addr(), 3.0, &[]);
+    let started = Instant::now();
+    assert!(
+        shim.ask(&auth(&orphaned)),
+        "broker B stops waiting for the dead flight and validates the token itself"
+    );
+    println!("answered after {:?}", started.elapsed());
+    assert_eq!(provider.calls(), 2, "one call by A (lost), one by B");
+}
