@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::services::shim_bin;
+use common::services::{printed, shim_bin};
 use serde_json::Value;
 
 /// Runs `extauth-load` with `args` (plus `--quiet --json`) and returns its JSON report.
@@ -24,11 +24,7 @@ fn load(args: &[&str]) -> Value {
         .arg(&json)
         .output()
         .expect("running extauth-load");
-    let shown = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let shown = printed(&output);
     assert!(
         output.status.success(),
         "extauth-load {args:?} failed:\n{shown}"
