@@ -29,6 +29,8 @@ binaries (cargo build --release --workspace). Every option also has an environme
   --bad B              bad tokens: unknown ones and other users'  (STORM_BAD, default 20)
   --rate R             tsung arrivals per second (Poisson)       (STORM_RATE, default 50)
   --pool-size P        extauth_pool_size of each node            (STORM_POOL_SIZE, default 2)
+  --relogin            each user logs in a second time with the same token, 1 s later:
+                       the broker answers it from its cache (tr_sasl_again)  (STORM_RELOGIN=1)
   --only shim|local    run one storm instead of both             (STORM_ONLY)
   --bin-dir DIR        extauth-broker, extauth-shim, extauth-load (STORM_BIN_DIR,
                        default $REPO/target/release)
@@ -48,6 +50,7 @@ USERS=${STORM_USERS:-200}
 BAD=${STORM_BAD:-20}
 RATE=${STORM_RATE:-50}
 POOL_SIZE=${STORM_POOL_SIZE:-2}
+RELOGIN=${STORM_RELOGIN:-0}
 ONLY=${STORM_ONLY:-}
 BIN_DIR=${STORM_BIN_DIR:-$REPO/target/release}
 OUT=${STORM_OUT:-}
@@ -80,6 +83,7 @@ while [ $# -gt 0 ]; do
     --epmd-port) EPMD_PORT=$(value_of "$@"); shift 2 ;;
     --provider-port) PROVIDER_PORT=$(value_of "$@"); shift 2 ;;
     --metrics-port) METRICS_PORT=$(value_of "$@"); shift 2 ;;
+    --relogin) RELOGIN=1 && shift ;;
     --keep-on-fail) KEEP=1 && shift ;;
     -h | --help) usage && exit 0 ;;
     *) die "unknown argument ${1@Q} (see --help)" ;;
@@ -99,6 +103,11 @@ fi
 if ! [[ $RATE =~ ^[0-9]{1,6}(\.[0-9]{1,6})?$ ]] || ! awk -v r="$RATE" 'BEGIN { exit !(r > 0) }'; then
     die "--rate wants a positive number of arrivals per second, got ${RATE@Q}"
 fi
+case $RELOGIN in
+0) PASSES=1 ;;
+1) PASSES=2 ;;
+*) die "STORM_RELOGIN wants 0 or 1, got ${RELOGIN@Q}" ;;
+esac
 case $ONLY in
 "") RUNS=(shim local) ;;
 shim | local) RUNS=("$ONLY") ;;
@@ -587,8 +596,26 @@ tsung_errors() { # LOG: total of every error_* counter
     awk '$1 == "stats:" && $2 ~ /^error_/ { last[$2] = $4 } END { for (k in last) sum += last[k]; printf "%d\n", sum }' "$1"
 }
 
+# The second login of --relogin: same user and token (tsung keeps them in the session), a new
+# connection (tsung reconnects when the server has closed the last one).
+RELOGIN_XML='      <thinktime value="1"/>
+      <request>
+        <jabber type="connect" ack="local"/>
+      </request>
+      <thinktime value="1"/>
+      <transaction name="sasl_again">
+        <request>
+          <match do="continue" when="match">&lt;success</match>
+          <jabber type="auth_sasl" ack="local"/>
+        </request>
+      </transaction>
+      <request>
+        <jabber type="close" ack="no_ack"/>
+      </request>'
+
 run_tsung() { # OUT_DIR
-    local out=$1 phase limit rc=0 log
+    local out=$1 phase limit rc=0 log relogin=""
+    if [ "$PASSES" = 2 ]; then relogin=$RELOGIN_XML; fi
     # Poisson arrivals: give the phase twice the mean time the logins need (gotcha 10f); tsung
     # stops as soon as the last user is launched and done.
     phase=$(awk -v l="$LOGINS" -v r="$RATE" 'BEGIN { printf "%d\n", 2 * l / r + 10 }')
@@ -597,9 +624,10 @@ run_tsung() { # OUT_DIR
     render "$HERE/login-storm.xml.in" \
         "MAXUSERS=$((LOGINS + 100))" "C2S_PORT1=$C2S_PORT1" "C2S_PORT2=$C2S_PORT2" \
         "PHASE_SECONDS=$phase" "LOGINS=$LOGINS" "RATE=$RATE" "CSV=$RUN_DIR/logins.csv" \
+        "RELOGIN=$relogin" \
         >"$RUN_DIR/login-storm.xml"
     cp "$RUN_DIR/login-storm.xml" "$RUN_DIR/logins.csv" "$out/"
-    say "tsung: $LOGINS logins at $RATE/s over both nodes (phase up to $phase s)"
+    say "tsung: $LOGINS users at $RATE/s over both nodes, $PASSES login(s) each (phase up to $phase s)"
     # HOME: tsung writes ~/.tsung (gotcha 10a); -n: no web GUI on :8091 (10b); ERL_FLAGS: its
     # distribution port on loopback only (10c), and no epmd of its own; -l: its own log dir
     # per run (10g). `timeout` runs tsung in a process group of its own, which cleanup kills.
@@ -624,6 +652,18 @@ KEYS=()          # their order in summary.env
 put() { # RUN KEY VALUE
     [ -n "${R[$1.$2]+set}" ] || KEYS+=("$1.$2")
     R[$1.$2]=$3
+}
+
+put_transaction() { # RUN NAME: tsung's figures of transaction NAME
+    local sample pct
+    read -r -a sample < <(tsung_sample "$TSUNG_LOG" "$2")
+    read -r -a pct < <(tsung_percentiles "${TSUNG_LOG%/*}/tsung-fullstats.log" "$2")
+    put "$1" "$2.count" "${sample[0]}"
+    put "$1" "$2.mean_ms" "${sample[1]}"
+    put "$1" "$2.p50_ms" "${pct[0]}"
+    put "$1" "$2.p90_ms" "${pct[1]}"
+    put "$1" "$2.p99_ms" "${pct[2]}"
+    put "$1" "$2.max_ms" "${sample[2]}"
 }
 
 storm() { # shim | local
@@ -654,21 +694,17 @@ storm() { # shim | local
         read -r -a before <<<"$counts"
     fi
 
+    # The machine may be shared: note how busy it was when the storm began.
+    put "$name" loadavg "$(cut -d' ' -f1-3 /proc/loadavg)"
     run_tsung "$out"
     # ejabberd's logger writes asynchronously: let the last logins' lines land.
     sleep 1
 
-    local sasl pct connect session
-    read -r -a sasl < <(tsung_sample "$TSUNG_LOG" tr_sasl_auth)
-    read -r -a pct < <(tsung_percentiles "${TSUNG_LOG%/*}/tsung-fullstats.log" tr_sasl_auth)
+    local connect session
+    put_transaction "$name" tr_sasl_auth
+    if [ "$PASSES" = 2 ]; then put_transaction "$name" tr_sasl_again; fi
     read -r -a connect < <(tsung_sample "$TSUNG_LOG" connect)
     read -r -a session < <(tsung_sample "$TSUNG_LOG" session)
-    put "$name" tr_sasl_auth.count "${sasl[0]}"
-    put "$name" tr_sasl_auth.mean_ms "${sasl[1]}"
-    put "$name" tr_sasl_auth.p50_ms "${pct[0]}"
-    put "$name" tr_sasl_auth.p90_ms "${pct[1]}"
-    put "$name" tr_sasl_auth.p99_ms "${pct[2]}"
-    put "$name" tr_sasl_auth.max_ms "${sasl[2]}"
     put "$name" connect.count "${connect[0]}"
     put "$name" connect.mean_ms "${connect[1]}"
     put "$name" connect.max_ms "${connect[2]}"
@@ -726,15 +762,18 @@ storm() { # shim | local
 }
 
 check_storm() { # RUN: do tsung, ejabberd and the broker tell the same story?
-    local r=$1
+    local r=$1 accepted=$((PASSES * USERS)) refused=$((PASSES * BAD))
     check_eq "$r: tsung users launched" "${R[$r.users_launched]}" "$LOGINS"
     check_eq "$r: tsung users finished" "${R[$r.users_finished]}" "$LOGINS"
     check_eq "$r: tsung errors" "${R[$r.tsung_errors]}" 0
     check_eq "$r: tr_sasl_auth count" "${R[$r.tr_sasl_auth.count]}" "$LOGINS"
-    check_eq "$r: tsung match (<success/>)" "${R[$r.match]}" "$USERS"
-    check_eq "$r: tsung nomatch" "${R[$r.nomatch]}" "$BAD"
-    check_eq "$r: ejabberd accepted logins (both nodes)" "${R[$r.ejabberd.accepted]}" "$USERS"
-    check_eq "$r: ejabberd failed logins (both nodes)" "${R[$r.ejabberd.failed]}" "$BAD"
+    if [ "$PASSES" = 2 ]; then
+        check_eq "$r: tr_sasl_again count" "${R[$r.tr_sasl_again.count]}" "$LOGINS"
+    fi
+    check_eq "$r: tsung match (<success/>)" "${R[$r.match]}" "$accepted"
+    check_eq "$r: tsung nomatch" "${R[$r.nomatch]}" "$refused"
+    check_eq "$r: ejabberd accepted logins (both nodes)" "${R[$r.ejabberd.accepted]}" "$accepted"
+    check_eq "$r: ejabberd failed logins (both nodes)" "${R[$r.ejabberd.failed]}" "$refused"
     # Both nodes served logins (random server choice: all of 20 on one node has odds 2^-19).
     if [ "$LOGINS" -ge 20 ]; then
         for n in 1 2; do
@@ -743,9 +782,11 @@ check_storm() { # RUN: do tsung, ejabberd and the broker tell the same story?
         done
     fi
     if [ "$r" = shim ]; then
-        check_eq "shim: broker auth accepted" "${R[shim.broker.accepted]}" "$USERS"
-        check_eq "shim: broker auth refused" "${R[shim.broker.refused]}" "$BAD"
-        # One call per distinct (user, token) at most; every good token needs its one call.
+        check_eq "shim: broker auth accepted" "${R[shim.broker.accepted]}" "$accepted"
+        check_eq "shim: broker auth refused" "${R[shim.broker.refused]}" "$refused"
+        # One call per distinct (user, token) at most, second logins included (positive verdicts
+        # live 300 s, negative ones 10 s, and the second login comes about 2 s after the first);
+        # every good token needs its one call.
         local calls=${R[shim.provider_calls]}
         [ "$calls" -le "$LOGINS" ] || fail "shim: $calls provider calls for $LOGINS distinct logins"
         [ "$calls" -ge "$USERS" ] || fail "shim: $calls provider calls for $USERS accepted new tokens"
@@ -757,41 +798,44 @@ check_storm() { # RUN: do tsung, ejabberd and the broker tell the same story?
 label() { case $1 in shim) echo "shim + broker" ;; local) echo "local check-tokens" ;; esac; }
 
 report() {
-    local runs=("${RUNS[@]}") head row k r ratio=""
+    local runs=("${RUNS[@]}") head row k r
+    local transactions=(tr_sasl_auth) t ratios=()
+    if [ "$PASSES" = 2 ]; then transactions+=(tr_sasl_again); fi
     if [ ${#runs[@]} = 2 ]; then
-        for k in mean p50 p99; do
-            put ratio "tr_sasl_auth.$k" "$(awk -v a="${R[shim.tr_sasl_auth.${k}_ms]}" -v b="${R[local.tr_sasl_auth.${k}_ms]}" \
-                'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')"
+        for t in "${transactions[@]}"; do
+            for k in mean p50 p99; do
+                put ratio "$t.$k" "$(awk -v a="${R[shim.$t.${k}_ms]}" -v b="${R[local.$t.${k}_ms]}" \
+                    'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')"
+            done
+            ratios+=("$t, shim + broker / local program: mean ${R[ratio.$t.mean]} (median ${R[ratio.$t.p50]}, p99 ${R[ratio.$t.p99]})")
         done
-        ratio="${R[ratio.tr_sasl_auth.mean]} (median ${R[ratio.tr_sasl_auth.p50]}, p99 ${R[ratio.tr_sasl_auth.p99]})"
     fi
     {
         echo
-        echo "tsung login storm: $USERS good + $BAD bad tokens at $RATE/s, extauth_pool_size $POOL_SIZE, 2 nodes"
+        echo "tsung login storm: $USERS good + $BAD bad tokens at $RATE/s, $PASSES login(s) each, extauth_pool_size $POOL_SIZE, 2 nodes"
         head=$(printf '%-40s' "")
         for r in "${runs[@]}"; do head+=$(printf ' %20s' "$(label "$r")"); done
         echo "$head"
-        for k in tr_sasl_auth.mean_ms tr_sasl_auth.p50_ms tr_sasl_auth.p90_ms tr_sasl_auth.p99_ms \
-            tr_sasl_auth.max_ms tr_sasl_auth.count \
+        for k in $(for t in "${transactions[@]}"; do printf "$t.%s " mean_ms p50_ms p90_ms p99_ms max_ms count; done) \
             connect.mean_ms connect.max_ms session.mean_ms session.max_ms \
             users_launched users_finished match nomatch tsung_errors \
             ejabberd.accepted ejabberd.failed ejabberd.node1.accepted ejabberd.node1.failed \
             ejabberd.node2.accepted ejabberd.node2.failed \
-            broker.accepted broker.refused provider_calls mock_provider_calls; do
+            broker.accepted broker.refused provider_calls mock_provider_calls loadavg; do
             row=$(printf '%-40s' "$k")
             for r in "${runs[@]}"; do row+=$(printf ' %20s' "${R[$r.$k]:-n/a}"); done
             echo "$row"
         done
-        if [ -n "$ratio" ]; then
+        if [ ${#ratios[@]} -gt 0 ]; then
             echo
-            echo "tr_sasl_auth, shim + broker / local program: mean $ratio"
+            printf '%s\n' "${ratios[@]}"
         fi
         echo "(times in ms, as tsung measures them: the SASL round trip through ejabberd and its extauth program;"
         echo " provider_calls: during the storm, from the broker's /metrics; mock_provider_calls: answered by"
         echo " the mock over the whole run, the 2 warm-up logins included)"
         echo
         if [ ${#FAILURES[@]} = 0 ]; then
-            echo "checks: all counts agree ($USERS accepted, $BAD refused everywhere)"
+            echo "checks: all counts agree ($((PASSES * USERS)) accepted, $((PASSES * BAD)) refused everywhere)"
         else
             echo "checks: ${#FAILURES[@]} FAILED"
             printf '  %s\n' "${FAILURES[@]}"
@@ -807,6 +851,7 @@ write_summary() {
         echo "bad=$BAD"
         echo "rate=$RATE"
         echo "pool_size=$POOL_SIZE"
+        echo "passes=$PASSES"
         echo "runs=${RUNS[*]}"
         for k in "${KEYS[@]}"; do echo "$k=${R[$k]}"; done
         echo "failures=${#FAILURES[@]}"
