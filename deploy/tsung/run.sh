@@ -219,6 +219,7 @@ cleanup() {
 
 keep_running() {
     local i
+    find_beams
     {
         echo
         echo "KEEP_ON_FAIL: left running (exit status $1); results so far in $OUT"
@@ -409,7 +410,23 @@ start_cluster() { # PROGRAM
     say "cluster up in $((SECONDS - t0)) s: ejabberd1@localhost 127.0.0.1:$C2S_PORT1 (pid ${BEAMS[0]}), ejabberd2@localhost 127.0.0.1:$C2S_PORT2 (pid ${BEAMS[1]}), $POOL_SIZE extauth programs each"
 }
 
+# A node that booted before a failure cut start_cluster short has no PID in BEAMS yet: find it by
+# its Mnesia directory, which lies in our scratch dir (its beam.smp's command line names it).
+find_beams() {
+    local n pid
+    [ -n "$RUN_DIR" ] || return 0
+    for n in 1 2; do
+        [ -z "${BEAMS[n - 1]:-}" ] || continue
+        while read -r pid; do
+            if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "-mnesia dir \"$RUN_DIR/node$n/spool\""; then
+                BEAMS[n - 1]=$pid
+            fi
+        done < <(ps -e -o pid=,comm= | awk '$2 == "beam.smp" { print $1 }')
+    done
+}
+
 stop_cluster() {
+    find_beams
     [ ${#BEAMS[@]} -gt 0 ] || return 0
     local started n i stoppers=()
     mapfile -t started < <(node_descendants "${BEAMS[@]}")
