@@ -103,7 +103,14 @@ impl Acceptor {
             }
         }
         if let Some(path) = listener.bound_path() {
-            let _ = std::fs::remove_file(path);
+            // After a privilege drop the socket's directory may not be ours to write: say so,
+            // since the next start would otherwise meet a stale socket without a word.
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    warn!("could not remove socket {}: {e}", path.display());
+                }
+                _ => {}
+            }
         }
     }
 }

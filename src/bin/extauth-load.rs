@@ -32,7 +32,13 @@ enum Command {
     /// Run a load test (the default).
     Run(Box<LoadArgs>),
     /// A trivial extauth program that accepts everything: the floor for `--via program`.
-    Echo,
+    Echo {
+        /// Give the broker's verdicts for this harness's self-describing tokens instead, decided
+        /// locally: `auth` only for a valid, unexpired token of that user (`RUN.N.EXP.NONCE` for
+        /// `userN`), `isuser` yes, everything else no. No broker, cache or network.
+        #[arg(long)]
+        check_tokens: bool,
+    },
     /// A broker that accepts every request without any work, on a Unix socket (what --floor
     /// starts).
     FloorBroker {
@@ -48,7 +54,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
-        Some(Command::Echo) => return exit(load::floor::echo().map_err(Into::into)),
+        Some(Command::Echo { check_tokens }) => {
+            return exit(load::floor::echo(check_tokens).map_err(Into::into))
+        }
         Some(Command::FloorBroker { socket }) => {
             return exit(runtime().and_then(|rt| rt.block_on(load::floor::serve_floor(&socket))))
         }

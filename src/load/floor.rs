@@ -1,7 +1,9 @@
 //! Floors: the same paths with no decision at the end, to measure what the architecture itself
 //! costs. `extauth-load echo` is a trivial extauth program (stdio only); `extauth-load
 //! floor-broker` speaks the wire protocol and accepts every request at once, so shim + socket +
-//! wire protocol is all that is left.
+//! wire protocol is all that is left. `extauth-load echo --check-tokens` is the one floor that
+//! decides: it gives the broker's verdicts for the harness's self-describing tokens, locally, so
+//! a run through a real ejabberd (deploy/tsung/) can compare the two with the same answers.
 
 use std::io::{self, BufWriter, Write};
 
@@ -13,21 +15,41 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-use crate::extauth::{read_request, reply};
+use crate::cache::now_ms;
+use crate::extauth::{parse, read_request, reply, Command};
 use crate::wire::{self, ClientMsg, Reason, Response, ServerMsg, Source, Welcome};
 
-/// A trivial extauth program: answers every request on stdin "yes" until end of input.
+/// A trivial extauth program: answers the requests on stdin until end of input.
+///
+/// Without `check_tokens` every request gets "yes". With it, the answers are the broker's for
+/// the harness's self-describing tokens ([`super::scenario::token_is_valid_for`]), decided here
+/// with no broker, cache or network: `auth` is accepted only for a valid, unexpired token of
+/// that very user; `isuser` gets "yes" (a broker says so for a user who has logged in, and a
+/// login storm asks only about those); every command that would change an account, and every
+/// request that does not parse, gets "no", as the broker refuses them.
 ///
 /// # Errors
 /// I/O errors other than end of input.
-pub fn echo() -> io::Result<()> {
+pub fn echo(check_tokens: bool) -> io::Result<()> {
     let (mut input, mut output) = (io::stdin().lock(), BufWriter::new(io::stdout().lock()));
     let mut request = Vec::new();
     while read_request(&mut input, &mut request)? {
-        output.write_all(&reply(true))?;
+        let yes = !check_tokens || checked_verdict(&request);
+        output.write_all(&reply(yes))?;
         output.flush()?;
     }
     Ok(())
+}
+
+/// The verdict of `echo --check-tokens` for one request frame.
+fn checked_verdict(request: &[u8]) -> bool {
+    match parse(request) {
+        Ok(Command::Auth { user, password, .. }) => {
+            super::scenario::token_is_valid_for(password.expose(), &user, now_ms() / 1000)
+        }
+        Ok(Command::IsUser { .. }) => true,
+        Ok(_) | Err(_) => false,
+    }
 }
 
 /// Serves the wire protocol on the Unix socket `path` until killed, accepting every request
@@ -84,4 +106,29 @@ async fn relay(stream: UnixStream) -> io::Result<()> {
         };
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_tokens_answers_like_the_broker() {
+        let exp = now_ms() / 1000 + 3600;
+        let auth = |user: &str, token: &str| {
+            checked_verdict(format!("auth:{user}:localhost:{token}").as_bytes())
+        };
+        assert!(auth("user7", &format!("run.7.{exp}.1")));
+        assert!(
+            !auth("user8", &format!("run.7.{exp}.1")),
+            "another user's token"
+        );
+        assert!(!auth("user7", "run.x.7"), "unknown token");
+        assert!(!auth("user7", "run.7.1000.1"), "expired token");
+        assert!(checked_verdict(b"isuser:user7:localhost"));
+        assert!(!checked_verdict(
+            format!("setpass:user7:localhost:run.7.{exp}.1").as_bytes()
+        ));
+        assert!(!checked_verdict(b"auth:user7"), "malformed");
+    }
 }

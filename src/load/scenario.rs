@@ -252,6 +252,17 @@ pub fn resolver() -> Resolver {
     Arc::new(claims_of)
 }
 
+/// Whether `token` is a valid token of `user` at `now_s` (seconds since the epoch) in the format
+/// of [`Workload`]: the verdict the broker reaches through the mock provider (the `username`
+/// claim names this user, and `exp` is still in the future), without asking anyone. Used by
+/// `extauth-load echo --check-tokens`.
+pub fn token_is_valid_for(token: &str, user: &str, now_s: u64) -> bool {
+    claims_of(token).is_some_and(|claims| {
+        claims["username"].as_str() == Some(user)
+            && claims["exp"].as_u64().is_some_and(|exp| exp > now_s)
+    })
+}
+
 /// The claims of a token made by [`Workload`]: `{"username": "userN", "exp": EXP}`, or `None`
 /// for an unknown one.
 fn claims_of(token: &str) -> Option<Value> {
@@ -274,6 +285,25 @@ mod tests {
         );
         assert_eq!(claims_of("ab12.x.3"), None);
         assert_eq!(claims_of("garbage"), None);
+    }
+
+    #[test]
+    fn local_check_gives_the_brokers_verdicts() {
+        let token = "ab12.7.1700000000.99";
+        assert!(token_is_valid_for(token, "user7", 1_699_999_999));
+        assert!(
+            !token_is_valid_for(token, "user7", 1_700_000_000),
+            "expired"
+        );
+        assert!(
+            !token_is_valid_for(token, "user8", 1_000),
+            "another user's token"
+        );
+        assert!(
+            !token_is_valid_for("ab12.x.7", "user7", 1_000),
+            "unknown token"
+        );
+        assert!(!token_is_valid_for("", "user7", 1_000));
     }
 
     #[test]

@@ -19,7 +19,11 @@ mkdir -p "$OUT"
 # Figures taken while a compiler runs on the same 2 cores mean little: wait (at most 5 min) for
 # compilers to finish before each run, and record the load average next to the figures.
 quiet() {
-    for _ in $(seq 300); do pgrep -x 'rustc|clippy-driver|rustdoc' >/dev/null || return 0; sleep 1; done
+    # pgrep matches names of at most 15 characters: one name per call.
+    for _ in $(seq 300); do
+        pgrep -x rustc >/dev/null || pgrep -x clippy-driver >/dev/null || pgrep -x rustdoc >/dev/null || return 0
+        sleep 1
+    done
     echo "warning: a compiler is still running; figures will be noisy" >&2
 }
 

@@ -86,23 +86,7 @@ impl Cluster {
     /// Whether a real cluster can be run here. When it cannot, prints a loud `SKIPPED` line to
     /// stderr and returns false, or panics if `EXTAUTH_REQUIRE_EJABBERD=1`.
     pub fn available() -> bool {
-        let mut missing = Vec::new();
-        if find_program("ejabberdctl").is_none() {
-            missing.push("ejabberdctl (apt-get install ejabberd)".to_string());
-        }
-        if find_program("epmd").is_none() {
-            missing.push("epmd (comes with ejabberd's erlang-base)".to_string());
-        }
-        if find_program("openssl").is_none() {
-            missing.push("openssl".to_string());
-        }
-        if ejabberd_user().is_none() {
-            missing.push("the system user `ejabberd`".to_string());
-        }
-        if !running_as_root() {
-            missing
-                .push("root (Debian's ejabberdctl runs nodes as user ejabberd via su)".to_string());
-        }
+        let mut missing = missing_for_cluster();
         let python = xmpp_python();
         if !python.exists() {
             missing.push(format!(
@@ -114,23 +98,7 @@ impl Cluster {
         if !script.exists() {
             missing.push(format!("the XMPP client script {}", script.display()));
         }
-        if missing.is_empty() {
-            return true;
-        }
-        let what = missing.join("; ");
-        if std::env::var("EXTAUTH_REQUIRE_EJABBERD").as_deref() == Ok("1") {
-            panic!(
-                "EXTAUTH_REQUIRE_EJABBERD=1 but the real-ejabberd test cannot run; missing: {what}"
-            );
-        }
-        eprintln!(
-            "\n*********************************************************************\n\
-             SKIPPED: ejabberd not installed (missing: {what}).\n\
-             This end-to-end test did NOT run. `.ci/run` installs the prerequisites;\n\
-             set EXTAUTH_REQUIRE_EJABBERD=1 to turn this skip into a failure.\n\
-             *********************************************************************\n"
-        );
-        false
+        runnable("This end-to-end test", &missing)
     }
 
     /// Starts epmd, node 1 and node 2, joins node 2 to node 1, waits for both, and checks that
@@ -816,6 +784,50 @@ impl Drop for Cluster {
     }
 }
 
+/// What a real ejabberd cluster needs on this machine and is missing: ejabberdctl, epmd,
+/// openssl, the system user `ejabberd`, and root (Debian's ejabberdctl runs nodes as user
+/// ejabberd via su, gotcha 2). Each entry says how to get it.
+pub fn missing_for_cluster() -> Vec<String> {
+    let mut missing = Vec::new();
+    if find_program("ejabberdctl").is_none() {
+        missing.push("ejabberdctl (apt-get install ejabberd)".to_string());
+    }
+    if find_program("epmd").is_none() {
+        missing.push("epmd (comes with ejabberd's erlang-base)".to_string());
+    }
+    if find_program("openssl").is_none() {
+        missing.push("openssl".to_string());
+    }
+    if ejabberd_user().is_none() {
+        missing.push("the system user `ejabberd`".to_string());
+    }
+    if !running_as_root() {
+        missing.push("root (Debian's ejabberdctl runs nodes as user ejabberd via su)".to_string());
+    }
+    missing
+}
+
+/// True when nothing is `missing`. Otherwise prints a loud `SKIPPED` block naming `test` and
+/// what is missing, and returns false, or panics if `EXTAUTH_REQUIRE_EJABBERD=1` (CI), so a
+/// machine without ejabberd never passes these tests silently.
+pub fn runnable(test: &str, missing: &[String]) -> bool {
+    if missing.is_empty() {
+        return true;
+    }
+    let what = missing.join("; ");
+    if std::env::var("EXTAUTH_REQUIRE_EJABBERD").as_deref() == Ok("1") {
+        panic!("EXTAUTH_REQUIRE_EJABBERD=1 but the real-ejabberd test cannot run; missing: {what}");
+    }
+    eprintln!(
+        "\n*********************************************************************\n\
+         SKIPPED: no real ejabberd here (missing: {what}).\n\
+         {test} did NOT run. `.ci/run` installs the prerequisites;\n\
+         set EXTAUTH_REQUIRE_EJABBERD=1 to turn this skip into a failure.\n\
+         *********************************************************************\n"
+    );
+    false
+}
+
 /// Logs in once with SASL PLAIN over plain TCP using the real XMPP client
 /// (`tests/xmpp_login.py`, slixmpp). Ok(true): session established; Ok(false): the server
 /// rejected the credentials; Err: anything else (connection, protocol, timeout), with the
@@ -874,7 +886,8 @@ fn xmpp_script() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/xmpp_login.py"))
 }
 
-fn find_program(name: &str) -> Option<PathBuf> {
+/// The executable `name` on PATH or in the usual sbin and bin directories.
+pub fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(
@@ -930,7 +943,7 @@ fn scratch_base() -> PathBuf {
 }
 
 /// `count` distinct free 127.0.0.1 TCP ports (all bound at once, then released).
-fn free_ports(count: usize) -> Vec<u16> {
+pub fn free_ports(count: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..count)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
         .collect();

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use super::services::shim_bin;
+use super::services::{printed, shim_bin};
 
 /// Runs `extauth-load` with `args` (plus `--shim`, `--quiet --json`), asserts it succeeded
 /// (printing its output either way) and returns its JSON report.
@@ -26,11 +26,7 @@ pub fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> Value {
         .arg(&json)
         .output()
         .expect("running extauth-load");
-    let shown = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let shown = printed(&output);
     assert!(
         output.status.success(),
         "extauth-load {args:?} failed:\n{shown}"

@@ -43,7 +43,16 @@ pub fn shim_bin() -> PathBuf {
         .clone()
 }
 
-/// A free TCP port on 127.0.0.1 (bound then released).
+/// What a finished child printed, for assertion messages: its stdout, then its stderr.
+pub fn printed(output: &std::process::Output) -> String {
+    format!(
+        "--- stdout ---\n{}\n--- stderr ---\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
