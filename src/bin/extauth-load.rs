@@ -68,8 +68,9 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => *args,
         None => cli.run,
     };
-    let report = match runtime().and_then(|rt| rt.block_on(load::run(&args))) {
-        Ok(report) => report,
+    let report = match runtime().and_then(|rt| rt.block_on(until_signal(load::run(&args)))) {
+        Ok(Some(report)) => report,
+        Ok(None) => return ExitCode::from(130),
         Err(e) => return exit(Err(e)),
     };
     println!("{report}");
@@ -92,6 +93,26 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// Runs `run` until it ends, or until SIGINT or SIGTERM (`None`). On a signal the run is
+/// dropped, which kills what it started (brokers, shims, redis-server) and removes its temporary
+/// directory: a harness stopped alone (not its whole process group) leaves nothing behind.
+async fn until_signal<T>(
+    run: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<Option<T>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut int, mut term) = (
+        signal(SignalKind::interrupt())?,
+        signal(SignalKind::terminate())?,
+    );
+    let name = tokio::select! {
+        result = run => return result.map(Some),
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    };
+    eprintln!("extauth-load: stopped by {name}; the brokers and programs it started are stopped");
+    Ok(None)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

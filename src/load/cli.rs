@@ -180,7 +180,8 @@ pub struct LoadArgs {
     #[arg(long)]
     pub floor: bool,
 
-    /// Chaos run: start a redis-server and 2 brokers sharing it (--brokers N for more), give
+    /// Chaos run: start a redis-server and 2 brokers sharing it (--brokers N for more; only the
+    /// first two are killed), give
     /// every shim all brokers as its failover list (`A,B` for half the shims, `B,A` for the
     /// others), and repeat a schedule of kills until the last request is answered: Redis killed
     /// and restarted empty, a broker killed (SIGKILL) and restarted on its socket with its
@@ -249,8 +250,8 @@ impl LoadArgs {
     /// Requests in flight at once: one per extauth program, or connections x depth.
     pub fn lanes(&self, via: &Via) -> usize {
         match via {
-            Via::Wire => self.connections * self.depth,
-            Via::Shim | Via::Program(_) => self.nodes * self.pool_size,
+            Via::Wire => self.connections.saturating_mul(self.depth),
+            Via::Shim | Via::Program(_) => self.nodes.saturating_mul(self.pool_size),
         }
     }
 
@@ -275,11 +276,26 @@ impl LoadArgs {
         if self.lanes(via) == 0 {
             bail!("no lanes: --nodes, --pool-size, --connections and --depth must be at least 1");
         }
-        if self.tokens == 0 {
-            bail!("--tokens must be at least 1");
+        if self.lanes(via) > MAX_LANES {
+            bail!("{} lanes: at most {MAX_LANES} requests in flight (--nodes x --pool-size, --connections x --depth)", self.lanes(via));
         }
-        if self.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
-            bail!("--rate must be a positive number of requests per second");
+        if !(1..=MAX_TOKENS).contains(&self.tokens) {
+            bail!("--tokens must be between 1 and {MAX_TOKENS}");
+        }
+        if self.requests == Some(0) {
+            bail!("--requests must be at least 1");
+        }
+        if self
+            .rate
+            .is_some_and(|r| !(MIN_RATE..=MAX_RATE).contains(&r))
+        {
+            bail!("--rate must be between {MIN_RATE} and {MAX_RATE} requests per second");
+        }
+        if !(self.zipf.is_finite() && self.zipf >= 0.0) {
+            bail!("--zipf must be a finite exponent >= 0");
+        }
+        if self.expire_after > MAX_SECONDS as u64 {
+            bail!("--expire-after must be at most {MAX_SECONDS} s");
         }
         if self.scenario == ScenarioKind::Herd && self.rate.is_some() {
             bail!("herd sends rounds (every lane at once); --rate does not apply");
@@ -300,6 +316,9 @@ impl LoadArgs {
         if self.validator == MockValidator::Jwt && matches!(via, Via::Program(_)) {
             bail!("--validator jwt configures started brokers; extauth programs get opaque tokens");
         }
+        if self.validator == MockValidator::Jwt && !self.broker.is_empty() {
+            bail!("--validator jwt configures started brokers; running ones (--broker) validate as they were started");
+        }
         if self.validator == MockValidator::Jwt && self.provider_error_rate > 0.0 {
             bail!("--provider-error-rate with --validator jwt would only fail key fetches");
         }
@@ -314,10 +333,20 @@ impl LoadArgs {
     /// `--chaos` needs brokers and Redis it can kill, and lanes with a failover list.
     fn check_chaos(&self, via: &Via) -> Result<()> {
         if !self.chaos {
-            if self.redis_server.is_some() {
-                bail!("--redis-server applies to --chaos runs only");
+            if self.redis_server.is_some() || self.chaos_period != Duration::from_secs(15) {
+                bail!("--redis-server and --chaos-period apply to --chaos runs only");
             }
             return Ok(());
+        }
+        // The first broker kill comes 40 % into the cycle: a shorter run would kill nothing.
+        if self
+            .duration_or_default()
+            .is_none_or(|d| d < self.chaos_period / 2)
+        {
+            bail!(
+                "--chaos needs --duration of at least half a --chaos-period ({} s) to reach its first broker kill",
+                self.chaos_period.as_secs_f64() / 2.0
+            );
         }
         if !self.broker.is_empty() {
             bail!("--chaos kills and restarts the brokers it starts; it cannot do that to running ones given with --broker");
@@ -386,13 +415,27 @@ impl LoadArgs {
     }
 }
 
+/// Most requests in flight at once (each shim lane is a process).
+const MAX_LANES: usize = 100_000;
+/// Most distinct tokens (a `hot` warm-up holds them all in memory).
+const MAX_TOKENS: u64 = 10_000_000;
+/// Open-loop rates, requests per second: slower than one per 1000 s is no load, and faster
+/// than a million per second only queues slots in memory.
+const MIN_RATE: f64 = 0.001;
+const MAX_RATE: f64 = 1_000_000.0;
+/// Longest duration accepted anywhere (one year, seconds).
+const MAX_SECONDS: f64 = 366.0 * 86_400.0;
+
+/// Seconds, fractions allowed (`2.5`, `10s`), more than 0 and at most a year.
 fn seconds(text: &str) -> Result<Duration, String> {
     text.trim_end_matches('s')
         .parse::<f64>()
         .ok()
-        .filter(|s| s.is_finite() && *s > 0.0)
+        .filter(|s| s.is_finite() && *s > 0.0 && *s <= MAX_SECONDS)
         .map(Duration::from_secs_f64)
-        .ok_or_else(|| format!("want a positive number of seconds, got {text:?}"))
+        .ok_or_else(|| {
+            format!("want a number of seconds (fractions allowed) above 0 and at most {MAX_SECONDS}, got {text:?}")
+        })
 }
 
 #[cfg(test)]
@@ -426,6 +469,12 @@ mod tests {
             (&["--chaos", "--floor"], "floor"),
             (&["--chaos", "--redis", "redis://127.0.0.1:6379"], "--redis"),
             (&["--chaos", "--chaos-period", "2"], "at least 5"),
+            (&["--chaos", "--duration", "1"], "half a --chaos-period"),
+            (&["--chaos-period", "20"], "--chaos runs only"),
+            (&["--rate", "1e9"], "--rate must be between"),
+            (&["--zipf", "inf"], "--zipf"),
+            (&["--requests", "0"], "--requests"),
+            (&["--nodes", "18446744073709551615"], "lanes"),
             (
                 &["--redis-server", "/usr/bin/redis-server"],
                 "--chaos runs only",

@@ -24,7 +24,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use futures_util::future::try_join_all;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
@@ -63,7 +63,14 @@ pub async fn run(args: &LoadArgs) -> Result<Report> {
     let mut services = Services::start(args, scenario::resolver(), workload.jwks(), dir).await?;
     let mut lanes = open_lanes(args, &via, &services).await?;
     let shared = Shared::default();
-    let warmup_requests = warm_up(&mut lanes, &workload, &args.domain, &shared).await?;
+    let warmup_requests = warm_up(
+        &mut lanes,
+        &workload,
+        &args.domain,
+        &shared,
+        args.verify() && args.provider_error_rate == 0.0,
+    )
+    .await?;
 
     let pace = match (workload.kind(), args.rate) {
         (ScenarioKind::Herd, _) => Pace::Rounds,
@@ -112,7 +119,8 @@ pub async fn run(args: &LoadArgs) -> Result<Report> {
             .provider
             .as_ref()
             .map_or(0, DevProvider::injected_errors),
-        calls_per_login: args.validator == MockValidator::Introspection,
+        // Brokers the harness did not start may use another provider, or hold cached verdicts.
+        calls_per_login: args.validator == MockValidator::Introspection && args.broker.is_empty(),
         errors_injected: args.provider_error_rate > 0.0,
         broker_rss: services.broker_rss_kib(),
         broker_cpu,
@@ -285,11 +293,14 @@ async fn open_lanes(args: &LoadArgs, via: &Via, services: &Services) -> Result<V
 /// Opens every lane with an `isuser` (program start-up and broker connection stay out of the
 /// figures), then sends the scenario's warm-up jobs, spread over the lanes. Returns how many
 /// auth requests the warm-up sent.
+/// With `strict` (verdicts checked, no provider errors injected), a refused warm-up token stops
+/// the run at once: the brokers cannot validate anything, and the cause is in their set-up.
 async fn warm_up(
     lanes: &mut [Lane],
     workload: &Workload,
     domain: &str,
     shared: &Shared,
+    strict: bool,
 ) -> Result<u64> {
     let jobs = workload.warmup();
     let count = lanes.len();
@@ -301,9 +312,17 @@ async fn warm_up(
                 .context("warming up a lane")?;
             for job in jobs.iter().skip(i).step_by(count) {
                 tally.key(job.key);
-                lane.auth(&job.user, domain, &job.token)
+                let answer = lane
+                    .auth(&job.user, domain, &job.token)
                     .await
                     .context("warm-up request")?;
+                if strict && !answer.ok {
+                    let reason = answer
+                        .reason
+                        .map(|r| format!(" (reason {})", r.as_str()))
+                        .unwrap_or_default();
+                    bail!("warm-up: a valid token of {} was refused{reason}: check the provider the brokers use (--provider-url, --client-id, EXTAUTH_CLIENT_SECRET) and their flags", job.user);
+                }
             }
             anyhow::Ok(())
         }
@@ -340,12 +359,14 @@ async fn drive(
                 };
                 tally.answer(reply, counts);
             }
-            Err(_) => {
+            Err(e) => {
+                eprintln!("extauth-load: a lane broke: {e:#}");
                 tally.count(Counts {
                     errors: 1,
                     ..Counts::default()
                 });
-                break;
+                schedule.abandon();
+                return lane;
             }
         }
     }

@@ -119,7 +119,10 @@ impl Workload {
     /// A Zipf exponent the distribution refuses, an unreadable `--token-file`.
     pub fn new(args: &LoadArgs, lanes: usize) -> Result<Self> {
         let maker = match (&args.token_file, args.validator) {
-            (Some(path), _) => Tokens::Listed(Logins::read(path, args.foreign_pct > 0.0)?),
+            (Some(path), _) => {
+                let steals = args.scenario == ScenarioKind::Mixed && args.foreign_pct > 0.0;
+                Tokens::Listed(Logins::read(path, steals)?)
+            }
             (None, MockValidator::Jwt) => Tokens::Jwt(Box::new(Signer::generate()?)),
             (None, MockValidator::Introspection) => Tokens::Opaque,
         };

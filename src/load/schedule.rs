@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, Barrier};
+use tokio::sync::{mpsc, Barrier, Notify};
 
 /// After the sending period ends, lanes still drain queued open-loop requests this long.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -66,10 +66,30 @@ enum Feed {
 }
 
 /// Every lane waits here between herd rounds; the last to arrive decides whether there is
-/// another round, so that all lanes agree.
+/// another round, so that all lanes agree. A lane that breaks can never arrive, so it marks the
+/// gate broken and wakes the others, which then stop instead of waiting for it forever.
 struct RoundGate {
     barrier: Barrier,
     go: AtomicBool,
+    broken: AtomicBool,
+    wake: Notify,
+}
+
+impl RoundGate {
+    /// Waits at the barrier; `None` (and no more rounds) once a lane has broken.
+    async fn wait(&self) -> Option<bool> {
+        let woken = self.wake.notified();
+        tokio::pin!(woken);
+        // Registered before the flag is read, so a break between the two still wakes us.
+        woken.as_mut().enable();
+        if self.broken.load(Ordering::SeqCst) {
+            return None;
+        }
+        tokio::select! {
+            result = self.barrier.wait() => Some(result.is_leader()),
+            () = woken => None,
+        }
+    }
 }
 
 /// The running schedule: the open-loop pacer thread, if any.
@@ -103,6 +123,8 @@ impl Schedule {
                 let gate = Arc::new(RoundGate {
                     barrier: Barrier::new(plan.lanes),
                     go: AtomicBool::new(false),
+                    broken: AtomicBool::new(false),
+                    wake: Notify::new(),
                 });
                 (
                     None,
@@ -171,16 +193,19 @@ fn pace(
         if intended > now {
             std::thread::sleep(intended - now);
         }
+        let slot = Slot {
+            seq,
+            intended: Some(intended),
+        };
+        // A broken lane's slots are dropped (not scheduled); the others go on.
         if lanes[(seq % lanes.len() as u64) as usize]
-            .send(Slot {
-                seq,
-                intended: Some(intended),
-            })
-            .is_err()
+            .send(slot)
+            .is_ok()
         {
+            scheduled.fetch_add(1, Ordering::Relaxed);
+        } else if lanes.iter().all(mpsc::UnboundedSender::is_closed) {
             break;
         }
-        scheduled.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -200,6 +225,8 @@ impl LaneSchedule {
             Feed::Open(feed) => {
                 let hard_stop = self.end.map(|e| e + DRAIN);
                 match hard_stop {
+                    // A backlog still queued at the hard stop is left unanswered (reported).
+                    Some(at) if Instant::now() >= at => None,
                     Some(at) => tokio::time::timeout_at(at.into(), feed.recv())
                         .await
                         .ok()
@@ -209,7 +236,7 @@ impl LaneSchedule {
             }
             Feed::Rounds(gate) => {
                 let round = self.sent;
-                if gate.barrier.wait().await.is_leader() {
+                if gate.wait().await? {
                     let more = self
                         .plan
                         .requests
@@ -217,7 +244,7 @@ impl LaneSchedule {
                         && self.end.is_none_or(|e| Instant::now() < e);
                     gate.go.store(more, Ordering::SeqCst);
                 }
-                gate.barrier.wait().await;
+                gate.wait().await?;
                 gate.go.load(Ordering::SeqCst).then_some(Slot {
                     seq: round * self.lanes + self.lane,
                     intended: None,
@@ -226,5 +253,66 @@ impl LaneSchedule {
         };
         self.sent += u64::from(slot.is_some());
         slot
+    }
+
+    /// This lane broke (its program died, its connection closed): herd rounds stop for every
+    /// lane, since the round barrier can no longer fill; open-loop slots for it are dropped.
+    pub fn abandon(self) {
+        if let Feed::Rounds(gate) = &self.feed {
+            gate.broken.store(true, Ordering::SeqCst);
+            gate.wake.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A herd lane that breaks can never reach the round barrier again: the other lanes, waiting
+    /// there or arriving later, stop instead of waiting for it forever.
+    #[tokio::test]
+    async fn herd_rounds_end_when_a_lane_breaks() {
+        let plan = Plan {
+            lanes: 3,
+            requests: None,
+            duration: None,
+            pace: Pace::Rounds,
+        };
+        let (_schedule, mut lanes) = Schedule::start(plan);
+        let (mut late, mut waiting, broken) = (
+            lanes.pop().unwrap(),
+            lanes.pop().unwrap(),
+            lanes.pop().unwrap(),
+        );
+        let waiter = tokio::spawn(async move { waiting.next().await });
+        tokio::task::yield_now().await;
+        broken.abandon();
+        let limit = Duration::from_secs(5);
+        let waited = tokio::time::timeout(limit, waiter).await;
+        assert!(matches!(waited, Ok(Ok(None))), "the waiting lane stops");
+        let arrived = tokio::time::timeout(limit, late.next()).await;
+        assert!(matches!(arrived, Ok(None)), "a lane arriving later stops too");
+    }
+
+    /// Open loop: the pacer keeps feeding the other lanes when one lane's channel is closed.
+    #[tokio::test]
+    async fn open_loop_goes_on_without_a_broken_lane() {
+        let plan = Plan {
+            lanes: 2,
+            requests: Some(6),
+            duration: None,
+            pace: Pace::Open(50.0),
+        };
+        let (schedule, mut lanes) = Schedule::start(plan);
+        let mut alive = lanes.remove(0);
+        lanes.pop().unwrap().abandon();
+        let mut seqs = Vec::new();
+        while let Some(slot) = alive.next().await {
+            seqs.push(slot.seq);
+        }
+        assert_eq!(seqs, [0, 2, 4]);
+        // Slot 1 may have been dealt before the lane closed; later ones are not scheduled.
+        assert!((3..=4).contains(&schedule.finish()));
     }
 }

@@ -334,7 +334,12 @@ impl MockSpec<'_> {
 /// installed.
 pub async fn serve_provider(args: &ProviderArgs) -> Result<()> {
     let secret = std::env::var("EXTAUTH_CLIENT_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty())
         .context("set EXTAUTH_CLIENT_SECRET to the secret the brokers will send")?;
+    if !(0.0..=1.0).contains(&args.error_rate) {
+        bail!("--error-rate is a fraction between 0 and 1");
+    }
     let mock = MockSpec {
         listen: &args.listen,
         latency_ms: args.latency,

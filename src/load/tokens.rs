@@ -11,6 +11,8 @@ use ed25519_dalek::SigningKey;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
+use crate::domain::normalise_localpart;
+
 /// `kid` of the mock provider's signing key.
 const KID: &str = "extauth-load";
 
@@ -140,10 +142,14 @@ impl Logins {
                 continue;
             }
             match line.split_whitespace().collect::<Vec<_>>()[..] {
-                [user, token] => entries.push(Login {
-                    user: user.into(),
-                    token: token.into(),
-                }),
+                [user, token] => {
+                    check_localpart(user)
+                        .with_context(|| format!("{}:{}", path.display(), n + 1))?;
+                    entries.push(Login {
+                        user: user.into(),
+                        token: token.into(),
+                    })
+                }
                 _ => bail!("{}:{}: want `USER TOKEN`", path.display(), n + 1),
             }
         }
@@ -174,6 +180,18 @@ impl Logins {
     fn thief(&self, i: u64) -> String {
         let i = (i % self.len()) as usize;
         self.entries[self.next_user[i]].user.clone()
+    }
+}
+
+/// ejabberd sends the localpart after nodeprep (lower case, NFKC, no `@`, `:` or spaces): a name
+/// in another form would be compared with the broker's answer wrongly, so it is refused here.
+fn check_localpart(user: &str) -> Result<()> {
+    match normalise_localpart(user) {
+        Some(form) if form == user && !user.contains(':') => Ok(()),
+        Some(form) if !form.contains(':') => {
+            bail!("user {user:?} is not in ejabberd's normalised form: write {form:?}")
+        }
+        _ => bail!("{user:?} cannot be an XMPP localpart"),
     }
 }
 
@@ -216,6 +234,13 @@ mod tests {
         std::fs::write(&path, "alice t1\nalice t2\n").unwrap();
         assert!(Logins::read(&path, true).is_err(), "one user cannot steal");
         assert_eq!(Logins::read(&path, false).unwrap().len(), 2);
+        std::fs::write(&path, "USER3 t1\n").unwrap();
+        let err = format!("{:#}", Logins::read(&path, false).err().unwrap());
+        assert!(err.contains("write \"user3\""), "{err}");
+        std::fs::write(&path, "a@b t1\n").unwrap();
+        assert!(Logins::read(&path, false).is_err());
+        std::fs::write(&path, "a:b t1\n").unwrap();
+        assert!(Logins::read(&path, false).is_err());
         std::fs::write(&path, "# nothing\n").unwrap();
         assert!(Logins::read(&path, false).is_err());
     }
