@@ -13,6 +13,7 @@ use serde::Deserialize;
 use tracing::warn;
 
 use crate::cache::Key;
+use crate::config::ConfigUrl;
 use crate::extauth::Secret;
 use crate::validate::http::{self, HttpTimeouts};
 
@@ -21,7 +22,7 @@ use crate::validate::http::{self, HttpTimeouts};
 #[serde(deny_unknown_fields)]
 pub struct DirectoryConfig {
     /// URL template; `{user}` and `{domain}` are replaced, percent-encoded.
-    pub url: String,
+    pub url: ConfigUrl,
     /// HTTP method [default: GET].
     #[serde(default = "default_method")]
     pub method: String,
@@ -59,7 +60,7 @@ impl Directory {
     /// # Errors
     /// A bad method, URL, timeout or unreadable token file.
     pub fn new(config: DirectoryConfig) -> Result<Self, String> {
-        http::check_url("directory url", &config.url)?;
+        http::check_url("directory url", config.url.expose())?;
         config.timeouts.check()?;
         let method = http::method("directory method", &config.method)?;
         let bearer = match &config.bearer_token_file {
@@ -89,7 +90,7 @@ impl Directory {
         if let Some(known) = self.answers.get(&user_key).await {
             return Some(known);
         }
-        let url = http::expand_template(&self.config.url, user, domain);
+        let url = http::expand_template(self.config.url.expose(), user, domain);
         let mut request = self.http.request(self.method.clone(), url);
         if let Some(bearer) = &self.bearer {
             request = request.bearer_auth(bearer.expose());

@@ -138,16 +138,25 @@ pub struct StatsArgs {
 /// An unreachable endpoint or a non-200 answer.
 pub async fn stats(args: StatsArgs) -> Result<()> {
     crate::daemon::install_crypto_provider();
+    // reqwest errors name the URL, which may embed credentials: name it redacted instead.
+    let shown = crate::config::redact_url(&args.metrics_url);
     let response = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()?
         .get(&args.metrics_url)
         .send()
-        .await?;
+        .await
+        .map_err(reqwest::Error::without_url)
+        .with_context(|| format!("fetching {shown}"))?;
     if !response.status().is_success() {
-        bail!("{} answered HTTP {}", args.metrics_url, response.status());
+        bail!("{shown} answered HTTP {}", response.status());
     }
-    print!("{}", summarise(&response.text().await?));
+    let text = response
+        .text()
+        .await
+        .map_err(reqwest::Error::without_url)
+        .with_context(|| format!("reading {shown}"))?;
+    print!("{}", summarise(&text));
     Ok(())
 }
 

@@ -23,6 +23,7 @@ use tokio::sync::Mutex;
 use tracing::info;
 
 use crate::cache::{now_ms, Key, Verdict};
+use crate::config::ConfigUrl;
 
 const VERDICT_PREFIX: &str = "extauth:v1:verdict:";
 const SEEN_PREFIX: &str = "extauth:v1:seen:";
@@ -53,9 +54,14 @@ pub struct RedisConfig {
     /// Deployment kind.
     pub mode: RedisMode,
     /// `redis://` or `rediss://` URLs: the server, the sentinels, or cluster seed nodes.
-    pub urls: Vec<String>,
+    pub urls: Vec<ConfigUrl>,
     /// Sentinel service (master group) name.
     pub master: String,
+}
+
+/// The URLs as configured, credentials included, for the redis crate.
+fn exposed(urls: &[ConfigUrl]) -> Vec<String> {
+    urls.iter().map(|u| u.expose().to_owned()).collect()
 }
 
 /// A connection to the shared store; cheap to clone.
@@ -122,7 +128,7 @@ enum Backend {
     /// Follows slot moves and node failures by itself.
     Cluster {
         conn: ClusterConnection,
-        seeds: Vec<String>,
+        seeds: Vec<ConfigUrl>,
     },
     /// The redis crate does not follow a failover: the master is re-resolved through the
     /// sentinels after every connection-level error.
@@ -141,8 +147,13 @@ impl Redis {
     pub async fn new(config: &RedisConfig) -> RedisResult<Self> {
         let backend = match config.mode {
             RedisMode::Standalone => {
-                let client =
-                    Client::open(config.urls.first().map(String::as_str).unwrap_or_default())?;
+                let client = Client::open(
+                    config
+                        .urls
+                        .first()
+                        .map(ConfigUrl::expose)
+                        .unwrap_or_default(),
+                )?;
                 let settings = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(TIMEOUT))
                     .set_response_timeout(Some(TIMEOUT))
@@ -151,7 +162,7 @@ impl Redis {
                 Backend::Standalone { conn, client }
             }
             RedisMode::Cluster => {
-                let client = ClusterClientBuilder::new(config.urls.clone())
+                let client = ClusterClientBuilder::new(exposed(&config.urls))
                     .connection_timeout(TIMEOUT)
                     .response_timeout(TIMEOUT)
                     .build()?;
@@ -162,7 +173,7 @@ impl Redis {
             }
             RedisMode::Sentinel => {
                 let sentinel = SentinelClient::build(
-                    config.urls.clone(),
+                    exposed(&config.urls),
                     config.master.clone(),
                     None,
                     SentinelServerType::Master,
@@ -222,7 +233,7 @@ impl Redis {
             Backend::Cluster { seeds, .. } => {
                 let mut last = None;
                 for seed in seeds {
-                    match Client::open(seed.as_str()) {
+                    match Client::open(seed.expose()) {
                         Ok(c) => match c.get_multiplexed_async_connection().await {
                             Ok(_) => return Ok(c),
                             Err(e) => last = Some(e),

@@ -399,3 +399,86 @@ fn no_token_or_client_secret_appears_in_redis_logs_or_metrics() {
         assert!(!text.contains("SCAN-"), "a token prefix found in {place}");
     }
 }
+
+/// Runs the broker binary with `args` and no `EXTAUTH_*` setting but a client secret.
+fn broker_output(args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(broker_bin());
+    for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("EXTAUTH_")) {
+        cmd.env_remove(name);
+    }
+    cmd.env("EXTAUTH_CLIENT_SECRET", "x")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn passwords_in_configured_urls_appear_in_no_error_or_check_config_output() {
+    const PASSWORD: &str = "PASSWORD123";
+    let listen = "unix:/tmp/extauth-redact-test.sock";
+    // A refused URL: the error names the setting and the URL, its password redacted.
+    let refused = broker_output(&[
+        "--listen",
+        listen,
+        "--introspection-url",
+        &format!("ftp://u:{PASSWORD}@127.0.0.1/x"),
+        "--client-id",
+        "c",
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("introspection url must be an http:// or https:// URL")
+            && stderr.contains("ftp://u:***@127.0.0.1/x"),
+        "{stderr}"
+    );
+    // An unreachable metrics endpoint: reqwest's error would name the URL.
+    let stats = broker_output(&[
+        "stats",
+        "--metrics-url",
+        &format!(
+            "http://u:{PASSWORD}@127.0.0.1:{}/metrics?token={PASSWORD}",
+            free_port()
+        ),
+    ]);
+    let stats_err = String::from_utf8_lossy(&stats.stderr);
+    assert!(!stats.status.success());
+    assert!(stats_err.contains("http://u:***@127.0.0.1"), "{stats_err}");
+    // check-config prints the whole configuration.
+    let dir = tempfile::tempdir().unwrap();
+    let cache_secret = dir.path().join("cache");
+    std::fs::write(&cache_secret, "c".repeat(32)).unwrap();
+    let checked = broker_output(&[
+        "check-config",
+        "--listen",
+        listen,
+        "--introspection-url",
+        &format!("https://u:{PASSWORD}@127.0.0.1:1/i?access_token={PASSWORD}"),
+        "--client-id",
+        "c",
+        "--redis",
+        &format!("redis://:{PASSWORD}@127.0.0.1:1/0"),
+        "--cache-secret-file",
+        &cache_secret.display().to_string(),
+    ]);
+    let checked_out = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked.status.success() && checked_out.contains("redis://:***@127.0.0.1:1/0"),
+        "{checked_out}{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    for (place, text) in [
+        ("startup error", stderr.as_ref()),
+        ("stats error", stats_err.as_ref()),
+        ("check-config", checked_out.as_ref()),
+        (
+            "check-config stderr",
+            &String::from_utf8_lossy(&checked.stderr),
+        ),
+    ] {
+        assert!(
+            !text.contains(PASSWORD),
+            "{PASSWORD:?} found in {place}: {text}"
+        );
+    }
+}

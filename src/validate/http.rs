@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config::redact_url;
+
 /// Timeouts of one validator's HTTP calls: TOML `timeouts = { connect = 2, total = 5 }`, seconds.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -92,12 +94,13 @@ pub async fn send(
 /// `{user}` and `{domain}` placeholders are filled in.
 ///
 /// # Errors
-/// A message naming `setting` and the bad value (URLs carry no secret).
+/// A message naming `setting` and the bad value, its credentials redacted ([`redact_url`]).
 pub fn check_url(setting: &str, url: &str) -> Result<(), String> {
     match reqwest::Url::parse(&expand_template(url, "u", "d")) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Ok(()),
         _ => Err(format!(
-            "{setting} must be an http:// or https:// URL, got {url:?}"
+            "{setting} must be an http:// or https:// URL, got {:?}",
+            redact_url(url)
         )),
     }
 }
@@ -126,8 +129,8 @@ pub fn expand_template(template: &str, user: &str, domain: &str) -> String {
         )
 }
 
-/// A transport error as a log-safe message: reqwest names the URL, which carries no token (tokens
-/// travel in headers or bodies), but strip it anyway since URLs may embed credentials.
+/// A transport error as a log-safe message: reqwest names the URL, which may embed credentials
+/// (`https://user:password@host`), so only the innermost cause is kept.
 fn describe(what: &str, e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
         "timed out"
@@ -172,6 +175,11 @@ mod tests {
         for bad in ["ftp://x/", "https://", "/relative", "not a url"] {
             assert!(check_url("url", bad).is_err(), "{bad}");
         }
+        let err = check_url("introspection url", "ftp://u:PASSWORD123@127.0.0.1/x").unwrap_err();
+        assert_eq!(
+            err,
+            "introspection url must be an http:// or https:// URL, got \"ftp://u:***@127.0.0.1/x\""
+        );
         assert_eq!(method("method", "post"), Ok(reqwest::Method::POST));
         assert!(method("method", "GE T").is_err());
     }

@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 
 use super::http::{self, HttpTimeouts};
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
+use crate::config::ConfigUrl;
 use crate::wire::Reason;
 
 /// Where the token travels.
@@ -35,7 +36,7 @@ pub struct HttpApiConfig {
     /// URL template (http:// or https://); `{user}` and `{domain}` are replaced, percent-encoded.
     /// With `{user}`, a yes binds the token to that user by itself; without, the JSON body's
     /// claims name the user (`subject_claim`, `jid_claim`).
-    pub url: String,
+    pub url: ConfigUrl,
     /// HTTP method [default: GET]; `token_in = "form"` needs one with a body (POST, PUT, PATCH).
     #[serde(default = "default_method")]
     pub method: String,
@@ -88,7 +89,7 @@ impl HttpApi {
     /// # Errors
     /// A bad URL, method, form field, JSON pointer or timeout, or a TLS set-up failure.
     pub fn new(config: HttpApiConfig) -> Result<Self, String> {
-        http::check_url("http validator url", &config.url)?;
+        http::check_url("http validator url", config.url.expose())?;
         config.timeouts.check()?;
         let method = http::method("http validator method", &config.method)?;
         if config.token_in == TokenIn::Form {
@@ -121,14 +122,14 @@ impl HttpApi {
         Ok(HttpApi {
             http,
             method,
-            asks_about_user: config.url.contains("{user}"),
+            asks_about_user: config.url.expose().contains("{user}"),
             config,
             rule,
         })
     }
 
     async fn ask(&self, check: TokenCheck<'_>) -> Validation {
-        let url = http::expand_template(&self.config.url, check.user, check.domain);
+        let url = http::expand_template(self.config.url.expose(), check.user, check.domain);
         let request = self.http.request(self.method.clone(), url);
         let request = match self.config.token_in {
             TokenIn::Bearer => request.bearer_auth(check.token.expose()),

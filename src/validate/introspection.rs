@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::claims::ClaimRules;
 use super::http::{self, HttpTimeouts};
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
+use crate::config::ConfigUrl;
 use crate::extauth::Secret;
 use crate::wire::Reason;
 
@@ -32,7 +33,7 @@ pub enum ClientAuth {
 #[serde(deny_unknown_fields)]
 pub struct IntrospectionConfig {
     /// Endpoint URL (http:// or https://).
-    pub url: String,
+    pub url: ConfigUrl,
     /// The broker's OAuth client id.
     pub client_id: String,
     /// The client secret inline (prefer `client_secret_file`).
@@ -65,7 +66,7 @@ impl Introspection {
     /// # Errors
     /// A bad URL or timeout, a missing or unreadable secret, or a TLS set-up failure.
     pub fn new(config: IntrospectionConfig) -> Result<Self, String> {
-        http::check_url("introspection url", &config.url)?;
+        http::check_url("introspection url", config.url.expose())?;
         if config.client_id.is_empty() {
             return Err("introspection needs a client id (--client-id or client_id)".into());
         }
@@ -92,7 +93,7 @@ impl Introspection {
             ("token", token.expose()),
             ("token_type_hint", "access_token"),
         ];
-        let mut request = self.http.post(&self.config.url);
+        let mut request = self.http.post(self.config.url.expose());
         match self.config.client_auth {
             ClientAuth::ClientSecretBasic => {
                 request = request.basic_auth(&self.config.client_id, Some(self.secret.expose()))

@@ -34,6 +34,7 @@ use super::claims::ClaimRules;
 use super::http::{self, HttpTimeouts};
 use super::introspection::seconds_claim;
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
+use crate::config::{redact_url, ConfigUrl};
 use crate::wire::Reason;
 
 /// The algorithms this validator implements (RFC 7518 section 3.1, RFC 8037 section 3.1).
@@ -53,7 +54,7 @@ pub const MAX_LEEWAY: u64 = 60;
 pub struct JwtConfig {
     /// URL of the issuer's JWK Set (the `jwks_uri` of its discovery document).
     #[serde(default)]
-    pub jwks_url: Option<String>,
+    pub jwks_url: Option<ConfigUrl>,
     /// A local JWK Set file instead of `jwks_url` (read at start, and again on an unknown `kid`).
     #[serde(default)]
     pub jwks_file: Option<PathBuf>,
@@ -336,11 +337,11 @@ impl KeyStore {
         }
         let (source, keys) = match (&config.jwks_url, &config.jwks_file) {
             (Some(url), _) => {
-                http::check_url("jwks_url", url)?;
+                http::check_url("jwks_url", url.expose())?;
                 config.timeouts.check()?;
                 let http = http::client(config.timeouts)
                     .map_err(|e| format!("building the HTTP client: {e}"))?;
-                let url = url.clone();
+                let url = url.expose().to_owned();
                 (Source::Url { http, url }, Vec::new())
             }
             (None, Some(path)) => {
@@ -476,7 +477,7 @@ impl KeyStore {
 
     fn describe(&self) -> String {
         match &self.source {
-            Source::Url { url, .. } => url.clone(),
+            Source::Url { url, .. } => redact_url(url),
             Source::File(path) => path.display().to_string(),
         }
     }

@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::claims::ClaimRules;
 use super::http::{self, HttpTimeouts};
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
+use crate::config::ConfigUrl;
 use crate::extauth::Secret;
 use crate::wire::Reason;
 
@@ -22,7 +23,7 @@ use crate::wire::Reason;
 pub struct UserinfoConfig {
     /// The UserInfo endpoint (http:// or https://), e.g. the `userinfo_endpoint` of the
     /// provider's discovery document.
-    pub url: String,
+    pub url: ConfigUrl,
     /// Scope, audience and issuer requirements on the returned claims (`require = { ... }`).
     /// UserInfo answers rarely carry `scope`, `aud` or `iss`; a rule on a missing claim refuses.
     #[serde(default)]
@@ -44,7 +45,7 @@ impl Userinfo {
     /// # Errors
     /// A bad URL or timeout, or a TLS set-up failure.
     pub fn new(config: UserinfoConfig) -> Result<Self, String> {
-        http::check_url("userinfo url", &config.url)?;
+        http::check_url("userinfo url", config.url.expose())?;
         config.timeouts.check()?;
         let http =
             http::client(config.timeouts).map_err(|e| format!("building the HTTP client: {e}"))?;
@@ -52,7 +53,10 @@ impl Userinfo {
     }
 
     async fn ask(&self, token: &Secret) -> Validation {
-        let request = self.http.get(&self.config.url).bearer_auth(token.expose());
+        let request = self
+            .http
+            .get(self.config.url.expose())
+            .bearer_auth(token.expose());
         let response = match http::send(request, "userinfo").await {
             Ok(r) => r,
             Err(why) => return Validation::Unavailable(why),
@@ -187,7 +191,7 @@ mod tests {
             .mount(&server)
             .await;
         let c = Userinfo::new(UserinfoConfig {
-            url: format!("{}/userinfo", server.uri()),
+            url: format!("{}/userinfo", server.uri()).into(),
             require: ClaimRules::default(),
             timeouts: HttpTimeouts::default(),
         })
