@@ -292,7 +292,10 @@ mod tests {
         let waited = tokio::time::timeout(limit, waiter).await;
         assert!(matches!(waited, Ok(Ok(None))), "the waiting lane stops");
         let arrived = tokio::time::timeout(limit, late.next()).await;
-        assert!(matches!(arrived, Ok(None)), "a lane arriving later stops too");
+        assert!(
+            matches!(arrived, Ok(None)),
+            "a lane arriving later stops too"
+        );
     }
 
     /// Open loop: the pacer keeps feeding the other lanes when one lane's channel is closed.
