@@ -476,8 +476,13 @@ impl RunArgs {
         };
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
-        let file: RunArgs = toml::from_str(&text)
-            .with_context(|| format!("parsing config file {}", path.display()))?;
+        let file: RunArgs = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "parsing config file {}: {}",
+                path.display(),
+                describe_toml_error(&e, &text)
+            )
+        })?;
         Ok(self.merge(file))
     }
 
@@ -850,6 +855,30 @@ pub fn read_secret(path: &Path, flag: &str) -> Result<Secret> {
     Ok(Secret::new(line.to_owned()))
 }
 
+/// A TOML error as `line L, column C: message`, without the snippet of the file that
+/// `toml::de::Error`'s Display shows and with quoted values replaced by `"..."`: the offending
+/// line may hold a secret (a password in a URL, a secret pasted into the wrong key).
+fn describe_toml_error(error: &toml::de::Error, text: &str) -> String {
+    let at = error.span().map_or_else(String::new, |span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    let mut message = String::new();
+    for (i, part) in error.message().split('"').enumerate() {
+        match i {
+            0 => message.push_str(part),
+            _ if i % 2 == 1 => message.push_str("\"..."),
+            _ => {
+                message.push('"');
+                message.push_str(part);
+            }
+        }
+    }
+    format!("{at}{message}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -884,6 +913,35 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("client_secret_fil"), "{err}");
+    }
+
+    #[test]
+    fn config_file_errors_never_show_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            "max_ttl = 60\nredis = \"redis://:hunter2@h\"\nmax_ttl = \"hunter3\"\n",
+        )
+        .unwrap();
+        let args = RunArgs {
+            config: Some(path.clone()),
+            ..RunArgs::default()
+        };
+        let err = format!("{:#}", args.with_file().unwrap_err());
+        assert!(!err.contains("hunter"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        std::fs::write(&path, "max_ttl = \"hunter4\"\n").unwrap();
+        let args = RunArgs {
+            config: Some(path),
+            ..RunArgs::default()
+        };
+        let err = format!("{:#}", args.with_file().unwrap_err());
+        assert!(!err.contains("hunter"), "{err}");
+        assert!(
+            err.contains("line 1, column 11: invalid type: string \"...\""),
+            "{err}"
+        );
     }
 
     #[test]
