@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::faults::strip_ansi;
 use common::services::{Broker, BrokerSpec, Shim};
 use common::tokens::{forge, jwks, public_jwk, sign, Signer};
 use serde_json::{json, Value};
@@ -84,20 +85,6 @@ fn last_verdict(broker: &Broker) -> String {
         .expect("a provider verdict in the log");
     let (_, rest) = line.split_once("verdict=\"").expect("a verdict field");
     rest.split('"').next().unwrap().to_owned()
-}
-
-/// `text` without terminal colour sequences (`ESC [ ... m`), which the log may carry.
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            chars.by_ref().find(|c| *c == 'm');
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Each case: `user@domain` logs in with a token, gets the expected answer and, when the
