@@ -8,9 +8,9 @@ use std::time::Duration;
 use extauth_broker::tls;
 
 /// Printed with `--help` and after a usage error (on stderr: stdout carries replies only).
-pub const USAGE: &str = "\
+pub(crate) const USAGE: &str = "\
 usage: extauth-shim --broker ADDR[,ADDR...] [--timeout SECONDS] [--connect-timeout SECONDS] [--node NAME]
-                    [--ca FILE [--cert FILE --key FILE]]
+                    [--ca FILE [--cert FILE --key FILE]] [--protocol ejabberd|generic]
 
   --broker ADDR[,...]      brokers to try in order: unix:/path, tcp:HOST:PORT or tls:HOST:PORT
                            (env EXTAUTH_BROKER)
@@ -20,12 +20,15 @@ usage: extauth-shim --broker ADDR[,ADDR...] [--timeout SECONDS] [--connect-timeo
   --timeout SECONDS        answer 0 when no broker has answered within this (default 10; env EXTAUTH_TIMEOUT)
   --connect-timeout SECONDS  give up connecting after this, within --timeout (default 2; env EXTAUTH_CONNECT_TIMEOUT)
   --node NAME              name sent to the broker for its logs (default: host name; env EXTAUTH_NODE)
+  --protocol PROTOCOL      ejabberd (default: 2-byte length frames, 4-byte replies) or generic
+                           (Prosody mod_auth_external: one request per line, replies 1 or 0 and a
+                           newline) (env EXTAUTH_PROTOCOL)
 
-Speaks ejabberd's extauth protocol on stdin/stdout; logs to stderr.";
+Speaks the protocol on stdin/stdout (a terminal is switched to raw mode first); logs to stderr.";
 
 /// One broker address.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Addr {
+pub(crate) enum Addr {
     /// `unix:/path`: a Unix stream socket.
     Unix(String),
     /// `tcp:HOST:PORT`: a TCP address.
@@ -34,9 +37,21 @@ pub enum Addr {
     Tls(String),
 }
 
+/// The protocol spoken on stdin/stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    /// ejabberd's extauth (`src/extauth.erl`): `{packet, 2}` frames, 4-byte replies.
+    Ejabberd,
+    /// Prosody `mod_auth_external`'s generic protocol: `auth:USER:HOST:PASS\n`, replies `1\n` or
+    /// `0\n`.
+    Generic,
+}
+
 /// The shim's settings.
 #[derive(Debug, Clone)]
-pub struct Options {
+pub(crate) struct Options {
+    /// The protocol spoken on stdin/stdout.
+    pub protocol: Protocol,
     /// Brokers in order of preference; every new connection starts from the first.
     pub brokers: Vec<Addr>,
     /// Per-request budget: a request not answered within it gets 0.
@@ -56,12 +71,13 @@ impl Options {
     ///
     /// # Errors
     /// A message for an unknown flag, a missing value, a bad address or a bad number.
-    pub fn from_env_and_args() -> Result<Option<Options>, String> {
+    pub(crate) fn from_env_and_args() -> Result<Option<Options>, String> {
         let env = |name: &str| std::env::var(name).ok();
         let mut brokers = env("EXTAUTH_BROKER");
         let mut timeout = env("EXTAUTH_TIMEOUT");
         let mut connect_timeout = env("EXTAUTH_CONNECT_TIMEOUT");
         let mut node = env("EXTAUTH_NODE");
+        let mut protocol = env("EXTAUTH_PROTOCOL");
         let (mut ca, mut cert, mut key) =
             (env("EXTAUTH_CA"), env("EXTAUTH_CERT"), env("EXTAUTH_KEY"));
         let mut args = std::env::args().skip(1);
@@ -75,6 +91,7 @@ impl Options {
                 "--timeout" => &mut timeout,
                 "--connect-timeout" => &mut connect_timeout,
                 "--node" => &mut node,
+                "--protocol" => &mut protocol,
                 "--ca" => &mut ca,
                 "--cert" => &mut cert,
                 "--key" => &mut key,
@@ -101,6 +118,11 @@ impl Options {
             .collect::<Result<_, _>>()?;
         let wants_tls = brokers.iter().any(|b| matches!(b, Addr::Tls(_)));
         Ok(Some(Options {
+            protocol: match protocol.as_deref().unwrap_or("ejabberd") {
+                "ejabberd" => Protocol::Ejabberd,
+                "generic" => Protocol::Generic,
+                other => return Err(format!("--protocol {other:?}: want ejabberd or generic")),
+            },
             tls: tls_config(wants_tls, ca, cert, key)?,
             brokers,
             timeout: parse_seconds("--timeout", timeout.as_deref().unwrap_or("10"))?,

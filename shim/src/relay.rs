@@ -18,7 +18,7 @@ const MAX_BACKOFF: Duration = Duration::from_millis(500);
 const MIN_SHARE: Duration = Duration::from_millis(200);
 
 /// Relays requests to the first broker that answers.
-pub struct Relay<'a> {
+pub(crate) struct Relay<'a> {
     options: &'a Options,
     conn: Option<Stream>,
     next_id: u64,
@@ -26,7 +26,7 @@ pub struct Relay<'a> {
 
 impl<'a> Relay<'a> {
     /// A relay with no connection yet (the first request opens it).
-    pub fn new(options: &'a Options) -> Self {
+    pub(crate) fn new(options: &'a Options) -> Self {
         Relay {
             options,
             conn: None,
@@ -37,7 +37,7 @@ impl<'a> Relay<'a> {
     /// Asks a broker about `command` and returns its verdict, or `false` when no answer arrived
     /// before `deadline`. A connection that timed out is dropped, so a late answer can never be
     /// taken for the next request's.
-    pub fn call(&mut self, command: Command, deadline: Instant) -> bool {
+    pub(crate) fn call(&mut self, command: Command, deadline: Instant) -> bool {
         let id = self.next_id;
         self.next_id += 1;
         let (user, server) = command.jid_parts();

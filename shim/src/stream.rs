@@ -13,7 +13,7 @@ use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use crate::options::Addr;
 
 /// A connected stream.
-pub enum Stream {
+pub(crate) enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
     Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
@@ -22,7 +22,7 @@ pub enum Stream {
 impl Stream {
     /// Connects to `addr` before `deadline`; `tls` is required for `tls:` addresses. The TLS
     /// handshake happens with the first write.
-    pub fn open(
+    pub(crate) fn open(
         addr: &Addr,
         deadline: Instant,
         tls: Option<&Arc<ClientConfig>>,
@@ -52,7 +52,7 @@ impl Stream {
     }
 
     /// Makes every blocking read and write fail once `deadline` has passed.
-    pub fn set_deadline(&self, deadline: Instant) -> io::Result<()> {
+    pub(crate) fn set_deadline(&self, deadline: Instant) -> io::Result<()> {
         let left = Some(time_left(deadline)?);
         let tcp = match self {
             Stream::Unix(s) => {
