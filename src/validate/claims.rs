@@ -23,6 +23,24 @@ pub struct ClaimRules {
 }
 
 impl ClaimRules {
+    /// `, requires scope [..], audience .., issuer ..` for `check-config`; empty without rules.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.scopes.is_empty() {
+            parts.push(format!("scopes {:?}", self.scopes));
+        }
+        if let Some(a) = &self.audience {
+            parts.push(format!("audience {a:?}"));
+        }
+        if let Some(i) = &self.issuer {
+            parts.push(format!("issuer {i:?}"));
+        }
+        match parts.is_empty() {
+            true => String::new(),
+            false => format!(", requires {}", parts.join(", ")),
+        }
+    }
+
     /// Checks `claims` against the rules.
     ///
     /// # Errors

@@ -6,12 +6,15 @@
 //! `active`; `exp` is seconds since the epoch.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::Value;
+use tracing::warn;
 
 use super::claims::ClaimRules;
-use super::http::{self, HttpTimeouts};
+use super::discovery::{client_and_url, Endpoint, EndpointUrl};
+use super::http::{HttpTimeouts, ProviderClient, ProviderPolicy, Throttle};
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
 use crate::config::ConfigUrl;
 use crate::extauth::Secret;
@@ -32,8 +35,14 @@ pub enum ClientAuth {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IntrospectionConfig {
-    /// Endpoint URL (http:// or https://).
-    pub url: ConfigUrl,
+    /// Endpoint URL (`https://`, or `http://` on loopback); without it, the
+    /// `introspection_endpoint` discovered from `issuer`.
+    #[serde(default)]
+    pub url: Option<ConfigUrl>,
+    /// The provider's issuer identifier: its metadata gives `url` when that is not set
+    /// ([`super::discovery`]).
+    #[serde(default)]
+    pub issuer: Option<ConfigUrl>,
     /// The broker's OAuth client id.
     pub client_id: String,
     /// The client secret inline (prefer `client_secret_file`).
@@ -55,22 +64,33 @@ pub struct IntrospectionConfig {
 
 /// An RFC 7662 introspection client.
 pub struct Introspection {
-    http: reqwest::Client,
+    http: ProviderClient,
+    url: EndpointUrl,
     config: IntrospectionConfig,
     secret: Secret,
+    /// Paces the "our client credentials were refused" warning: once a minute, not per login.
+    refused_warning: Throttle,
 }
 
 impl Introspection {
-    /// A client for `config.url`, its secret resolved (inline, file, then env).
+    /// A client for `config.url` under the broker-wide `policy`, its secret resolved (inline,
+    /// file, then env).
     ///
     /// # Errors
     /// A bad URL or timeout, a missing or unreadable secret, or a TLS set-up failure.
-    pub fn new(config: IntrospectionConfig) -> Result<Self, String> {
-        http::check_url("introspection url", config.url.expose())?;
+    pub fn new(config: IntrospectionConfig, policy: &ProviderPolicy) -> Result<Self, String> {
+        let (http, url) = client_and_url(
+            "introspection",
+            "introspection url",
+            config.url.as_ref(),
+            config.issuer.as_ref(),
+            Endpoint::Introspection,
+            config.timeouts,
+            policy,
+        )?;
         if config.client_id.is_empty() {
             return Err("introspection needs a client id (--client-id or client_id)".into());
         }
-        config.timeouts.check()?;
         let secret = match (&config.client_secret, &config.client_secret_file) {
             (Some(s), _) => s.clone(),
             (None, Some(path)) => crate::config::read_secret(path, "client_secret_file").map_err(|e| format!("{e:#}"))?,
@@ -79,12 +99,12 @@ impl Introspection {
                 _ => return Err("the client secret is required: set EXTAUTH_CLIENT_SECRET, --client-secret-file or client_secret_file".into()),
             },
         };
-        let http =
-            http::client(config.timeouts).map_err(|e| format!("building the HTTP client: {e}"))?;
         Ok(Introspection {
             http,
+            url,
             config,
             secret,
+            refused_warning: Throttle::new(Duration::from_secs(60)),
         })
     }
 
@@ -93,7 +113,11 @@ impl Introspection {
             ("token", token.expose()),
             ("token_type_hint", "access_token"),
         ];
-        let mut request = self.http.post(self.config.url.expose());
+        let url = match self.url.get().await {
+            Ok(url) => url,
+            Err(why) => return Validation::Unavailable(why),
+        };
+        let mut request = self.http.request(reqwest::Method::POST, &url);
         match self.config.client_auth {
             ClientAuth::ClientSecretBasic => {
                 request = request.basic_auth(&self.config.client_id, Some(self.secret.expose()))
@@ -103,23 +127,42 @@ impl Introspection {
                 form.push(("client_secret", self.secret.expose()));
             }
         }
-        let response = match http::send(request.form(&form), "introspection").await {
+        let response = match self.http.send(request.form(&form)).await {
             Ok(r) => r,
             Err(why) => return Validation::Unavailable(why),
         };
-        let status = response.status();
-        if !status.is_success() {
-            // 401/403 here means the broker's own client credentials were refused: not the
-            // token's fault, so not a cacheable "no".
+        let status = response.status().as_u16();
+        if matches!(status, 401 | 403) {
+            return self.credentials_refused(status);
+        }
+        if !response.status().is_success() {
             return Validation::Unavailable(format!(
-                "introspection endpoint answered HTTP {}",
-                status.as_u16()
+                "introspection endpoint answered HTTP {status}"
             ));
         }
-        match response.json::<Value>().await {
+        match self.http.json(response).await {
             Ok(body) => self.interpret(body),
-            Err(_) => Validation::Unavailable("introspection answer is not JSON".to_owned()),
+            Err(why) => Validation::Unavailable(why),
         }
+    }
+
+    /// A 401 or 403 refuses the broker's own client credentials (RFC 7662 section 2.1), not the
+    /// token: no cacheable "no", and a warning that says what to check, once a minute.
+    fn credentials_refused(&self, status: u16) -> Validation {
+        if self.refused_warning.ready() {
+            warn!(
+                url = %self.url,
+                client_id = %self.config.client_id,
+                client_auth = ?self.config.client_auth,
+                "introspection endpoint refused the broker's own client credentials (HTTP \
+                 {status}): check client_id, the client secret and client_auth against the \
+                 provider's client registration; new tokens are refused meanwhile (logged at \
+                 most once a minute)"
+            );
+        }
+        Validation::Unavailable(format!(
+            "introspection endpoint refused the broker's client credentials (HTTP {status})"
+        ))
     }
 
     /// Reads an RFC 7662 section 2.2 answer.
@@ -177,6 +220,10 @@ impl Validator for Introspection {
     fn kind(&self) -> &'static str {
         "introspection"
     }
+
+    fn discovered(&self) -> Option<EndpointUrl> {
+        self.url.is_discovered().then(|| self.url.clone())
+    }
 }
 
 #[cfg(test)]
@@ -185,15 +232,19 @@ mod tests {
     use serde_json::json;
 
     fn client(require: ClaimRules) -> Introspection {
-        Introspection::new(IntrospectionConfig {
-            url: "http://127.0.0.1:9/introspect".into(),
-            client_id: "c".into(),
-            client_secret: Some(Secret::new("s".into())),
-            client_secret_file: None,
-            client_auth: ClientAuth::ClientSecretBasic,
-            require,
-            timeouts: HttpTimeouts::default(),
-        })
+        Introspection::new(
+            IntrospectionConfig {
+                url: Some("http://127.0.0.1:9/introspect".into()),
+                issuer: None,
+                client_id: "c".into(),
+                client_secret: Some(Secret::new("s".into())),
+                client_secret_file: None,
+                client_auth: ClientAuth::ClientSecretBasic,
+                require,
+                timeouts: HttpTimeouts::default(),
+            },
+            &ProviderPolicy::default(),
+        )
         .unwrap()
     }
 

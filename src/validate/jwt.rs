@@ -5,6 +5,12 @@
 //! 4.1.4), or with a configured HS256 secret. Then `exp` (required), `nbf`, `iss` and `aud` are
 //! checked with a small leeway (RFC 7519 section 4.1), and any required scopes.
 //!
+//! Only access tokens meant for this service pass (RFC 9068 section 4; RFC 9700 section 2.3):
+//! an audience is required (`require.audience`; the validator refuses to start without one), the
+//! header's `typ` must be `at+jwt` when `typ` is configured, and a token meant for a client is
+//! refused as `wrong_token_type`: one carrying ID-token claims (`nonce`, `at_hash`, `c_hash`,
+//! `s_hash`; OIDC Core section 2) or whose audience is its own client (`azp` or `client_id`).
+//!
 //! Algorithm confusion (RFC 8725 section 2.1) is closed three ways: only the configured
 //! `algorithms` are accepted (`alg: none` never is); every JWKS key verifies exactly one
 //! algorithm, derived from its `kty` and `crv` (and equal to its `alg` when it names one); and
@@ -12,9 +18,10 @@
 //! public key's bytes as an HMAC secret cannot verify.
 //!
 //! Rotation: a token whose `kid` is not in the set makes the set be fetched again, at most once
-//! per `jwks_min_refresh` however many logins ask; the set is also fetched again in the
-//! background once it is `jwks_refresh` old. A token keeps verifying until its key leaves the
-//! set. While a fetch fails, the keys already known keep working.
+//! per `jwks_min_refresh` however many logins ask (a login that finds a fetch from before it
+//! arrived waits for the next one, so a new key refuses nobody); the set is also fetched again
+//! in the background once it is `jwks_refresh` old. A token keeps verifying until its key leaves
+//! the set. While a fetch fails, the keys already known keep working.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -31,10 +38,11 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use super::claims::ClaimRules;
-use super::http::{self, HttpTimeouts};
+use super::discovery::{client_and_url, Endpoint, EndpointUrl};
+use super::http::{HttpTimeouts, ProviderClient, ProviderPolicy};
 use super::introspection::seconds_claim;
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
-use crate::config::{redact_url, ConfigUrl};
+use crate::config::ConfigUrl;
 use crate::wire::Reason;
 
 /// The algorithms this validator implements (RFC 7518 section 3.1, RFC 8037 section 3.1).
@@ -55,6 +63,11 @@ pub struct JwtConfig {
     /// URL of the issuer's JWK Set (the `jwks_uri` of its discovery document).
     #[serde(default)]
     pub jwks_url: Option<ConfigUrl>,
+    /// The provider's issuer identifier: its metadata gives `jwks_url` when that is not set
+    /// ([`super::discovery`]), and tokens must carry it as `iss` unless `require.issuer` says
+    /// otherwise.
+    #[serde(default)]
+    pub issuer: Option<ConfigUrl>,
     /// A local JWK Set file instead of `jwks_url` (read at start, and again on an unknown `kid`).
     #[serde(default)]
     pub jwks_file: Option<PathBuf>,
@@ -65,7 +78,7 @@ pub struct JwtConfig {
     /// with a JWKS, plus `HS256` with `hs256_secret_file`].
     #[serde(default)]
     pub algorithms: Option<Vec<Algorithm>>,
-    /// Least time between two fetches caused by unknown `kid`s, seconds [default: 30].
+    /// Least time between two fetches caused by unknown `kid`s, seconds [default: 1].
     #[serde(default = "default_min_refresh")]
     pub jwks_min_refresh: u64,
     /// Age after which the JWKS is fetched again in the background, seconds [default: 300].
@@ -74,17 +87,21 @@ pub struct JwtConfig {
     /// Clock skew allowed on `exp` and `nbf`, seconds, at most 60 [default: 30].
     #[serde(default = "default_leeway")]
     pub leeway: u64,
-    /// Required scopes (`scope` claim), audience (`aud`) and issuer (`iss`). Without an
-    /// audience, a token that names one is refused (RFC 7519 section 4.1.3).
+    /// Required scopes (`scope` claim), audience (`aud`, required: this service's identifier at
+    /// the provider, RFC 9068 section 4) and issuer (`iss`).
     #[serde(default)]
     pub require: ClaimRules,
+    /// Required JOSE header `typ` (RFC 9068 section 2.1: `at+jwt`; `application/at+jwt` is the
+    /// same), compared without case. Unset: any `typ`.
+    #[serde(default)]
+    pub typ: Option<String>,
     /// Connect and total timeouts of JWKS fetches.
     #[serde(default)]
     pub timeouts: HttpTimeouts,
 }
 
 fn default_min_refresh() -> u64 {
-    30
+    1
 }
 
 fn default_refresh() -> u64 {
@@ -101,6 +118,10 @@ pub struct Jwt {
     rules: Vec<jsonwebtoken::Validation>,
     /// The `require.scopes` part of the claim rules (jsonwebtoken checks `iss` and `aud`).
     scopes: ClaimRules,
+    /// The audience every token must name (this service).
+    audience: String,
+    /// The required `typ`, lower case without `application/`.
+    typ: Option<String>,
     hs256: Option<Arc<Key>>,
     jwks: Option<Arc<KeyStore>>,
 }
@@ -111,8 +132,14 @@ impl Jwt {
     /// # Errors
     /// Conflicting or missing key sources, an unsupported algorithm, a leeway over
     /// [`MAX_LEEWAY`], an unreadable or short secret, an unreadable JWKS file or one without a
-    /// usable key, a bad URL or timeout.
-    pub fn new(config: JwtConfig) -> Result<Self, String> {
+    /// usable key, a bad URL (`policy` decides on `http://`) or timeout, no audience.
+    pub fn new(config: JwtConfig, policy: &ProviderPolicy) -> Result<Self, String> {
+        let Some(audience) = config.require.audience.clone() else {
+            return Err("the jwt validator needs require.audience: the identifier of this \
+                service that the provider puts in the aud claim of its access tokens (RFC 9068 \
+                section 4). Without it an ID token or a token for another service would log users in"
+                .into());
+        };
         if config.leeway > MAX_LEEWAY {
             return Err(format!(
                 "jwt leeway must be at most {MAX_LEEWAY} seconds, got {}",
@@ -124,13 +151,15 @@ impl Jwt {
             Some(path) => Some(Arc::new(hs256_key(path)?)),
             None => None,
         };
-        let jwks = KeyStore::new(&config, &algorithms)?.map(Arc::new);
+        let jwks = KeyStore::new(&config, &algorithms, policy)?.map(Arc::new);
         Ok(Jwt {
             rules: algorithms.iter().map(|a| rules_for(*a, &config)).collect(),
             scopes: ClaimRules {
                 scopes: config.require.scopes,
                 ..ClaimRules::default()
             },
+            audience,
+            typ: config.typ.as_deref().map(normal_typ),
             hs256,
             jwks,
         })
@@ -145,6 +174,11 @@ impl Jwt {
         // RFC 7515 section 4.1.11: we understand no extension, so one marked critical refuses.
         if header.crit.is_some() {
             return bad;
+        }
+        if let Some(typ) = &self.typ {
+            if header.typ.as_deref().map(normal_typ).as_ref() != Some(typ) {
+                return Validation::Invalid(Reason::WrongTokenType);
+            }
         }
         let Some(rules) = self.rules.iter().find(|r| r.algorithms == [header.alg]) else {
             return bad;
@@ -166,6 +200,9 @@ impl Jwt {
 
     /// The grant of a token whose signature, times, issuer and audience are good.
     fn grant(&self, claims: Map<String, Value>) -> Validation {
+        if self.meant_for_a_client(&claims) {
+            return Validation::Invalid(Reason::WrongTokenType);
+        }
         if let Err(reason) = self.scopes.check(&claims) {
             return Validation::Invalid(reason);
         }
@@ -180,7 +217,35 @@ impl Jwt {
     }
 }
 
+impl Jwt {
+    /// An ID token (OIDC Core section 2: `nonce`, `at_hash`, `c_hash`, `s_hash` belong to ID
+    /// tokens only), or a token whose audience is the client it was issued to.
+    fn meant_for_a_client(&self, claims: &Map<String, Value>) -> bool {
+        const ID_TOKEN_CLAIMS: [&str; 4] = ["nonce", "at_hash", "c_hash", "s_hash"];
+        ID_TOKEN_CLAIMS.iter().any(|c| claims.contains_key(*c))
+            || ["azp", "client_id"]
+                .iter()
+                .any(|c| claims.get(*c).and_then(Value::as_str) == Some(self.audience.as_str()))
+    }
+}
+
+/// A `typ` header value as compared: lower case, without `application/` (RFC 7515 section
+/// 4.1.9 lets it be omitted).
+fn normal_typ(typ: &str) -> String {
+    let lower = typ.to_ascii_lowercase();
+    lower
+        .strip_prefix("application/")
+        .map_or(lower.clone(), str::to_owned)
+}
+
 impl Validator for Jwt {
+    fn discovered(&self) -> Option<EndpointUrl> {
+        match &self.jwks.as_ref()?.source {
+            Source::Url { url, .. } => url.is_discovered().then(|| url.clone()),
+            Source::File(_) => None,
+        }
+    }
+
     fn validate<'a>(&'a self, check: TokenCheck<'a>) -> BoxFuture<'a, Validation> {
         Box::pin(self.verify(check.token.expose()))
     }
@@ -195,7 +260,8 @@ fn accepted_algorithms(config: &JwtConfig) -> Result<Vec<Algorithm>, String> {
     if config.jwks_url.is_some() && config.jwks_file.is_some() {
         return Err("give jwks_url or jwks_file, not both".into());
     }
-    let has_jwks = config.jwks_url.is_some() || config.jwks_file.is_some();
+    let has_jwks =
+        config.jwks_url.is_some() || config.jwks_file.is_some() || config.issuer.is_some();
     let has_secret = config.hs256_secret_file.is_some();
     // An algorithm is usable when its kind of key is configured.
     let usable = |a: &Algorithm| match a {
@@ -241,7 +307,12 @@ fn rules_for(alg: Algorithm, config: &JwtConfig) -> jsonwebtoken::Validation {
     rules.leeway = config.leeway;
     rules.validate_nbf = true;
     let mut required = vec!["exp"];
-    if let Some(issuer) = &config.require.issuer {
+    let issuer = config
+        .require
+        .issuer
+        .as_deref()
+        .or(config.issuer.as_ref().map(ConfigUrl::expose));
+    if let Some(issuer) = issuer {
         rules.set_issuer(&[issuer]);
         required.push("iss");
     }
@@ -292,12 +363,16 @@ struct Key {
 
 /// Where the JWK Set comes from.
 enum Source {
-    Url { http: reqwest::Client, url: String },
+    Url {
+        http: ProviderClient,
+        url: EndpointUrl,
+    },
     File(PathBuf),
 }
 
-/// One fetch of the JWK Set: when, and its error if it failed.
+/// One fetch of the JWK Set: when it started and ended, and its error if it failed.
 struct Attempt {
+    started: Instant,
     at: Instant,
     error: Option<String>,
 }
@@ -328,27 +403,35 @@ enum Find {
 
 impl KeyStore {
     /// The store for `config`, `None` without a JWKS. A file is read now.
-    fn new(config: &JwtConfig, algorithms: &[Algorithm]) -> Result<Option<Self>, String> {
+    fn new(
+        config: &JwtConfig,
+        algorithms: &[Algorithm],
+        policy: &ProviderPolicy,
+    ) -> Result<Option<Self>, String> {
         if config.jwks_min_refresh == 0 || config.jwks_refresh < config.jwks_min_refresh {
             return Err(
                 "jwks_min_refresh must be at least 1 and jwks_refresh at least jwks_min_refresh"
                     .into(),
             );
         }
-        let (source, keys) = match (&config.jwks_url, &config.jwks_file) {
-            (Some(url), _) => {
-                http::check_url("jwks_url", url.expose())?;
-                config.timeouts.check()?;
-                let http = http::client(config.timeouts)
-                    .map_err(|e| format!("building the HTTP client: {e}"))?;
-                let url = url.expose().to_owned();
-                (Source::Url { http, url }, Vec::new())
-            }
-            (None, Some(path)) => {
+        let (source, keys) = match (&config.jwks_url, &config.jwks_file, &config.issuer) {
+            (None, Some(path), _) => {
                 let keys = parse_jwks(&read_file(path)?, algorithms)?;
                 (Source::File(path.clone()), keys)
             }
-            (None, None) => return Ok(None),
+            (None, None, None) => return Ok(None),
+            (url, _, issuer) => {
+                let (http, url) = client_and_url(
+                    "JWKS",
+                    "jwks_url",
+                    url.as_ref(),
+                    issuer.as_ref(),
+                    Endpoint::Jwks,
+                    config.timeouts,
+                    policy,
+                )?;
+                (Source::Url { http, url }, Vec::new())
+            }
         };
         let store = KeyStore {
             source,
@@ -384,21 +467,35 @@ impl KeyStore {
         }
     }
 
-    /// Fetches the set for an unknown key, unless a fetch ended less than `min_refresh` ago
-    /// (which bounds what a stream of made-up `kid`s costs the issuer).
+    /// Fetches the set for an unknown key. Fetches end at least `min_refresh` apart, which
+    /// bounds what a stream of made-up `kid`s costs the issuer; a request that finds only a fetch
+    /// started before it arrived waits for the next one. So a token signed with a rotated key is
+    /// accepted as soon as the set holds the key, and a `kid` is refused as unknown (a cacheable
+    /// `bad_token`) only by a fetch that started after the token arrived.
     async fn refetch(&self, kid: Option<&str>, alg: Algorithm) -> Result<Arc<Key>, Validation> {
-        let mut last = self.last_fetch.lock().await;
-        let error = match self.recent(&last) {
-            Some(attempt) => attempt.error.clone(),
-            None => {
-                info!(source = %self.describe(), "unknown key: fetching the JWKS");
-                let attempt = self.fetch().await;
-                let error = attempt.error.clone();
-                *last = Some(attempt);
-                error
+        let arrived = Instant::now();
+        let error = loop {
+            let mut last = self.last_fetch.lock().await;
+            // A fetch made while this login waited for the lock may have brought the key.
+            if let Find::Key(key) = find(&self.current(), kid, alg) {
+                return Ok(key);
+            }
+            match last.as_ref() {
+                Some(attempt) if attempt.started >= arrived => break attempt.error.clone(),
+                Some(attempt) if attempt.at.elapsed() < self.min_refresh => {
+                    let wait = self.min_refresh - attempt.at.elapsed();
+                    drop(last);
+                    tokio::time::sleep(wait).await;
+                }
+                _ => {
+                    info!(source = %self.describe(), "unknown key: fetching the JWKS");
+                    let attempt = self.fetch().await;
+                    let error = attempt.error.clone();
+                    *last = Some(attempt);
+                    break error;
+                }
             }
         };
-        drop(last);
         match (find(&self.current(), kid, alg), error) {
             (Find::Key(key), _) => Ok(key),
             (Find::Missing, Some(why)) => Err(Validation::Unavailable(why)),
@@ -436,8 +533,12 @@ impl KeyStore {
 
     /// Fetches and parses the set; on success it replaces the keys, on failure the keys stay.
     async fn fetch(&self) -> Attempt {
+        let started = Instant::now();
         let body = match &self.source {
-            Source::Url { http, url } => fetch_url(http, url).await,
+            Source::Url { http, url } => match url.get().await {
+                Ok(url) => fetch_url(http, &url).await,
+                Err(why) => Err(why),
+            },
             // A local file of a few KiB: reading it blocks for microseconds.
             Source::File(path) => read_file(path),
         };
@@ -448,13 +549,18 @@ impl KeyStore {
                 info!(source = %self.describe(), keys = keys.len(), "JWKS loaded");
                 *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(keys);
                 self.push_refresh(self.max_age);
-                Attempt { at, error: None }
+                Attempt {
+                    started,
+                    at,
+                    error: None,
+                }
             }
             Err(why) => {
                 let why = format!("JWKS from {}: {why}", self.describe());
                 warn!("{why}; keeping the keys already known");
                 self.push_refresh(self.min_refresh);
                 Attempt {
+                    started,
                     at,
                     error: Some(why),
                 }
@@ -477,7 +583,7 @@ impl KeyStore {
 
     fn describe(&self) -> String {
         match &self.source {
-            Source::Url { url, .. } => redact_url(url),
+            Source::Url { url, .. } => url.to_string(),
             Source::File(path) => path.display().to_string(),
         }
     }
@@ -510,16 +616,12 @@ fn find(keys: &[Arc<Key>], kid: Option<&str>, alg: Algorithm) -> Find {
     }
 }
 
-async fn fetch_url(http: &reqwest::Client, url: &str) -> Result<Vec<u8>, String> {
-    let response = http::send(http.get(url), "JWKS").await?;
+async fn fetch_url(http: &ProviderClient, url: &str) -> Result<Vec<u8>, String> {
+    let response = http.send(http.request(reqwest::Method::GET, url)).await?;
     if !response.status().is_success() {
         return Err(format!("answered HTTP {}", response.status().as_u16()));
     }
-    let body = response
-        .bytes()
-        .await
-        .map_err(|_| "body cut off".to_owned())?;
-    Ok(body.to_vec())
+    http.body(response).await
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, String> {
@@ -591,6 +693,7 @@ fn usable_key(jwk: &Jwk, algorithms: &[Algorithm]) -> Option<Key> {
 
 #[cfg(test)]
 #[path = "../../tests/common/tokens.rs"]
+#[allow(unreachable_pub)]
 mod tokens;
 
 #[cfg(test)]
@@ -612,11 +715,22 @@ mod tests {
         dir
     }
 
-    /// The settings in `toml_text`, after `jwks_file = <dir>/jwks.json`.
+    /// The settings in `toml_text`, after `jwks_file = <dir>/jwks.json` and, unless the text
+    /// has its own `require`, `require = { audience = "xmpp" }`.
     fn config(dir: &TempDir, toml_text: &str) -> Result<Jwt, String> {
         let file = dir.path().join("jwks.json");
-        let text = format!("jwks_file = {:?}\n{toml_text}", file.display().to_string());
-        Jwt::new(toml::from_str(&text).map_err(|e| e.to_string())?)
+        let require = match toml_text.contains("require") {
+            true => "",
+            false => "require = { audience = \"xmpp\" }\n",
+        };
+        let text = format!(
+            "jwks_file = {:?}\n{require}{toml_text}",
+            file.display().to_string()
+        );
+        Jwt::new(
+            toml::from_str(&text).map_err(|e| e.to_string())?,
+            &ProviderPolicy::default(),
+        )
     }
 
     fn secret_line(dir: &TempDir) -> String {
@@ -625,7 +739,7 @@ mod tests {
     }
 
     fn claims(extra: Value) -> Value {
-        let mut c = json!({"sub": "alice", "exp": now() + 600});
+        let mut c = json!({"sub": "alice", "aud": "xmpp", "exp": now() + 600});
         c.as_object_mut()
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
@@ -637,7 +751,7 @@ mod tests {
         let dir = key_files(&["rsa-a", "ec", "ed"]);
         let jwt = config(&dir, &secret_line(&dir)).unwrap();
         let exp = now() + 600;
-        let body = json!({"sub": "alice", "exp": exp});
+        let body = json!({"sub": "alice", "aud": "xmpp", "exp": exp});
         for (signer, kid) in [
             (Signer::RsaA, Some("rsa-a")),
             (Signer::Ec, Some("ec")),
@@ -700,17 +814,75 @@ mod tests {
                 Some(reason) => assert_eq!(answer, Validation::Invalid(reason), "{change}"),
             }
         }
-        let open = config(&dir, "").unwrap();
-        let token = |aud: Value| sign(Signer::RsaA, Some("rsa-a"), &claims(aud));
-        assert!(matches!(
-            open.verify(&token(json!({}))).await,
-            Validation::Valid(_)
-        ));
-        assert_eq!(
-            open.verify(&token(json!({"aud": "someone-else"}))).await,
-            Validation::Invalid(Reason::WrongAudience),
-            "a token for another audience is refused even when none is configured"
+    }
+
+    #[tokio::test]
+    async fn only_access_tokens_for_this_service_pass() {
+        let dir = key_files(&["rsa-a"]);
+        let no_audience = config(&dir, "require = { issuer = \"https://idp\" }");
+        assert!(
+            no_audience
+                .err()
+                .unwrap_or_default()
+                .contains("require.audience"),
+            "an audience is required"
         );
+        let jwt = config(&dir, "").unwrap();
+        let token = |extra: Value| sign(Signer::RsaA, Some("rsa-a"), &claims(extra));
+        let cases = [
+            (json!({}), None),
+            (json!({"client_id": "chat-app", "azp": "chat-app"}), None),
+            (json!({"aud": "someone-else"}), Some(Reason::WrongAudience)),
+            (json!({"aud": null}), Some(Reason::WrongAudience)),
+            // An ID token issued to client "xmpp" names it as its audience.
+            (json!({"azp": "xmpp"}), Some(Reason::WrongTokenType)),
+            (json!({"client_id": "xmpp"}), Some(Reason::WrongTokenType)),
+            (
+                json!({"nonce": "n-0S6_WzA2Mj"}),
+                Some(Reason::WrongTokenType),
+            ),
+            (
+                json!({"at_hash": "77QmUPtjPfzWtF2AnpK9RQ"}),
+                Some(Reason::WrongTokenType),
+            ),
+        ];
+        for (extra, refused) in cases {
+            let answer = jwt.verify(&token(extra.clone())).await;
+            match refused {
+                None => assert!(
+                    matches!(answer, Validation::Valid(_)),
+                    "{extra}: {answer:?}"
+                ),
+                Some(reason) => assert_eq!(answer, Validation::Invalid(reason), "{extra}"),
+            }
+        }
+        let typed = config(&dir, "typ = \"at+jwt\"").unwrap();
+        let with_typ = |typ: Option<&str>| {
+            let mut header = jsonwebtoken::Header::new(Algorithm::RS256);
+            header.kid = Some("rsa-a".into());
+            header.typ = typ.map(str::to_owned);
+            let key = jsonwebtoken::EncodingKey::from_rsa_pem(include_bytes!(
+                "../../tests/fixtures/jwt/rsa-a.pem"
+            ))
+            .unwrap();
+            jsonwebtoken::encode(&header, &claims(json!({})), &key).unwrap()
+        };
+        for (typ, ok) in [
+            (Some("at+jwt"), true),
+            (Some("application/AT+JWT"), true),
+            (Some("JWT"), false),
+            (None, false),
+        ] {
+            let answer = typed.verify(&with_typ(typ)).await;
+            match ok {
+                true => assert!(matches!(answer, Validation::Valid(_)), "{typ:?}"),
+                false => assert_eq!(
+                    answer,
+                    Validation::Invalid(Reason::WrongTokenType),
+                    "{typ:?}"
+                ),
+            }
+        }
     }
 
     #[tokio::test]
@@ -767,10 +939,7 @@ mod tests {
     fn settings_are_checked() {
         let dir = key_files(&["rsa-a"]);
         let c: JwtConfig = toml::from_str("jwks_url = \"https://idp/jwks\"").unwrap();
-        assert_eq!(
-            (c.leeway, c.jwks_min_refresh, c.jwks_refresh),
-            (30, 30, 300)
-        );
+        assert_eq!((c.leeway, c.jwks_min_refresh, c.jwks_refresh), (30, 1, 300));
         assert!(config(&dir, "leeway = 60").is_ok());
         let refused = |extra: &str| config(&dir, extra).err().unwrap_or_default();
         assert!(refused("leeway = 61").contains("at most 60"));
@@ -787,7 +956,11 @@ mod tests {
         std::fs::write(dir.path().join("hs256.key"), "short").unwrap();
         assert!(refused(&secret_line(&dir)).contains("32 bytes"));
         assert!(
-            Jwt::new(toml::from_str("leeway = 5").unwrap()).is_err(),
+            Jwt::new(
+                toml::from_str("leeway = 5").unwrap(),
+                &ProviderPolicy::default()
+            )
+            .is_err(),
             "no key source"
         );
         std::fs::write(dir.path().join("jwks.json"), jwks(&["ec"]).to_string()).unwrap();
@@ -859,10 +1032,11 @@ mod tests {
         serve(&server, 200, jwks(&["rsa-a"])).await;
         let jwt = Jwt::new(
             toml::from_str(&format!(
-                "jwks_url = \"{}/jwks\"\njwks_min_refresh = 1",
+                "jwks_url = \"{}/jwks\"\njwks_min_refresh = 1\nrequire = {{ audience = \"xmpp\" }}",
                 server.uri()
             ))
             .unwrap(),
+            &ProviderPolicy::default(),
         )
         .unwrap();
         // Four distinct tokens per kid, signed up front so that only verification runs inside
@@ -883,17 +1057,13 @@ mod tests {
             "first use: one fetch for 4 logins"
         );
 
+        // The key rotates less than jwks_min_refresh after the last fetch: the logins with the
+        // new kid wait for the next allowed fetch instead of being refused.
         serve(&server, 200, jwks(&["rsa-a", "rsa-b"])).await;
-        let answers = logins(&jwt, &new).await;
         assert!(
-            answers
-                .iter()
-                .all(|a| *a == Validation::Invalid(Reason::BadToken)),
-            "a fetch ended less than jwks_min_refresh ago: {answers:?}"
+            all_valid(logins(&jwt, &new).await),
+            "a rotation refuses nobody"
         );
-        assert_eq!(fetches(&server).await, 0);
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        assert!(all_valid(logins(&jwt, &new).await));
         assert!(
             all_valid(logins(&jwt, &old).await),
             "old key still in the set"
@@ -911,21 +1081,26 @@ mod tests {
             Validation::Unavailable(_)
         ));
         assert!(
-            matches!(jwt.verify(&unknown).await, Validation::Unavailable(_)),
-            "the failure is remembered, not retried at once"
-        );
-        assert!(
             all_valid(logins(&jwt, &old).await),
             "known keys survive a failed fetch"
         );
         assert_eq!(fetches(&server).await, 1);
+        assert!(
+            matches!(jwt.verify(&unknown).await, Validation::Unavailable(_)),
+            "unavailable, not a refusal"
+        );
+        assert_eq!(
+            fetches(&server).await,
+            2,
+            "the second login waited jwks_min_refresh, then fetched again"
+        );
 
         serve(&server, 200, jwks(&["rsa-b"])).await;
         tokio::time::sleep(Duration::from_millis(1100)).await;
         assert_eq!(
             jwt.verify(&unknown).await,
             Validation::Invalid(Reason::BadToken),
-            "not in the new set either"
+            "not in a set fetched after the token arrived: unknown for sure"
         );
         assert_eq!(fetches(&server).await, 1);
         let gone = logins(&jwt, &old).await;
@@ -934,8 +1109,13 @@ mod tests {
                 .all(|a| *a == Validation::Invalid(Reason::BadToken)),
             "rsa-a left the set: {gone:?}"
         );
+        assert_eq!(
+            fetches(&server).await,
+            2,
+            "one confirming fetch for 4 logins"
+        );
         assert!(all_valid(logins(&jwt, &new).await));
-        assert_eq!(fetches(&server).await, 1);
+        assert_eq!(fetches(&server).await, 2);
     }
 
     #[tokio::test]
@@ -944,10 +1124,11 @@ mod tests {
         serve(&server, 200, jwks(&["rsa-a"])).await;
         let jwt = Jwt::new(
             toml::from_str(&format!(
-                "jwks_url = \"{}/jwks\"\njwks_min_refresh = 1\njwks_refresh = 1",
+                "jwks_url = \"{}/jwks\"\njwks_min_refresh = 1\njwks_refresh = 1\nrequire = {{ audience = \"xmpp\" }}",
                 server.uri()
             ))
             .unwrap(),
+            &ProviderPolicy::default(),
         )
         .unwrap();
         let token = sign(Signer::RsaA, Some("rsa-a"), &claims(json!({})));
@@ -974,6 +1155,10 @@ mod tests {
             Validation::Invalid(Reason::BadToken),
             "rsa-a left the set"
         );
-        assert_eq!(fetches(&server).await, 1, "one background fetch");
+        assert_eq!(
+            fetches(&server).await,
+            2,
+            "one background fetch, and one after the token arrived that confirms its key is gone"
+        );
     }
 }

@@ -11,7 +11,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::claims::ClaimRules;
-use super::http::{self, HttpTimeouts};
+use super::discovery::{client_and_url, Endpoint, EndpointUrl};
+use super::http::{HttpTimeouts, ProviderClient, ProviderPolicy};
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
 use crate::config::ConfigUrl;
 use crate::extauth::Secret;
@@ -21,9 +22,14 @@ use crate::wire::Reason;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserinfoConfig {
-    /// The UserInfo endpoint (http:// or https://), e.g. the `userinfo_endpoint` of the
-    /// provider's discovery document.
-    pub url: ConfigUrl,
+    /// The UserInfo endpoint (`https://`, or `http://` on loopback); without it, the
+    /// `userinfo_endpoint` discovered from `issuer`.
+    #[serde(default)]
+    pub url: Option<ConfigUrl>,
+    /// The provider's issuer identifier: its metadata gives `url` when that is not set
+    /// ([`super::discovery`]).
+    #[serde(default)]
+    pub issuer: Option<ConfigUrl>,
     /// Scope, audience and issuer requirements on the returned claims (`require = { ... }`).
     /// UserInfo answers rarely carry `scope`, `aud` or `iss`; a rule on a missing claim refuses.
     #[serde(default)]
@@ -35,29 +41,39 @@ pub struct UserinfoConfig {
 
 /// An OIDC UserInfo client.
 pub struct Userinfo {
-    http: reqwest::Client,
+    http: ProviderClient,
+    url: EndpointUrl,
     config: UserinfoConfig,
 }
 
 impl Userinfo {
-    /// A client for `config.url`.
+    /// A client for `config.url` under the broker-wide `policy`.
     ///
     /// # Errors
     /// A bad URL or timeout, or a TLS set-up failure.
-    pub fn new(config: UserinfoConfig) -> Result<Self, String> {
-        http::check_url("userinfo url", config.url.expose())?;
-        config.timeouts.check()?;
-        let http =
-            http::client(config.timeouts).map_err(|e| format!("building the HTTP client: {e}"))?;
-        Ok(Userinfo { http, config })
+    pub fn new(config: UserinfoConfig, policy: &ProviderPolicy) -> Result<Self, String> {
+        let (http, url) = client_and_url(
+            "userinfo",
+            "userinfo url",
+            config.url.as_ref(),
+            config.issuer.as_ref(),
+            Endpoint::Userinfo,
+            config.timeouts,
+            policy,
+        )?;
+        Ok(Userinfo { http, url, config })
     }
 
     async fn ask(&self, token: &Secret) -> Validation {
+        let url = match self.url.get().await {
+            Ok(url) => url,
+            Err(why) => return Validation::Unavailable(why),
+        };
         let request = self
             .http
-            .get(self.config.url.expose())
+            .request(reqwest::Method::GET, &url)
             .bearer_auth(token.expose());
-        let response = match http::send(request, "userinfo").await {
+        let response = match self.http.send(request).await {
             Ok(r) => r,
             Err(why) => return Validation::Unavailable(why),
         };
@@ -68,10 +84,10 @@ impl Userinfo {
                 return Validation::Unavailable(format!("userinfo endpoint answered HTTP {other}"))
             }
         }
-        match response.json::<Value>().await {
+        match self.http.json(response).await {
             Ok(body) => self.interpret(body),
             // Signed or encrypted UserInfo (application/jwt, section 5.3.2) lands here too.
-            Err(_) => Validation::Unavailable("userinfo answer is not JSON".to_owned()),
+            Err(why) => Validation::Unavailable(why),
         }
     }
 
@@ -99,6 +115,10 @@ impl Validator for Userinfo {
     fn kind(&self) -> &'static str {
         "userinfo"
     }
+
+    fn discovered(&self) -> Option<EndpointUrl> {
+        self.url.is_discovered().then(|| self.url.clone())
+    }
 }
 
 #[cfg(test)]
@@ -107,11 +127,15 @@ mod tests {
     use serde_json::json;
 
     fn client(require: ClaimRules) -> Userinfo {
-        Userinfo::new(UserinfoConfig {
-            url: "http://127.0.0.1:9/userinfo".into(),
-            require,
-            timeouts: HttpTimeouts::default(),
-        })
+        Userinfo::new(
+            UserinfoConfig {
+                url: Some("http://127.0.0.1:9/userinfo".into()),
+                issuer: None,
+                require,
+                timeouts: HttpTimeouts::default(),
+            },
+            &ProviderPolicy::default(),
+        )
         .unwrap()
     }
 
@@ -154,14 +178,15 @@ mod tests {
     #[test]
     fn bad_settings_are_refused() {
         let config = |url: &str| UserinfoConfig {
-            url: url.into(),
+            url: Some(url.into()),
+            issuer: None,
             require: ClaimRules::default(),
             timeouts: HttpTimeouts::default(),
         };
-        assert!(Userinfo::new(config("idp.example/userinfo")).is_err());
+        assert!(Userinfo::new(config("idp.example/userinfo"), &ProviderPolicy::default()).is_err());
         let mut slow = config("https://idp.example/userinfo");
         slow.timeouts.total = 0.0;
-        assert!(Userinfo::new(slow).is_err());
+        assert!(Userinfo::new(slow, &ProviderPolicy::default()).is_err());
     }
 
     async fn ask(c: &Userinfo, token: &str) -> Validation {
@@ -190,11 +215,15 @@ mod tests {
             .respond_with(answer(200).set_body_string("<html>"))
             .mount(&server)
             .await;
-        let c = Userinfo::new(UserinfoConfig {
-            url: format!("{}/userinfo", server.uri()).into(),
-            require: ClaimRules::default(),
-            timeouts: HttpTimeouts::default(),
-        })
+        let c = Userinfo::new(
+            UserinfoConfig {
+                url: Some(format!("{}/userinfo", server.uri()).into()),
+                issuer: None,
+                require: ClaimRules::default(),
+                timeouts: HttpTimeouts::default(),
+            },
+            &ProviderPolicy::default(),
+        )
         .unwrap();
         assert!(matches!(ask(&c, "good").await, Validation::Valid(_)));
         assert_eq!(
