@@ -41,6 +41,9 @@ struct ProviderState {
     basic: String,
     tokens: Mutex<HashMap<String, Value>>,
     calls: AtomicU64,
+    /// Calls being answered now, and the most there ever were at once.
+    in_flight: AtomicU64,
+    most_in_flight: AtomicU64,
     latency_ms: AtomicU64,
     /// When set, every call gets this HTTP status (e.g. 503) instead of an answer.
     fail_status: AtomicU64,
@@ -81,6 +84,8 @@ impl DevProvider {
             basic: BASE64_STANDARD.encode(format!("{client_id}:{client_secret}")),
             tokens: Mutex::new(HashMap::new()),
             calls: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            most_in_flight: AtomicU64::new(0),
             latency_ms: AtomicU64::new(0),
             fail_status: AtomicU64::new(0),
             error_ppm: AtomicU64::new(0),
@@ -131,6 +136,11 @@ impl DevProvider {
     /// Introspection calls answered so far (including failed ones).
     pub fn calls(&self) -> u64 {
         self.state.calls.load(Ordering::SeqCst)
+    }
+
+    /// The most calls (introspection and JWKS) ever answered at once.
+    pub fn most_concurrent_calls(&self) -> u64 {
+        self.state.most_in_flight.load(Ordering::SeqCst)
     }
 
     /// Delays every answer by `latency` (to make concurrent requests overlap).
@@ -218,6 +228,10 @@ async fn misbehave(state: &ProviderState) -> Option<Response> {
     state.calls.fetch_add(1, Ordering::SeqCst);
     let latency = state.latency_ms.load(Ordering::SeqCst);
     if latency > 0 {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        // Counted down when the answer goes, or when the broker hangs up first.
+        let _answering = scopeguard(|| state.in_flight.fetch_sub(1, Ordering::SeqCst));
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
     let fail = state.fail_status.load(Ordering::SeqCst) as u16;
@@ -230,6 +244,17 @@ async fn misbehave(state: &ProviderState) -> Option<Response> {
         return Some(StatusCode::SERVICE_UNAVAILABLE.into_response());
     }
     None
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnMut() -> u64>(f: F) -> impl Drop {
+    struct Guard<F: FnMut() -> u64>(F);
+    impl<F: FnMut() -> u64> Drop for Guard<F> {
+        fn drop(&mut self) {
+            (self.0)();
+        }
+    }
+    Guard(f)
 }
 
 fn resolve(state: &ProviderState, token: &str) -> Option<Value> {

@@ -12,17 +12,24 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
-use common::services::{now_s, token, Broker, BrokerSpec, Provider, Shim};
+use common::services::{now_s, token, Broker, BrokerSpec, Provider, Redis, Shim};
+use common::wire_client::{auth, connect};
 use serde_json::json;
 
-/// Starts a broker whose `--config` file is `toml` (the flags still name `provider` as the
-/// default validator).
-fn broker_with_config(provider: &Provider, toml: &str) -> (Broker, tempfile::TempDir) {
+/// A spec whose `--config` file is `toml`, written in the returned directory (the flags still
+/// name `provider` as the default validator).
+fn spec_with_config<'a>(provider: &'a Provider, toml: &str) -> (BrokerSpec<'a>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broker.toml");
     std::fs::write(&path, toml).unwrap();
     let mut spec = BrokerSpec::new(provider);
     spec.extra = vec!["--config".into(), path.display().to_string()];
+    (spec, dir)
+}
+
+/// Starts a broker as [`spec_with_config`] describes it.
+fn broker_with_config(provider: &Provider, toml: &str) -> (Broker, tempfile::TempDir) {
+    let (spec, dir) = spec_with_config(provider, toml);
     (Broker::start(&spec), dir)
 }
 
@@ -43,7 +50,7 @@ fn each_domain_uses_its_own_validator_and_claim_and_others_are_unknown() {
     let (alice_chat, alice_corp, no_scope) = (token("chat"), token("corp"), token("noscope"));
     chat.insert(
         &alice_chat,
-        json!({"preferred_username": "Alice", "username": "someone-else"}),
+        json!({"preferred_username": "alice", "username": "someone-else"}),
     );
     corp.insert(
         &alice_corp,
@@ -231,6 +238,73 @@ fn stale_if_error_serves_cached_logins_while_the_provider_is_down_but_never_past
     assert!(broker.log().contains("serving a stale verdict"));
 }
 
+/// `stale_if_error` is for provider outages only. A verdict Redis still holds within that grace,
+/// past its TTL, must not pass for fresh on a broker that never saw the token: with the provider
+/// up, that broker asks it and follows its answer.
+#[test]
+fn a_stale_verdict_in_redis_is_not_served_while_the_provider_answers() {
+    let (provider, redis) = (Provider::start(), Redis::start());
+    let config = r#"
+        [domains."example.com"]
+        max_ttl = 1
+        stale_if_error = 60
+    "#;
+    let (spec, _dir) = spec_with_config(&provider, config);
+    let spec = spec.with_redis(&redis);
+    let (a, b) = (Broker::start(&spec), Broker::start(&spec));
+    let revoked = token("revoked");
+    provider.insert(&revoked, json!({"username": "alice"}));
+    let login = format!("auth:alice:example.com:{revoked}");
+    assert!(Shim::spawn(&a.addr(), 5.0, &[]).ask(&login));
+    assert_eq!(provider.calls(), 1);
+    // Past max_ttl (1 s), well within stale_if_error: the verdict is stale but still usable.
+    std::thread::sleep(Duration::from_millis(1500));
+    provider.insert(&revoked, json!({"active": false}));
+    assert!(
+        !Shim::spawn(&b.addr(), 5.0, &[]).ask(&login),
+        "broker B asked the provider, which says inactive"
+    );
+    assert_eq!(provider.calls(), 2, "broker B made the call");
+}
+
+/// A half-open probe slower than the request's deadline is cut (its future dropped). It must count
+/// as a failure and free the probe slot; before the fix the slot stayed taken and every uncached
+/// login was refused until a restart.
+#[test]
+fn a_probe_cut_at_the_deadline_does_not_keep_the_circuit_open() {
+    let provider = Provider::start();
+    let config = r#"
+        [defaults]
+        breaker = { threshold = 2, cooldown = 1 }
+    "#;
+    let (broker, _dir) = broker_with_config(&provider, config);
+    let mut shim = Shim::spawn(&broker.addr(), 1.0, &[]);
+    provider.set_fail_status(503);
+    for i in 0..2 {
+        assert!(!shim.ask(&format!("auth:alice:example.com:fail-{i}")));
+    }
+    assert_eq!(provider.calls(), 2, "open after 2 failures");
+    std::thread::sleep(Duration::from_millis(1100));
+    provider.set_fail_status(0);
+    provider.set_latency(Duration::from_secs(3));
+    assert!(
+        !shim.ask("auth:alice:example.com:slow-probe"),
+        "the probe answers after the shim's 1 s deadline"
+    );
+    assert_eq!(provider.calls(), 3, "the probe reached the provider");
+    provider.set_latency(Duration::ZERO);
+    let fresh = token("fresh");
+    provider.insert(&fresh, json!({"username": "alice"}));
+    // Within the cooldown that the abandoned probe started, then one provider call.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(
+        shim.ask(&format!("auth:alice:example.com:{fresh}")),
+        "the next probe goes through: the circuit closes without a SIGHUP"
+    );
+    assert_eq!(provider.calls(), 4);
+    assert!(broker.log().contains("circuit probe abandoned"));
+}
+
 #[test]
 fn the_circuit_breaker_fails_fast_then_probes() {
     let provider = Provider::start();
@@ -270,4 +344,62 @@ fn the_circuit_breaker_fails_fast_then_probes() {
     );
     assert_eq!(provider.calls(), 1 + 3 + 2, "closed again");
     assert!(broker.log().contains("circuit opened"));
+}
+
+/// A flood of made-up tokens for one user, against a slow provider and `provider_concurrency`
+/// 2: the provider never sees more than 2 calls at once, and another user's new login is
+/// served in its turn, after at most a few of the flood's calls, not after all of them.
+#[test]
+fn a_flood_for_one_user_keeps_to_the_cap_and_does_not_starve_another_users_login() {
+    let provider = Provider::start();
+    let (broker, _dir) = broker_with_config(
+        &provider,
+        r#"
+        [domains."example.com"]
+        provider_concurrency = 2
+        "#,
+    );
+    provider.set_latency(Duration::from_millis(200));
+    let valid = token("alice-new");
+    provider.insert(&valid, json!({"username": "alice"}));
+    let streams: Vec<_> = (0..31).map(|_| connect(&broker)).collect();
+    let answered = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let threads: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut stream)| {
+            let (answered, valid) = (answered.clone(), valid.clone());
+            std::thread::spawn(move || {
+                let (user, tok) = match i {
+                    // Alice comes once the flood is queued.
+                    30 => {
+                        std::thread::sleep(Duration::from_millis(100));
+                        ("alice", valid)
+                    }
+                    _ => ("mallory", token(&format!("made-up-{i}"))),
+                };
+                let response = auth(&mut stream, 1, user, &tok);
+                answered.lock().unwrap().push((user, response.ok));
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let answered = answered.lock().unwrap();
+    let alice_at = answered.iter().position(|(u, _)| *u == "alice").unwrap();
+    assert!(answered[alice_at].1, "alice's valid token is accepted");
+    assert_eq!(
+        answered
+            .iter()
+            .filter(|(u, ok)| *u == "mallory" && !ok)
+            .count(),
+        30
+    );
+    assert_eq!(provider.most_concurrent_calls(), 2, "the cap holds");
+    assert_eq!(provider.calls(), 31);
+    assert!(
+        alice_at <= 6,
+        "alice answered after {alice_at} of the flood's 30 calls"
+    );
 }
