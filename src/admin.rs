@@ -5,13 +5,21 @@
 //! `{"domain": "example.com", "user": "alice"}` revokes every verdict of the user;
 //! adding `"token": "..."` revokes that token's verdict only.
 //!
-//! Answers: 200 `{"revoked": "user"|"token", "generation": N}`; 400 for a malformed body or JID;
-//! 401 without the right bearer secret; 503 when Redis failed (nothing revoked cluster-wide).
+//! Answers: 200 `{"revoked": "user"|"token", "at_ms": T, "dropped": N}` (the revocation mark's
+//! instant, ms since the epoch, and how many verdicts were deleted from Redis); 400 for a
+//! malformed body or JID;
+//! 401 without the right bearer secret; 413 for a body over [`body_limit`]; 503 when Redis failed
+//! (nothing revoked cluster-wide) or the request outlived the endpoint's request timeout.
+//!
+//! The bearer is checked before any byte of the body is read (a stranger's body costs nothing;
+//! hyper sends no `100 Continue` for it), then a `Content-Length` over the limit is refused
+//! before reading too. Connection cap and timeouts: [`crate::endpoint`].
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -20,8 +28,10 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::limit::RequestBodyLimitLayer;
 use tracing::{info, warn};
 
+use crate::endpoint::{self, EndpointLimits};
 use crate::engine::Engine;
 use crate::extauth::Secret;
 use crate::revoke::{RevokeError, Target};
@@ -42,33 +52,46 @@ struct RevokeBody {
     token: Option<Secret>,
 }
 
-/// Serves the admin routes on `listener` until `shutdown` is cancelled.
+/// Room in a `POST /revoke` body besides the token (bytes): a domain and a user of up to
+/// 1023 bytes each (RFC 7622 section 3) and the JSON around them.
+const BODY_OVERHEAD: usize = 4 * 1024;
+
+/// Largest `POST /revoke` body accepted (bytes): the longest token the broker accepts
+/// (`--max-token-len`) plus `BODY_OVERHEAD`, 20 KiB by default.
+pub fn body_limit(max_token_len: usize) -> usize {
+    max_token_len.saturating_add(BODY_OVERHEAD)
+}
+
+/// Serves the admin routes on `listener` within `limits` until `shutdown` is cancelled; bodies
+/// are limited to [`body_limit`]`(max_token_len)` bytes.
 pub async fn serve(
     listener: TcpListener,
     engine: Arc<Engine>,
     secret: Secret,
+    limits: EndpointLimits,
+    max_token_len: usize,
     shutdown: CancellationToken,
 ) {
     if let Ok(addr) = listener.local_addr() {
-        info!(listen = %addr, "admin endpoint listening (POST /revoke)");
+        info!(listen = %addr, max_connections = limits.max_connections, "admin endpoint listening (POST /revoke)");
     }
+    let admin = Arc::new(Admin { engine, secret });
+    // Layers run outermost (last added) first: the bearer check, then the body limit.
     let app = Router::new()
         .route("/revoke", post(revoke))
-        .with_state(Arc::new(Admin { engine, secret }));
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        warn!("admin endpoint stopped: {e}");
-    }
+        .layer(DefaultBodyLimit::disable())
+        .layer(RequestBodyLimitLayer::new(body_limit(max_token_len)))
+        .layer(middleware::from_fn_with_state(
+            admin.clone(),
+            require_bearer,
+        ))
+        .with_state(admin);
+    endpoint::serve("admin", listener, app, limits, shutdown).await;
 }
 
-async fn revoke(
-    State(admin): State<Arc<Admin>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    if !authorised(&headers, &admin.secret) {
+/// 401 unless the request carries the admin bearer secret; runs before anything reads the body.
+async fn require_bearer(State(admin): State<Arc<Admin>>, request: Request, next: Next) -> Response {
+    if !authorised(request.headers(), &admin.secret) {
         return (
             StatusCode::UNAUTHORIZED,
             [("www-authenticate", "Bearer")],
@@ -76,6 +99,10 @@ async fn revoke(
         )
             .into_response();
     }
+    next.run(request).await
+}
+
+async fn revoke(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Response {
     // Parsed by hand so a bad body's error message (which could quote a token) is not echoed.
     let Ok(body) = serde_json::from_slice::<RevokeBody>(&body) else {
         return error(
@@ -89,13 +116,14 @@ async fn revoke(
         token: body.token.as_ref(),
     };
     match admin.engine.revoke(&target).await {
-        Ok(generation) => {
+        Ok(done) => {
             let revoked = if body.token.is_some() {
                 "token"
             } else {
                 "user"
             };
-            Json(json!({"revoked": revoked, "generation": generation})).into_response()
+            Json(json!({"revoked": revoked, "at_ms": done.at_ms, "dropped": done.dropped}))
+                .into_response()
         }
         Err(RevokeError::BadJid) => error(
             StatusCode::BAD_REQUEST,

@@ -19,13 +19,17 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
+use crate::binding::{BindingRules, Folding, Subject};
 use crate::directory::DirectoryConfig;
+use crate::endpoint::{self, EndpointLimits};
 use crate::extauth::Secret;
 use crate::store::{RedisConfig, RedisMode};
 use crate::validate::breaker::BreakerConfig;
-use crate::validate::http::HttpTimeouts;
+use crate::validate::gate;
+use crate::validate::http::{HttpTimeouts, ProviderPolicy, DEFAULT_MAX_RESPONSE_BYTES};
 use crate::validate::introspection::IntrospectionConfig;
 use crate::validate::ValidatorConfig;
+use crate::verdict::Lifetimes;
 
 /// Flags of `extauth-broker run`; every field is optional so the file can fill it in.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -56,6 +60,11 @@ pub struct RunArgs {
     #[arg(long, env = "EXTAUTH_INTROSPECTION_URL")]
     pub introspection_url: Option<String>,
 
+    /// The provider's issuer identifier (`https://...`): without --introspection-url, its
+    /// metadata (`/.well-known/openid-configuration`, RFC 8414) gives the introspection endpoint.
+    #[arg(long, env = "EXTAUTH_ISSUER")]
+    pub issuer: Option<String>,
+
     /// OAuth client id the broker authenticates to the introspection endpoint with (HTTP Basic).
     #[arg(long, env = "EXTAUTH_CLIENT_ID")]
     pub client_id: Option<String>,
@@ -64,9 +73,17 @@ pub struct RunArgs {
     #[arg(long, env = "EXTAUTH_CLIENT_SECRET_FILE")]
     pub client_secret_file: Option<PathBuf>,
 
-    /// Token claim that names the user; falls back to `sub` when absent [default: username].
-    #[arg(long, env = "EXTAUTH_SUBJECT_CLAIM")]
-    pub subject_claim: Option<String>,
+    /// Token claim(s) naming the user, tried in order while absent (a present claim that is not
+    /// a string refuses); comma-separated [default: `username` for introspection and http, `sub`
+    /// for jwt and userinfo].
+    #[arg(long, env = "EXTAUTH_SUBJECT_CLAIM", value_delimiter = ',')]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub subject_claim: Vec<String>,
+
+    /// How the subject claim may differ from the localpart ejabberd sends: `exact`,
+    /// `ascii_case` or `nodeprep` (see docs/configuration.md) [default: exact].
+    #[arg(long, env = "EXTAUTH_CLAIM_FOLDING")]
+    pub claim_folding: Option<Folding>,
 
     /// Shared cache, e.g. `redis://127.0.0.1:6379/0` (`rediss://` for TLS); with
     /// `--redis-mode sentinel` or `cluster`, a comma-separated list of sentinels or seed nodes.
@@ -103,6 +120,16 @@ pub struct RunArgs {
     #[arg(long, env = "EXTAUTH_PROVIDER_TIMEOUT")]
     pub provider_timeout: Option<u64>,
 
+    /// Largest answer read from any provider (introspection, userinfo, http, JWKS, directory),
+    /// bytes; a larger one is refused as upstream_unavailable [default: 1048576].
+    #[arg(long, env = "EXTAUTH_PROVIDER_MAX_RESPONSE_BYTES")]
+    pub provider_max_response_bytes: Option<u64>,
+
+    /// Allow plain http:// provider URLs to hosts that are not loopback (tokens and client
+    /// secrets then cross the network in clear).
+    #[arg(long, env = "EXTAUTH_INSECURE_PROVIDER_HTTP", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
+    pub insecure_provider_http: Option<bool>,
+
     /// Most verdicts kept in the in-process cache [default: 1000000].
     #[arg(long, env = "EXTAUTH_L1_CAPACITY")]
     pub l1_capacity: Option<u64>,
@@ -123,6 +150,31 @@ pub struct RunArgs {
     #[arg(long, env = "EXTAUTH_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
 
+    /// Most connections the metrics endpoint serves at once; more are closed as soon as they
+    /// are accepted [default: 64].
+    #[arg(long, env = "EXTAUTH_METRICS_MAX_CONNECTIONS")]
+    pub metrics_max_connections: Option<usize>,
+
+    /// Most connections the admin endpoint serves at once; more are closed as soon as they are
+    /// accepted [default: 16].
+    #[arg(long, env = "EXTAUTH_ADMIN_MAX_CONNECTIONS")]
+    pub admin_max_connections: Option<usize>,
+
+    /// Metrics and admin endpoints: seconds a request head may take, from the connection's start
+    /// or the first byte after an idle pause [default: 5].
+    #[arg(long, env = "EXTAUTH_ENDPOINT_HEADER_TIMEOUT")]
+    pub endpoint_header_timeout: Option<u64>,
+
+    /// Metrics and admin endpoints: seconds a kept-alive connection may wait for its next
+    /// request [default: 30].
+    #[arg(long, env = "EXTAUTH_ENDPOINT_IDLE_TIMEOUT")]
+    pub endpoint_idle_timeout: Option<u64>,
+
+    /// Metrics and admin endpoints: seconds from a complete request head to the response; later
+    /// answers are 503 [default: 10].
+    #[arg(long, env = "EXTAUTH_ENDPOINT_REQUEST_TIMEOUT")]
+    pub endpoint_request_timeout: Option<u64>,
+
     /// Log filter (tracing EnvFilter syntax: `info`, `debug`, `extauth_broker=debug`);
     /// reloaded on SIGHUP [default: info].
     #[arg(long, env = "EXTAUTH_LOG_LEVEL")]
@@ -140,7 +192,9 @@ pub struct RunArgs {
     #[arg(long, env = "EXTAUTH_GROUP")]
     pub group: Option<String>,
 
-    /// Most shim connections served at once; more wait in the listen queue [default: 4096].
+    /// Most shim connections served at once, counted from their first request; when all are
+    /// taken, the idlest connection without a request in flight is closed for a new one (its
+    /// shim reconnects by itself) [default: 4096].
     #[arg(long, env = "EXTAUTH_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
@@ -181,9 +235,20 @@ pub struct RunArgs {
     #[serde(default)]
     pub allow_gid: Vec<String>,
 
-    /// Seconds a new connection may take for its TLS and protocol handshakes [default: 10].
+    /// Seconds a new connection may take for its peer check, TLS, protocol handshake and first
+    /// request [default: 3].
     #[arg(long, env = "EXTAUTH_HANDSHAKE_TIMEOUT")]
     pub handshake_timeout: Option<u64>,
+
+    /// Most connections in their handshake at once, across listeners; when full, the oldest
+    /// handshake of the source holding the most is dropped for a new one [default: 256].
+    #[arg(long, env = "EXTAUTH_MAX_HANDSHAKES")]
+    pub max_handshakes: Option<usize>,
+
+    /// Most handshakes in progress from one TCP source (an IPv4 address or an IPv6 /64); when
+    /// full, that source's oldest handshake is dropped for its new one [default: 32].
+    #[arg(long, env = "EXTAUTH_MAX_HANDSHAKES_PER_IP")]
+    pub max_handshakes_per_ip: Option<usize>,
 
     /// Settings every domain starts from (file only).
     #[arg(skip)]
@@ -202,10 +267,16 @@ pub struct RunArgs {
 pub struct DomainFile {
     /// `{ kind = "introspection" | "userinfo" | "jwt" | "http", ... }`.
     pub validator: Option<ValidatorConfig>,
-    /// Claim holding the localpart (falls back to `sub`) [default: username].
-    pub subject_claim: Option<String>,
+    /// Claim(s) holding the localpart, a string or a list tried in order while absent
+    /// [default: `username` for introspection and http, `sub` for jwt and userinfo].
+    #[serde(default, deserialize_with = "one_or_many_opt")]
+    pub subject_claim: Option<Vec<String>>,
     /// Claim holding a full JID `user@domain` that must match; replaces `subject_claim`.
     pub jid_claim: Option<String>,
+    /// `exact` (default), `ascii_case` or `nodeprep`.
+    pub claim_folding: Option<Folding>,
+    /// Claim (a string or an array of strings) that must name this domain.
+    pub domain_claim: Option<String>,
     /// Positive verdict cap, seconds.
     pub max_ttl: Option<u64>,
     /// Negative verdict lifetime, seconds.
@@ -217,6 +288,9 @@ pub struct DomainFile {
     pub stale_if_error: Option<u64>,
     /// Circuit breaker of the validator: `{ threshold = 5, cooldown = 10 }`.
     pub breaker: Option<BreakerConfig>,
+    /// Most provider calls of this domain at once; more wait, served in turn by user
+    /// [default: 32].
+    pub provider_concurrency: Option<usize>,
     /// How `isuser` is answered: `seen` (default), `directory`, `always`, `never`.
     pub isuser: Option<IsUserPolicy>,
     /// The directory asked when `isuser = "directory"`.
@@ -291,22 +365,13 @@ impl std::str::FromStr for ListenAddr {
     }
 }
 
-/// How a token is bound to the JID it logs in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClaimMapping {
-    /// This claim (else `sub`) holds the localpart; compared after nodeprep.
-    Localpart(String),
-    /// This claim holds `user@domain[/resource]`; both parts must match.
-    Jid(String),
-}
-
 /// Validated settings of one domain (vhost).
 #[derive(Debug, Clone)]
 pub struct DomainConfig {
     /// The validator asked about new tokens.
     pub validator: ValidatorConfig,
     /// Token-to-JID binding.
-    pub claim: ClaimMapping,
+    pub binding: BindingRules,
     /// Cap on a positive verdict's lifetime.
     pub max_ttl: Duration,
     /// Lifetime of a definitive negative verdict.
@@ -317,6 +382,8 @@ pub struct DomainConfig {
     pub stale_if_error: Duration,
     /// Circuit breaker settings of the validator.
     pub breaker: BreakerConfig,
+    /// Most concurrent provider calls (1 to 4096), the rest waiting in turn by user.
+    pub provider_concurrency: usize,
     /// `isuser` policy.
     pub isuser: IsUserPolicy,
     /// The directory, when the policy is `directory`.
@@ -342,12 +409,18 @@ pub struct Config {
     pub domains: BTreeMap<String, DomainConfig>,
     /// Settings for any other domain, when no domain is configured (single-tenant mode).
     pub any_domain: Option<DomainConfig>,
+    /// Rules for every provider call (answer size cap, plain http).
+    pub provider: ProviderPolicy,
     /// The admin endpoint's `HOST:PORT` (it may also come from systemd).
     pub admin_listen: Option<String>,
     /// The admin endpoint's bearer secret.
     pub admin_secret: Option<Secret>,
     /// The metrics endpoint's `HOST:PORT`.
     pub metrics_listen: Option<String>,
+    /// The metrics endpoint's connection cap and timeouts.
+    pub metrics_limits: EndpointLimits,
+    /// The admin endpoint's connection cap and timeouts.
+    pub admin_limits: EndpointLimits,
     /// Log filter.
     pub log_level: String,
     /// Log as JSON lines?
@@ -362,17 +435,21 @@ pub struct Config {
     pub tcp: TcpSecurity,
 }
 
-/// Limits on what shims may hold.
+/// Limits on what shims may hold (see `crate::admission`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Most connections served at once.
+    /// Most connections served at once (each from its first request on); the idlest gives way.
     pub max_connections: usize,
     /// Most requests in flight per connection.
     pub max_in_flight: usize,
     /// A connection without a request for this long is closed.
     pub idle_timeout: Duration,
-    /// Time for a new connection's TLS and protocol handshakes.
+    /// Time for a new connection's peer check, TLS, protocol handshake and first request.
     pub handshake_timeout: Duration,
+    /// Most handshakes in progress at once.
+    pub max_handshakes: usize,
+    /// Most handshakes in progress from one TCP source.
+    pub max_handshakes_per_ip: usize,
 }
 
 /// Which Unix socket peers may talk to the broker (SO_PEERCRED).
@@ -412,9 +489,10 @@ impl RunArgs {
         fill!(
             socket_mode,
             introspection_url,
+            issuer,
             client_id,
             client_secret_file,
-            subject_claim,
+            claim_folding,
             redis,
             redis_mode,
             redis_master,
@@ -423,11 +501,18 @@ impl RunArgs {
             negative_ttl,
             seen_ttl,
             provider_timeout,
+            provider_max_response_bytes,
+            insecure_provider_http,
             l1_capacity,
             max_token_len,
             admin_listen,
             admin_secret_file,
             metrics_listen,
+            metrics_max_connections,
+            admin_max_connections,
+            endpoint_header_timeout,
+            endpoint_idle_timeout,
+            endpoint_request_timeout,
             log_level,
             log_format,
             user,
@@ -439,8 +524,13 @@ impl RunArgs {
             tls_key,
             client_ca,
             insecure_tcp,
-            handshake_timeout
+            handshake_timeout,
+            max_handshakes,
+            max_handshakes_per_ip
         );
+        if self.subject_claim.is_empty() {
+            self.subject_claim = file.subject_claim;
+        }
         if self.allow_uid.is_empty() {
             self.allow_uid = file.allow_uid;
         }
@@ -554,9 +644,18 @@ impl RunArgs {
             max_token_len: self.max_token_len.unwrap_or(16 * 1024),
             domains,
             any_domain,
+            provider: self.provider_policy()?,
             admin_listen: self.admin_listen.clone(),
             admin_secret,
             metrics_listen: self.metrics_listen.clone(),
+            metrics_limits: self.endpoint_limits(
+                self.metrics_max_connections,
+                endpoint::DEFAULT_METRICS_CONNECTIONS,
+            ),
+            admin_limits: self.endpoint_limits(
+                self.admin_max_connections,
+                endpoint::DEFAULT_ADMIN_CONNECTIONS,
+            ),
             log_level: self.log_level.clone().unwrap_or_else(|| "info".into()),
             log_json: match self.log_format.as_deref().unwrap_or("text") {
                 "text" => false,
@@ -572,7 +671,14 @@ impl RunArgs {
                 max_connections: self.max_connections.unwrap_or(4096).max(1),
                 max_in_flight: self.max_in_flight.unwrap_or(256).max(1),
                 idle_timeout: Duration::from_secs(self.idle_timeout.unwrap_or(3600).max(1)),
-                handshake_timeout: Duration::from_secs(self.handshake_timeout.unwrap_or(10).max(1)),
+                // A shim gives up connecting after its --connect-timeout (2 s by default), so a
+                // longer handshake serves nobody; 3 s leaves a slow link room and lets a silent
+                // peer hold its place a third as long as the former 10 s.
+                handshake_timeout: Duration::from_secs(self.handshake_timeout.unwrap_or(3).max(1)),
+                // Every node's pool reconnecting at once after a broker restart fits (4 nodes x
+                // 32 shims = 128), and so does one node's pool from one address.
+                max_handshakes: self.max_handshakes.unwrap_or(256).max(1),
+                max_handshakes_per_ip: self.max_handshakes_per_ip.unwrap_or(32).max(1),
             },
             peers: PeerPolicy {
                 uids: ids(&self.allow_uid, "--allow-uid", user_id)?,
@@ -583,6 +689,40 @@ impl RunArgs {
                 insecure: self.insecure_tcp.unwrap_or(false),
             },
         })
+    }
+
+    /// The rules for every provider call.
+    fn provider_policy(&self) -> Result<ProviderPolicy> {
+        let max = self
+            .provider_max_response_bytes
+            .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
+        // Below 1 KiB no real answer fits; above 1 GiB the cap no longer protects the host.
+        if !(1024..=1 << 30).contains(&max) {
+            bail!("--provider-max-response-bytes must be between 1024 and 1073741824, got {max}");
+        }
+        Ok(ProviderPolicy {
+            max_response_bytes: max,
+            insecure_http: self.insecure_provider_http.unwrap_or(false),
+        })
+    }
+
+    /// An HTTP endpoint's limits: `max_connections` (else `default`) and the shared timeouts.
+    fn endpoint_limits(&self, max_connections: Option<usize>, default: usize) -> EndpointLimits {
+        let seconds = |flag: Option<u64>, default: Duration| {
+            flag.map_or(default, |s| Duration::from_secs(s.max(1)))
+        };
+        EndpointLimits {
+            max_connections: max_connections.unwrap_or(default).max(1),
+            header_timeout: seconds(
+                self.endpoint_header_timeout,
+                endpoint::DEFAULT_HEADER_TIMEOUT,
+            ),
+            idle_timeout: seconds(self.endpoint_idle_timeout, endpoint::DEFAULT_IDLE_TIMEOUT),
+            request_timeout: seconds(
+                self.endpoint_request_timeout,
+                endpoint::DEFAULT_REQUEST_TIMEOUT,
+            ),
+        }
     }
 
     /// The TLS server settings, when `--tls-cert` is given.
@@ -623,9 +763,11 @@ impl RunArgs {
 
     /// The `[defaults]` table with the validator flags laid over it.
     fn flag_defaults(&self) -> DomainFile {
-        let validator = self.introspection_url.as_ref().map(|url| {
+        let flagged = self.introspection_url.is_some() || self.issuer.is_some();
+        let validator = flagged.then(|| {
             ValidatorConfig::Introspection(IntrospectionConfig {
-                url: url.clone().into(),
+                url: self.introspection_url.clone().map(Into::into),
+                issuer: self.issuer.clone().map(Into::into),
                 client_id: self.client_id.clone().unwrap_or_default(),
                 client_secret: None,
                 client_secret_file: self.client_secret_file.clone(),
@@ -641,7 +783,8 @@ impl RunArgs {
         });
         let flags = DomainFile {
             validator,
-            subject_claim: self.subject_claim.clone(),
+            subject_claim: (!self.subject_claim.is_empty()).then(|| self.subject_claim.clone()),
+            claim_folding: self.claim_folding,
             max_ttl: self.max_ttl,
             negative_ttl: self.negative_ttl,
             seen_ttl: self.seen_ttl,
@@ -658,11 +801,14 @@ impl DomainFile {
             validator: self.validator.or(base.validator),
             subject_claim: self.subject_claim.or(base.subject_claim),
             jid_claim: self.jid_claim.or(base.jid_claim),
+            claim_folding: self.claim_folding.or(base.claim_folding),
+            domain_claim: self.domain_claim.or(base.domain_claim),
             max_ttl: self.max_ttl.or(base.max_ttl),
             negative_ttl: self.negative_ttl.or(base.negative_ttl),
             seen_ttl: self.seen_ttl.or(base.seen_ttl),
             stale_if_error: self.stale_if_error.or(base.stale_if_error),
             breaker: self.breaker.or(base.breaker),
+            provider_concurrency: self.provider_concurrency.or(base.provider_concurrency),
             isuser: self.isuser.or(base.isuser),
             directory: self.directory.or(base.directory),
         }
@@ -670,14 +816,21 @@ impl DomainFile {
 
     fn resolve(&self) -> Result<DomainConfig> {
         let validator = self.validator.clone().context(
-            "no validator: give --introspection-url (with --client-id) or a validator table in the config file",
+            "no validator: give --introspection-url or --issuer (with --client-id), or a validator table in the config file",
         )?;
-        let claim = match (&self.jid_claim, &self.subject_claim) {
+        let subject = match (&self.jid_claim, &self.subject_claim) {
             (Some(_), Some(_)) => bail!("give subject_claim or jid_claim, not both"),
-            (Some(jid), None) => ClaimMapping::Jid(jid.clone()),
-            (None, claim) => {
-                ClaimMapping::Localpart(claim.clone().unwrap_or_else(|| "username".into()))
+            (Some(jid), None) => Subject::Jid(jid.clone()),
+            (None, Some(names)) if names.is_empty() || names.iter().any(String::is_empty) => {
+                bail!("subject_claim must name at least one claim, and no empty one")
             }
+            (None, Some(names)) => Subject::Localpart(names.clone()),
+            (None, None) => Subject::Localpart(vec![default_subject_claim(&validator).into()]),
+        };
+        let binding = BindingRules {
+            subject,
+            folding: self.claim_folding.unwrap_or_default(),
+            domain_claim: self.domain_claim.clone(),
         };
         let isuser = self.isuser.unwrap_or_default();
         if isuser == IsUserPolicy::Directory && self.directory.is_none() {
@@ -689,17 +842,89 @@ impl DomainFile {
                 s => Ok(Duration::from_secs(s)),
             }
         };
+        let lifetime = |v: Option<u64>, default: u64, name: &str| -> Result<Duration> {
+            let d = seconds(v, default, name)?;
+            if d > MAX_LIFETIME {
+                bail!(
+                    "{name} must be at most {} seconds: revocation marks outlive cached verdicts by that bound",
+                    MAX_LIFETIME.as_secs()
+                );
+            }
+            Ok(d)
+        };
         Ok(DomainConfig {
             validator,
-            claim,
-            max_ttl: seconds(self.max_ttl, 300, "max_ttl")?,
-            negative_ttl: seconds(self.negative_ttl, 10, "negative_ttl")?,
+            binding,
+            max_ttl: lifetime(self.max_ttl, 300, "max_ttl")?,
+            negative_ttl: lifetime(self.negative_ttl, 10, "negative_ttl")?,
             seen_ttl: seconds(self.seen_ttl, 30 * 24 * 3600, "seen_ttl")?,
-            stale_if_error: Duration::from_secs(self.stale_if_error.unwrap_or(0)),
+            stale_if_error: match self.stale_if_error.unwrap_or(0) {
+                0 => Duration::ZERO,
+                s => lifetime(Some(s), 0, "stale_if_error")?,
+            },
             breaker: self.breaker.unwrap_or_default(),
+            provider_concurrency: match self
+                .provider_concurrency
+                .unwrap_or(gate::DEFAULT_CONCURRENCY)
+            {
+                n @ 1..=4096 => n,
+                n => bail!("provider_concurrency must be between 1 and 4096, not {n}"),
+            },
             isuser,
             directory: self.directory.clone(),
         })
+    }
+}
+
+/// The longest `max_ttl`, `negative_ttl` and `stale_if_error` accepted (one day each), so that a
+/// revocation mark kept for [`crate::revoke::HORIZON`] outlives every verdict it revokes.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// The claim that names the user when `subject_claim` is not set: `username` for RFC 7662
+/// introspection (section 2.2: "human-readable identifier for the resource owner") and for a
+/// site API, `sub` for RFC 9068 JWT access tokens and OIDC UserInfo (OIDC Core section 5.3.2).
+fn default_subject_claim(validator: &ValidatorConfig) -> &'static str {
+    match validator {
+        ValidatorConfig::Introspection(_) | ValidatorConfig::Http(_) => "username",
+        ValidatorConfig::Jwt(_) | ValidatorConfig::Userinfo(_) => "sub",
+    }
+}
+
+/// A TOML value that is one string or an array of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<OneOrMany> for Vec<String> {
+    fn from(v: OneOrMany) -> Self {
+        match v {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(list) => list,
+        }
+    }
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    OneOrMany::deserialize(d).map(Into::into)
+}
+
+fn one_or_many_opt<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<String>>, D::Error> {
+    one_or_many(d).map(Some)
+}
+
+impl DomainConfig {
+    /// How long this domain lets verdicts live.
+    pub fn lifetimes(&self) -> Lifetimes {
+        Lifetimes {
+            max_ttl: self.max_ttl,
+            negative_ttl: self.negative_ttl,
+            stale_if_error: self.stale_if_error,
+        }
     }
 }
 
@@ -1031,7 +1256,12 @@ mod tests {
         let config = base().into_config().unwrap();
         assert!(config.domains.is_empty());
         let any = config.any_domain.unwrap();
-        assert_eq!(any.claim, ClaimMapping::Localpart("username".into()));
+        assert_eq!(
+            any.binding.subject,
+            Subject::Localpart(vec!["username".into()]),
+            "introspection names the user in `username`"
+        );
+        assert_eq!(any.binding.folding, Folding::Exact);
         assert_eq!(any.max_ttl, Duration::from_secs(300));
     }
 
@@ -1077,7 +1307,7 @@ mod tests {
             Duration::from_secs(50),
             "domain table over flag"
         );
-        assert_eq!(jwt.claim, ClaimMapping::Jid("jid".into()));
+        assert_eq!(jwt.binding.subject, Subject::Jid("jid".into()));
         match &jwt.validator {
             ValidatorConfig::Introspection(i) => {
                 assert_eq!(i.client_id, "other");
@@ -1103,6 +1333,32 @@ mod tests {
                 .unwrap();
         let err = format!("{:#}", base().merge(file).into_config().unwrap_err());
         assert!(err.contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn provider_rules_default_to_strict_and_are_checked() {
+        assert_eq!(
+            base().into_config().unwrap().provider,
+            ProviderPolicy::default()
+        );
+        let file: RunArgs =
+            toml::from_str("provider_max_response_bytes = 4096\ninsecure_provider_http = true\n")
+                .unwrap();
+        assert_eq!(
+            base().merge(file).into_config().unwrap().provider,
+            ProviderPolicy {
+                max_response_bytes: 4096,
+                insecure_http: true
+            }
+        );
+        for bad in [0, 1023, (1 << 30) + 1] {
+            let args = RunArgs {
+                provider_max_response_bytes: Some(bad),
+                ..base()
+            };
+            let err = args.into_config().unwrap_err().to_string();
+            assert!(err.contains("--provider-max-response-bytes"), "{err}");
+        }
     }
 
     #[test]

@@ -4,18 +4,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use sd_notify::NotifyState;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::cache::KeyDeriver;
 use crate::config::Config;
 use crate::domain::Domains;
 use crate::engine::{Engine, EngineParts};
+use crate::fds;
+use crate::keys::KeyDeriver;
 use crate::listener::Listener;
 use crate::metrics::{self, Readiness};
+use crate::seal::Sealer;
 use crate::server;
 use crate::store::Redis;
 use crate::systemd::{self, Inherited, Role};
@@ -51,13 +53,21 @@ pub fn install_crypto_provider() {
 /// A bad Redis URL (or no reachable cluster node), or a validator that cannot be built.
 pub async fn engine(config: &Config) -> Result<Engine> {
     let redis = match &config.redis {
-        Some(store) => Some(Redis::new(store).await.context("--redis")?),
+        Some(store) => Some(
+            Redis::new(store, Sealer::new(&config.cache_secret))
+                .await
+                .context("--redis")?,
+        ),
         None => None,
     };
     Ok(Engine::new(EngineParts {
         keys: KeyDeriver::new(&config.cache_secret),
         redis,
-        domains: Domains::build(config)?,
+        domains: {
+            let domains = Domains::build(config)?;
+            domains.prefetch();
+            domains
+        },
         l1_capacity: config.l1_capacity,
         max_token_len: config.max_token_len,
     }))
@@ -78,8 +88,13 @@ struct Sockets {
 pub async fn run(config: Config, context: RunContext, shutdown: CancellationToken) -> Result<()> {
     let handle = metrics::install().map_err(anyhow::Error::msg)?;
     tokio::spawn(metrics::upkeep(handle.clone(), shutdown.clone()));
+    // Before any socket is bound: a SIGHUP that arrives once shims can connect must reach the
+    // handler, not the default action (which ends the process).
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let engine = Arc::new(engine(&config).await?);
     let sockets = sockets(&config, context.inherited).await?;
+    reserve_fds(&config, &sockets)?;
     if let Some((user, group)) = &config.run_as {
         let paths: Vec<_> = sockets
             .shims
@@ -95,6 +110,7 @@ pub async fn run(config: Config, context: RunContext, shutdown: CancellationToke
             listener,
             handle,
             ready.clone(),
+            config.metrics_limits,
             shutdown.clone(),
         ));
     }
@@ -107,11 +123,17 @@ pub async fn run(config: Config, context: RunContext, shutdown: CancellationToke
             listener,
             engine.clone(),
             secret,
+            config.admin_limits,
+            config.max_token_len,
             shutdown.clone(),
         ));
     }
+    for warning in crate::summary::warnings(&config) {
+        warn!("{warning}");
+    }
     tokio::spawn(watchdog(engine.clone(), shutdown.clone()));
     tokio::spawn(reload_on_hangup(
+        hangups,
         engine.clone(),
         context.reload,
         context.set_log_level,
@@ -179,6 +201,51 @@ async fn sockets(config: &Config, inherited: Vec<(Role, Inherited)>) -> Result<S
     Ok(sockets)
 }
 
+/// Checks that the HTTP endpoints' connection caps leave file descriptors for shims, Redis and
+/// providers (see [`fds`]), and logs what is left.
+///
+/// # Errors
+/// Caps that leave fewer than [`fds::SHIM_RESERVE`] descriptors under `RLIMIT_NOFILE`.
+fn reserve_fds(config: &Config, sockets: &Sockets) -> Result<()> {
+    let endpoints: u64 = [
+        (sockets.metrics.is_some(), config.metrics_limits),
+        (sockets.admin.is_some(), config.admin_limits),
+    ]
+    .iter()
+    .filter(|(served, _)| *served)
+    .map(|(_, limits)| limits.max_fds())
+    .sum();
+    if endpoints == 0 {
+        return Ok(());
+    }
+    let budget = match fds::Budget::measure() {
+        Ok(budget) => budget,
+        Err(e) => {
+            warn!("cannot count file descriptors ({e}); the endpoints' connection caps are not checked against RLIMIT_NOFILE");
+            return Ok(());
+        }
+    };
+    let left = budget.reserve(endpoints).map_err(|e| {
+        anyhow!("{e}: lower --metrics-max-connections or --admin-max-connections, or raise the limit (LimitNOFILE= under systemd)")
+    })?;
+    let shims = config.limits.max_connections as u64;
+    if left < shims {
+        warn!(
+            "file descriptors: RLIMIT_NOFILE {} leaves {left} for shims, Redis and providers, fewer than --max-connections {shims}: shims beyond that wait in the listen queue; raise LimitNOFILE=",
+            budget.limit
+        );
+    } else {
+        info!(
+            limit = budget.limit,
+            open = budget.open,
+            endpoints,
+            left,
+            "file descriptors reserved for shims, Redis and providers"
+        );
+    }
+    Ok(())
+}
+
 fn tcp(socket: Inherited, role: &str) -> Result<TcpListener> {
     match socket {
         Inherited::Tcp(l) => {
@@ -236,15 +303,12 @@ async fn announce_stop(ready: Readiness, shutdown: CancellationToken) {
 /// Reloads domains (validators, claims, TTLs, isuser) and the log level on every SIGHUP. A
 /// configuration that does not load is refused with a log line; the running one stays.
 async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
     engine: Arc<Engine>,
     reload: Option<Reloader>,
     set_log_level: Option<LogLevelSetter>,
     mut running: Config,
 ) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        return;
-    };
     while hangups.recv().await.is_some() {
         let Some(reload) = &reload else {
             warn!("SIGHUP: this broker was not started from a configuration it can re-read");
@@ -254,6 +318,7 @@ async fn reload_on_hangup(
         match reload().and_then(|new| Domains::build(&new).map(|domains| (new, domains))) {
             Ok((new, domains)) => {
                 warn_unreloadable(&running, &new);
+                domains.prefetch();
                 engine.reload(domains);
                 if let Some(set) = &set_log_level {
                     if let Err(e) = set(&new.log_level) {
@@ -285,6 +350,11 @@ fn warn_unreloadable(running: &Config, new: &Config) {
             running.metrics_listen != new.metrics_listen,
         ),
         ("admin_listen", running.admin_listen != new.admin_listen),
+        (
+            "endpoint limits",
+            running.metrics_limits != new.metrics_limits
+                || running.admin_limits != new.admin_limits,
+        ),
         ("limits", running.limits != new.limits),
     ];
     for (name, _) in changed.iter().filter(|(_, c)| *c) {

@@ -13,10 +13,10 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::now_ms;
 use crate::config::{Config, RunArgs};
 use crate::devprovider::DevProvider;
 use crate::extauth::reply;
+use crate::verdict::now_ms;
 
 /// Options of `extauth-broker demo`.
 #[derive(Debug, clap::Args)]
@@ -43,14 +43,16 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let provider = DevProvider::start("demo-broker", &client_secret).await?;
     let now_s = now_ms() / 1000;
     let token = |who: &str| format!("demo-{who}-{}", hex::encode(rand::random::<[u8; 8]>()));
-    let (alice, bob, revoked, expired) = (
+    let (alice, bob, shouting, revoked, expired) = (
         token("alice"),
         token("bob"),
+        token("shouting"),
         token("revoked"),
         token("expired"),
     );
-    provider.insert(&alice, json!({"username": "Alice", "exp": now_s + 3600}));
-    provider.insert(&bob, json!({"sub": "bob", "exp": now_s + 3600}));
+    provider.insert(&alice, json!({"username": "alice", "exp": now_s + 3600}));
+    provider.insert(&bob, json!({"username": "bob", "exp": now_s + 3600}));
+    provider.insert(&shouting, json!({"username": "Alice", "exp": now_s + 3600}));
     provider.insert(&revoked, json!({"active": false}));
     provider.insert(&expired, json!({"username": "alice", "exp": now_s - 60}));
 
@@ -66,7 +68,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
     let steps = vec![
         Step {
-            what: "alice logs in with her token (claim says \"Alice\")",
+            what: "alice logs in with her token",
             request: format!("auth:alice:localhost:{alice}"),
             expect: true,
         },
@@ -81,7 +83,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             expect: false,
         },
         Step {
-            what: "bob tries alice's token",
+            what: "bob tries alice's token (the cached verdict names alice)",
             request: format!("auth:bob:localhost:{alice}"),
             expect: false,
         },
@@ -89,6 +91,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             what: "bob logs in with his own token",
             request: format!("auth:bob:localhost:{bob}"),
             expect: true,
+        },
+        Step {
+            what: "a token whose claim says \"Alice\": not the localpart alice",
+            request: format!("auth:alice:localhost:{shouting}"),
+            expect: false,
         },
         Step {
             what: "alice with a revoked token (active: false)",

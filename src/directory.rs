@@ -2,8 +2,8 @@
 //!
 //! ejabberd asks `isuser` before storing offline messages; a wrong `0` bounces them. So only a
 //! definitive answer counts: `200` means the user exists, `404` that it does not (both cached for
-//! `ttl`); anything else (5xx, timeout, other codes) is no answer, and the engine falls back to
-//! the "seen" set without caching.
+//! `ttl`); anything else (5xx, a redirect, timeout, other codes) is no answer, and the engine
+//! falls back to the "seen" set without caching. The status decides: the body is never read.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,10 +12,10 @@ use moka::future::Cache;
 use serde::Deserialize;
 use tracing::warn;
 
-use crate::cache::Key;
 use crate::config::ConfigUrl;
 use crate::extauth::Secret;
-use crate::validate::http::{self, HttpTimeouts};
+use crate::keys::Key;
+use crate::validate::http::{self, HttpTimeouts, ProviderClient, ProviderPolicy};
 
 /// Settings of a directory (TOML: `directory = { url = "https://api/users/{user}@{domain}" }`).
 #[derive(Debug, Clone, Deserialize)]
@@ -47,7 +47,7 @@ fn default_ttl() -> u64 {
 
 /// A directory client with its answer cache.
 pub struct Directory {
-    http: reqwest::Client,
+    http: ProviderClient,
     method: reqwest::Method,
     config: DirectoryConfig,
     bearer: Option<Secret>,
@@ -55,13 +55,18 @@ pub struct Directory {
 }
 
 impl Directory {
-    /// Builds the client.
+    /// Builds the client under the broker-wide provider `policy`.
     ///
     /// # Errors
     /// A bad method, URL, timeout or unreadable token file.
-    pub fn new(config: DirectoryConfig) -> Result<Self, String> {
-        http::check_url("directory url", config.url.expose())?;
-        config.timeouts.check()?;
+    pub fn new(config: DirectoryConfig, policy: &ProviderPolicy) -> Result<Self, String> {
+        let http = ProviderClient::new(
+            "directory",
+            "directory url",
+            config.url.expose(),
+            config.timeouts,
+            policy,
+        )?;
         let method = http::method("directory method", &config.method)?;
         let bearer = match &config.bearer_token_file {
             Some(path) => Some(
@@ -70,8 +75,6 @@ impl Directory {
             ),
             None => None,
         };
-        let http =
-            http::client(config.timeouts).map_err(|e| format!("building the HTTP client: {e}"))?;
         let answers = Cache::builder()
             .max_capacity(1_000_000)
             .time_to_live(Duration::from_secs(config.ttl.max(1)))
@@ -91,11 +94,11 @@ impl Directory {
             return Some(known);
         }
         let url = http::expand_template(self.config.url.expose(), user, domain);
-        let mut request = self.http.request(self.method.clone(), url);
+        let mut request = self.http.request(self.method.clone(), &url);
         if let Some(bearer) = &self.bearer {
             request = request.bearer_auth(bearer.expose());
         }
-        let answer = match http::send(request, "directory").await {
+        let answer = match self.http.send(request).await {
             Ok(r) if r.status().is_success() => Some(true),
             Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => Some(false),
             Ok(r) => {

@@ -1,18 +1,30 @@
-//! Per-domain (vhost) runtime: the domain's validator, and the rules that bind a token to the
-//! JID it logs in and turn a provider answer into a cacheable verdict.
+//! Per-domain (vhost) runtime: the domain's validator and directory, and the rules that turn a
+//! provider's answer into a verdict bound to one user ([`crate::binding`]).
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde_json::Value;
+use tracing::{info, warn};
 
-use crate::cache::{now_ms, Verdict};
-use crate::config::{ClaimMapping, Config, DomainConfig};
+use crate::binding::Unbound;
+use crate::config::{Config, DomainConfig};
 use crate::directory::Directory;
-use crate::validate::{self, Grant, Validation, Validator};
+use crate::keys::KeyDeriver;
+use crate::metrics;
+use crate::throttle::Throttle;
+use crate::validate::http::ProviderPolicy;
+use crate::validate::{self, TokenCheck, Validation, Validator};
+use crate::verdict::{now_ms, Answer, Verdict};
 use crate::wire::Reason;
+
+/// A provider whose `exp` is this far in the past while it says the token is active has a
+/// clock or time-zone problem worth a warning (s).
+const CLOCK_SKEW_WARN_S: u64 = 300;
+
+/// How often each kind of per-token diagnostic may be logged per domain.
+const DIAGNOSTIC_EVERY: Duration = Duration::from_secs(60);
 
 /// One served domain.
 pub struct Domain {
@@ -22,6 +34,8 @@ pub struct Domain {
     pub validator: Arc<dyn Validator>,
     /// Its user directory, when `isuser = "directory"`.
     pub directory: Option<Directory>,
+    skew_log: Throttle,
+    unbound_log: Throttle,
 }
 
 /// Every served domain, looked up by the (lowercase) domain ejabberd sends.
@@ -37,28 +51,21 @@ impl Domains {
     /// # Errors
     /// A validator that cannot be built, naming its domain.
     pub fn build(config: &Config) -> Result<Domains> {
-        let build = |c: &DomainConfig| -> Result<Arc<Domain>> {
-            let validator = validate::build(&c.validator, c.breaker).map_err(anyhow::Error::msg)?;
-            let directory = c
-                .directory
-                .clone()
-                .map(Directory::new)
-                .transpose()
-                .map_err(anyhow::Error::msg)?;
-            Ok(Arc::new(Domain {
-                config: c.clone(),
-                validator,
-                directory,
-            }))
-        };
         let mut named = HashMap::new();
         for (name, c) in &config.domains {
             named.insert(
                 name.clone(),
-                build(c).with_context(|| format!("domain {name}"))?,
+                Arc::new(
+                    Domain::build(c, &config.provider).with_context(|| format!("domain {name}"))?,
+                ),
             );
         }
-        let any = config.any_domain.as_ref().map(build).transpose()?;
+        let any = config
+            .any_domain
+            .as_ref()
+            .map(|c| Domain::build(c, &config.provider))
+            .transpose()?
+            .map(Arc::new);
         Ok(Domains { named, any })
     }
 
@@ -66,122 +73,199 @@ impl Domains {
     pub fn get(&self, name: &str) -> Option<&Arc<Domain>> {
         self.named.get(name).or(self.any.as_ref())
     }
+
+    /// Every domain with its name (`*` for the one serving any domain).
+    fn all(&self) -> impl Iterator<Item = (&str, &Arc<Domain>)> {
+        let named = self.named.iter().map(|(n, d)| (n.as_str(), d));
+        named.chain(self.any.iter().map(|d| ("*", d)))
+    }
+
+    /// Discovers now the endpoint of every validator configured with `issuer` alone:
+    /// `(domain, what is discovered, the URL or why not)`, for `check-config`.
+    pub async fn discover(&self) -> Vec<(String, String, Result<String, String>)> {
+        let mut found = Vec::new();
+        for (name, domain) in self.all() {
+            if let Some(url) = domain.validator.discovered() {
+                let got = url.get().await;
+                found.push((name.to_owned(), url.to_string(), got));
+            }
+        }
+        found
+    }
+
+    /// Starts discovering endpoints in the background, so the first login does not wait for
+    /// it (and a provider that cannot be discovered is logged at start-up).
+    pub fn prefetch(&self) {
+        for (_, domain) in self.all() {
+            if let Some(url) = domain.validator.discovered() {
+                tokio::spawn(async move {
+                    let _ = url.get().await;
+                });
+            }
+        }
+    }
 }
 
 impl Domain {
-    /// Turns a provider answer on a token used for `user@domain` into a cacheable verdict, or
-    /// an error message for an answer that must not be cached.
+    /// Builds the domain's validator and directory.
     ///
-    /// Lifetimes: positive = min(`exp` - now, `max_ttl`) (RFC 7662 section 4), usable for
-    /// `stale_if_error` more but never past `exp`; negative = `negative_ttl`.
-    pub fn decide(
-        &self,
-        user: &str,
-        domain: &str,
-        validation: Validation,
-    ) -> Result<Verdict, String> {
-        let now = now_ms();
-        let negative = |reason| {
-            let until = now + self.config.negative_ttl.as_millis() as u64;
-            Verdict {
-                ok: false,
-                reason,
-                fresh_until_ms: until,
-                usable_until_ms: until,
-            }
-        };
-        let grant = match validation {
-            Validation::Unavailable(why) => return Err(why),
-            Validation::Invalid(reason) => return Ok(negative(reason)),
-            Validation::Valid(grant) => grant,
-        };
-        let exp_ms = grant.exp.map(|s| s.saturating_mul(1000));
-        if exp_ms.is_some_and(|e| e <= now) {
-            return Ok(negative(Reason::Expired));
-        }
-        if !self.binds(&grant, user, domain) {
-            return Ok(negative(Reason::WrongUser));
-        }
-        let cap = |t: u64| exp_ms.map_or(t, |e| e.min(t));
-        let fresh_until_ms = cap(now + self.config.max_ttl.as_millis() as u64);
-        let usable_until_ms = cap(fresh_until_ms + self.config.stale_if_error.as_millis() as u64);
-        Ok(Verdict {
-            ok: true,
-            reason: Reason::Accepted,
-            fresh_until_ms,
-            usable_until_ms,
+    /// # Errors
+    /// A validator or directory that cannot be built (the message names the setting).
+    pub fn build(config: &DomainConfig, policy: &ProviderPolicy) -> Result<Domain> {
+        let validator = validate::build(
+            &config.validator,
+            config.breaker,
+            config.provider_concurrency,
+            policy,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let directory = config
+            .directory
+            .clone()
+            .map(|d| Directory::new(d, policy))
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        Ok(Domain {
+            config: config.clone(),
+            validator,
+            directory,
+            skew_log: Throttle::new(DIAGNOSTIC_EVERY),
+            unbound_log: Throttle::new(DIAGNOSTIC_EVERY),
         })
     }
 
-    /// Does the grant name `user@domain`?
-    fn binds(&self, grant: &Grant, user: &str, domain: &str) -> bool {
-        if grant.user_confirmed {
-            return true;
+    /// Turns a provider's answer on `check.token` into a verdict issued at `issued_ms` (when the
+    /// flight started). An `Unavailable` answer is never cached; callers do not pass one (it
+    /// would be refused as `upstream_unavailable`).
+    ///
+    /// Lifetimes: a valid token's verdict lives min(`exp`, issued + `max_ttl`) (RFC 7662
+    /// section 4), usable for `stale_if_error` longer but never past `exp`; a refusal lives
+    /// `negative_ttl`.
+    pub fn verdict(
+        &self,
+        validation: Validation,
+        check: &TokenCheck<'_>,
+        keys: &KeyDeriver,
+        issued_ms: u64,
+    ) -> Verdict {
+        let refused = |reason| self.refusal(reason, issued_ms);
+        let grant = match validation {
+            Validation::Valid(grant) => grant,
+            Validation::Invalid(reason) => return refused(reason),
+            Validation::Unavailable(_) => return refused(Reason::UpstreamUnavailable),
+        };
+        let exp_ms = grant.exp.map(|s| s.saturating_mul(1000));
+        if let Some(exp) = exp_ms.filter(|e| *e <= now_ms()) {
+            self.note_expired_but_active(exp);
+            return refused(Reason::Expired);
         }
-        let claim = |name: &str| grant.claims.get(name).and_then(Value::as_str);
-        match &self.config.claim {
-            ClaimMapping::Localpart(name) => {
-                let subject = claim(name).or_else(|| claim("sub"));
-                subject.and_then(normalise_localpart).as_deref() == Some(user)
+        let user = if grant.user_confirmed {
+            check.user.to_owned()
+        } else {
+            match self.config.binding.localpart(&grant.claims, check.domain) {
+                Ok(user) => user,
+                Err(unbound) => {
+                    self.note_unbound(&unbound);
+                    return refused(unbound.reason);
+                }
             }
-            ClaimMapping::Jid(name) => claim(name)
-                .and_then(split_jid)
-                .is_some_and(|(u, d)| u == user && d == domain),
+        };
+        let ms = |d: Duration| d.as_millis() as u64;
+        let cap = |t: u64| exp_ms.map_or(t, |e| e.min(t));
+        let fresh_until_ms = cap(issued_ms + ms(self.config.max_ttl));
+        Verdict {
+            answer: Answer::Names(keys.user(check.domain, &user)),
+            issued_ms,
+            fresh_until_ms,
+            usable_until_ms: cap(fresh_until_ms + ms(self.config.stale_if_error)),
+            exp_ms,
         }
     }
-}
 
-/// ejabberd normalises the localpart with nodeprep (RFC 3920 appendix A, stringprep: case
-/// folding, NFKC, prohibited characters) before it calls extauth; the token's claim may not be,
-/// so apply the same profile to it. `None` when the claim cannot be a localpart at all.
-pub fn normalise_localpart(claim: &str) -> Option<Cow<'_, str>> {
-    stringprep::nodeprep(claim).ok().filter(|s| !s.is_empty())
-}
+    fn refusal(&self, reason: Reason, issued_ms: u64) -> Verdict {
+        let until = issued_ms + self.config.negative_ttl.as_millis() as u64;
+        Verdict {
+            answer: Answer::Refused(reason),
+            issued_ms,
+            fresh_until_ms: until,
+            usable_until_ms: until,
+            exp_ms: None,
+        }
+    }
 
-/// Splits a JID claim `user@domain[/resource]` into its nodeprep'd localpart and its
-/// nameprep'd domain (RFC 3920 section 3).
-fn split_jid(jid: &str) -> Option<(String, String)> {
-    let bare = jid.split_once('/').map_or(jid, |(bare, _)| bare);
-    let (user, domain) = bare.split_once('@')?;
-    let user = normalise_localpart(user)?.into_owned();
-    let domain = stringprep::nameprep(domain).ok()?.into_owned();
-    Some((user, domain))
+    /// A token the provider calls valid whose `exp` passed long ago: a clock or time-zone
+    /// problem at the provider (Django with `USE_TZ = False`), which refuses every login.
+    fn note_expired_but_active(&self, exp_ms: u64) {
+        let skew_s = now_ms().saturating_sub(exp_ms) / 1000;
+        if skew_s < CLOCK_SKEW_WARN_S {
+            return;
+        }
+        metrics::provider_clock_skew(self.validator.kind(), skew_s);
+        if self.skew_log.allow() {
+            warn!(
+                validator = self.validator.kind(),
+                skew_s,
+                "the provider says a token is valid whose exp is {skew_s} s in the past: its clock \
+                 or time zone is probably wrong (Django: USE_TZ = True); such logins are refused as expired"
+            );
+        }
+    }
+
+    /// A valid token that names no user of this domain: logged (at a bounded rate) with the
+    /// claim and setting involved, so an operator can tell a misconfiguration from an attack.
+    fn note_unbound(&self, unbound: &Unbound) {
+        metrics::unbound(unbound.reason);
+        if self.unbound_log.allow() {
+            info!(
+                validator = self.validator.kind(),
+                reason = unbound.reason.as_str(),
+                "token refused: {} (see subject_claim, claim_folding, jid_claim, domain_claim in \
+                 docs/configuration.md)",
+                unbound.why
+            );
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::binding::{BindingRules, Folding, Subject};
+    use crate::extauth::Secret;
     use crate::validate::introspection::IntrospectionConfig;
-    use crate::validate::ValidatorConfig;
-    use serde_json::json;
-    use std::time::Duration;
+    use crate::validate::{Grant, ValidatorConfig};
+    use serde_json::{json, Value};
 
-    fn domain(claim: ClaimMapping, stale_if_error: u64) -> Domain {
-        let config = DomainConfig {
-            validator: ValidatorConfig::Introspection(IntrospectionConfig {
-                url: "http://127.0.0.1:9/".into(),
-                client_id: "c".into(),
-                client_secret: Some(crate::extauth::Secret::new("s".into())),
-                client_secret_file: None,
-                client_auth: Default::default(),
-                require: Default::default(),
-                timeouts: Default::default(),
-            }),
-            claim,
-            max_ttl: Duration::from_secs(300),
-            negative_ttl: Duration::from_secs(10),
-            seen_ttl: Duration::from_secs(60),
-            stale_if_error: Duration::from_secs(stale_if_error),
-            breaker: Default::default(),
-            isuser: Default::default(),
-            directory: None,
-        };
-        let validator = validate::build(&config.validator, config.breaker).unwrap();
-        Domain {
-            config,
-            validator,
-            directory: None,
-        }
+    fn domain(stale_if_error: u64) -> Domain {
+        Domain::build(
+            &DomainConfig {
+                validator: ValidatorConfig::Introspection(IntrospectionConfig {
+                    url: Some("http://127.0.0.1:9/".into()),
+                    issuer: None,
+                    client_id: "c".into(),
+                    client_secret: Some(Secret::new("s".into())),
+                    client_secret_file: None,
+                    client_auth: Default::default(),
+                    require: Default::default(),
+                    timeouts: Default::default(),
+                }),
+                binding: BindingRules {
+                    subject: Subject::Localpart(vec!["username".into()]),
+                    folding: Folding::Exact,
+                    domain_claim: None,
+                },
+                max_ttl: Duration::from_secs(300),
+                negative_ttl: Duration::from_secs(10),
+                seen_ttl: Duration::from_secs(60),
+                stale_if_error: Duration::from_secs(stale_if_error),
+                breaker: Default::default(),
+                provider_concurrency: 4,
+                isuser: Default::default(),
+                directory: None,
+            },
+            &ProviderPolicy::default(),
+        )
+        .unwrap()
     }
 
     fn valid(claims: Value, exp: Option<u64>) -> Validation {
@@ -192,96 +276,96 @@ mod tests {
         })
     }
 
-    #[test]
-    fn claims_are_normalised_like_ejabberd_nodeprep() {
-        assert_eq!(normalise_localpart("Alice").as_deref(), Some("alice"));
-        assert_eq!(normalise_localpart("ÉLODIE").as_deref(), Some("élodie"));
-        assert_eq!(
-            normalise_localpart("ｊｏｅ").as_deref(),
-            Some("joe"),
-            "NFKC folds full-width letters"
-        );
-        assert_eq!(normalise_localpart("a@b"), None);
-        assert_eq!(normalise_localpart("a b"), None);
-        assert_eq!(normalise_localpart(""), None);
+    struct Asked {
+        keys: KeyDeriver,
+        token: Secret,
+    }
+
+    impl Asked {
+        fn new() -> Self {
+            Asked {
+                keys: KeyDeriver::new(&Secret::new("k".repeat(32))),
+                token: Secret::new("tok".into()),
+            }
+        }
+
+        /// The decision for `user` on a verdict issued now.
+        fn decide(&self, d: &Domain, user: &str, v: Validation) -> (bool, Reason, Verdict) {
+            let check = TokenCheck {
+                user,
+                domain: "example.com",
+                token: &self.token,
+            };
+            let verdict = d.verdict(v, &check, &self.keys, now_ms());
+            let (ok, reason) = verdict.decide(&self.keys.user("example.com", user));
+            (ok, reason, verdict)
+        }
     }
 
     #[test]
-    fn localpart_claims_bind_the_user() {
-        let d = domain(ClaimMapping::Localpart("username".into()), 0);
-        let ok = |v: Validation, user: &str| d.decide(user, "example.com", v).unwrap().ok;
-        assert!(ok(valid(json!({"username": "Alice"}), None), "alice"));
-        assert!(!ok(valid(json!({"username": "alice"}), None), "bob"));
-        assert!(
+    fn verdicts_name_the_claimed_user_and_refuse_the_rest() {
+        let (d, a) = (domain(0), Asked::new());
+        let ok = |v, user| a.decide(&d, user, v).1;
+        assert_eq!(
+            ok(valid(json!({"username": "alice"}), None), "alice"),
+            Reason::Accepted
+        );
+        assert_eq!(
+            ok(valid(json!({"username": "alice"}), None), "bob"),
+            Reason::WrongUser
+        );
+        assert_eq!(
+            ok(valid(json!({"username": "Alice"}), None), "alice"),
+            Reason::NonCanonicalClaim,
+            "exact binding by default"
+        );
+        assert_eq!(
             ok(valid(json!({"sub": "bob"}), None), "bob"),
-            "sub fallback"
+            Reason::NoUser,
+            "no silent fallback to sub"
         );
-        assert!(
-            !ok(
-                valid(json!({"username": "alice", "sub": "bob"}), None),
-                "bob"
-            ),
-            "configured claim first"
-        );
-        assert!(!ok(valid(json!({}), None), "alice"), "no subject");
-        assert!(!ok(valid(json!({"username": 7}), None), "alice"));
         let confirmed = Validation::Valid(Grant {
             user_confirmed: true,
             ..Grant::default()
         });
-        assert!(ok(confirmed, "anyone"));
-    }
-
-    #[test]
-    fn jid_claims_bind_user_and_domain() {
-        let d = domain(ClaimMapping::Jid("jid".into()), 0);
-        let ok = |jid: &str, user: &str, dom: &str| {
-            d.decide(user, dom, valid(json!({"jid": jid}), None))
-                .unwrap()
-                .ok
-        };
-        assert!(ok("Alice@Example.COM/phone", "alice", "example.com"));
-        assert!(!ok("alice@example.org", "alice", "example.com"));
-        assert!(!ok("alice@example.com", "bob", "example.com"));
-        assert!(!ok("example.com", "alice", "example.com"));
+        assert_eq!(ok(confirmed, "anyone"), Reason::Accepted);
+        assert_eq!(
+            ok(Validation::Invalid(Reason::Inactive), "alice"),
+            Reason::Inactive
+        );
     }
 
     #[test]
     fn lifetimes_follow_exp_max_ttl_and_stale_if_error() {
+        let (d, a) = (domain(120), Asked::new());
         let now_s = now_ms() / 1000;
-        let d = domain(ClaimMapping::Localpart("username".into()), 120);
-        let v = d
-            .decide(
-                "alice",
-                "x",
-                valid(json!({"username": "alice"}), Some(now_s + 60)),
-            )
-            .unwrap();
+        let (_, _, v) = a.decide(
+            &d,
+            "alice",
+            valid(json!({"username": "alice"}), Some(now_s + 60)),
+        );
         assert!(
             v.fresh_until_ms <= (now_s + 60) * 1000 && v.usable_until_ms == v.fresh_until_ms,
             "capped by exp: {v:?}"
         );
-        let v = d
-            .decide("alice", "x", valid(json!({"username": "alice"}), None))
-            .unwrap();
-        assert!(
-            (v.usable_until_ms - v.fresh_until_ms) == 120_000,
-            "stale grace without exp: {v:?}"
+        let (_, _, v) = a.decide(&d, "alice", valid(json!({"username": "alice"}), None));
+        assert_eq!(
+            v.usable_until_ms - v.fresh_until_ms,
+            120_000,
+            "stale grace without exp"
         );
-        let v = d
-            .decide(
-                "alice",
-                "x",
-                valid(json!({"username": "alice"}), Some(now_s.saturating_sub(1))),
-            )
-            .unwrap();
-        assert_eq!((v.ok, v.reason), (false, Reason::Expired));
-        assert!(d
-            .decide("alice", "x", Validation::Unavailable("down".into()))
-            .is_err());
-        let v = d
-            .decide("alice", "x", Validation::Invalid(Reason::Inactive))
-            .unwrap();
-        assert_eq!((v.ok, v.reason), (false, Reason::Inactive));
+        assert_eq!(
+            v.fresh_until_ms - v.issued_ms,
+            300_000,
+            "max_ttl without exp"
+        );
+        let (ok, reason, _) = a.decide(
+            &d,
+            "alice",
+            valid(json!({"username": "alice"}), Some(now_s.saturating_sub(1))),
+        );
+        assert_eq!((ok, reason), (false, Reason::Expired));
+        let (_, _, v) = a.decide(&d, "alice", Validation::Invalid(Reason::Inactive));
+        assert_eq!(v.fresh_until_ms - v.issued_ms, 10_000, "negative_ttl");
     }
 }

@@ -1,34 +1,27 @@
-//! The decision on one extauth request: check input -> domain -> L1 -> (singleflight) Redis ->
-//! cluster lock -> validator -> cache write. See `docs/architecture.md` for the rules and their
-//! sources.
+//! The decision on one extauth request: check input -> domain -> L1 -> flight -> decision for
+//! this user. See `docs/architecture.md` for the rules and their sources.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use tracing::{debug, info, warn};
 
-use crate::cache::{Key, KeyDeriver, Verdict, L1};
+use crate::cache::L1;
 use crate::config::IsUserPolicy;
 use crate::domain::{Domain, Domains};
 use crate::extauth::{Command, Secret};
+use crate::flight::{Ask, FlightError, FlightParts, Flights};
+use crate::keys::{Key, KeyDeriver};
 use crate::metrics;
-use crate::revoke::{self, Generations, RevokeError, Target};
-use crate::store::Redis;
-use crate::validate::{TokenCheck, Validation};
+use crate::revoke::{self, Local, Revocations, RevokeError, Revoked, Target};
+use crate::store::{Op, Redis};
+use crate::validate::TokenCheck;
+use crate::verdict::now_ms;
 use crate::wire::{Reason, Source};
 
 /// Longest user or domain accepted (bytes); RFC 7622 caps each JID part at 1023 bytes.
 const MAX_JID_PART: usize = 1023;
-/// How long a broker holds the cluster-wide flight lock of a token at most; other brokers wait
-/// for its verdict at most this long (and at most half their request's time left) before
-/// validating themselves.
-const LOCK_TTL: Duration = Duration::from_secs(6);
-/// Least time left before a request's deadline for a provider call to be started.
-const MIN_PROVIDER_BUDGET: Duration = Duration::from_millis(50);
-/// How often a broker waiting on another broker's flight looks for its verdict.
-const LOCK_POLL: Duration = Duration::from_millis(10);
 
 /// The answer to one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,14 +42,6 @@ impl Outcome {
             source: Source::Local,
         }
     }
-
-    fn from_verdict(v: Verdict, source: Source) -> Self {
-        Outcome {
-            ok: v.ok,
-            reason: v.reason,
-            source,
-        }
-    }
 }
 
 /// Everything the engine needs, built once at start-up.
@@ -73,68 +58,37 @@ pub struct EngineParts {
     pub max_token_len: usize,
 }
 
-/// One auth request on its way through the engine.
-struct AuthRequest<'a> {
-    user: &'a str,
-    domain_name: &'a str,
-    token: &'a Secret,
-    domain: &'a Domain,
-    user_key: Key,
-    key: Key,
-    /// When the requester stops waiting.
-    deadline: Instant,
-}
-
-/// Why a flight produced no verdict; shared with its waiters, never cached.
-#[derive(Debug)]
-enum FlightError {
-    /// The provider could not answer (a log-safe message).
-    Unavailable(String),
-    /// The deadline of the request running the flight left no time for the provider call.
-    Deadline,
-}
-
-/// What the cluster-wide flight lock said.
-enum Coordination {
-    /// This broker validates (and must unlock).
-    Hold,
-    /// Another broker's verdict arrived in Redis.
-    Shared(Verdict),
-    /// No Redis, a Redis error, or the wait bound passed: validate without the lock.
-    Alone,
-}
-
 /// Decides extauth requests. Cheap to share behind an `Arc`.
 pub struct Engine {
     keys: KeyDeriver,
     l1: L1,
     redis: Option<Redis>,
-    generations: Arc<Generations>,
+    revocations: Arc<Revocations>,
+    flights: Flights,
     /// Replaced whole on reload (SIGHUP); requests in flight keep the domain they started with.
     domains: ArcSwap<Domains>,
     max_token_len: usize,
-    /// Names this broker as the holder of a flight lock.
-    owner: String,
-    /// Logs each Redis outage once, not once per request.
-    redis_health: RedisHealth,
 }
 
 impl Engine {
     /// An engine with an empty L1.
     pub fn new(parts: EngineParts) -> Self {
+        let l1 = L1::new(parts.l1_capacity);
+        let revocations = Arc::new(Revocations::default());
+        let flights = Flights::new(FlightParts {
+            keys: parts.keys.clone(),
+            redis: parts.redis.clone(),
+            l1: l1.clone(),
+            revocations: revocations.clone(),
+        });
         Engine {
-            l1: L1::new(parts.l1_capacity),
-            generations: Arc::new(Generations::new(parts.redis.clone())),
             keys: parts.keys,
+            l1,
             redis: parts.redis,
+            revocations,
+            flights,
             domains: ArcSwap::from_pointee(parts.domains),
             max_token_len: parts.max_token_len,
-            owner: format!(
-                "{}:{}",
-                std::process::id(),
-                hex::encode(rand::random::<[u8; 6]>())
-            ),
-            redis_health: RedisHealth::default(),
         }
     }
 
@@ -144,8 +98,8 @@ impl Engine {
     }
 
     /// Replaces every domain's settings and validator (a configuration reload). Cached verdicts
-    /// stay: they were decided under rules that were valid when they were made, and expire by
-    /// their TTL.
+    /// stay: they were decided under rules that were valid when they were made, expire by their
+    /// TTL, and are clamped to the new lifetimes when read back from Redis.
     pub fn reload(&self, domains: Domains) {
         self.domains.store(Arc::new(domains));
     }
@@ -153,15 +107,16 @@ impl Engine {
     /// Proves the serving path is alive (the runtime schedules and the cache answers), for the
     /// systemd watchdog.
     pub async fn ping(&self) {
-        let _ = self.l1.get(&[0u8; 32]).await;
+        tokio::task::yield_now().await;
+        let _ = self.l1.get(&[0u8; 32]);
     }
 
-    /// Starts the background task that applies other brokers' revocations (Redis only).
+    /// Starts the background task that applies other brokers' revocation hints (Redis only).
     pub fn spawn_revocation_listener(&self) {
         if let Some(redis) = &self.redis {
-            tokio::spawn(crate::revoke::listen(
+            tokio::spawn(revoke::listen(
                 redis.clone(),
-                self.generations.clone(),
+                self.revocations.clone(),
                 self.l1.clone(),
             ));
         }
@@ -214,52 +169,34 @@ impl Engine {
             debug!(user, domain = domain_name, "refused: domain not served");
             return Outcome::local(Reason::UnknownDomain);
         };
+        let per_user = domain.validator.asks_about_user().then_some(user);
+        let token_key = self.keys.token(domain_name, token.expose(), per_user);
         let user_key = self.keys.user(domain_name, user);
-        let generation = self.generations.get(&user_key).await;
-        let key = self
-            .keys
-            .verdict(domain_name, user, generation, token.expose());
-        if let Some(v) = self.l1.get(&key).await {
-            metrics::cache_hit("l1");
-            return Outcome::from_verdict(v, Source::L1);
+        if let Some(v) = self.l1.get(&token_key) {
+            if !self.revocations.revokes(&token_key, &v) {
+                metrics::cache_hit(Source::L1);
+                return decided(v.decide(&user_key), Source::L1);
+            }
         }
-        let request = AuthRequest {
-            user,
-            domain_name,
-            token,
+        let ask = Ask {
+            token_key,
+            check: TokenCheck {
+                user,
+                domain: domain_name,
+                token,
+            },
             domain: &domain,
-            user_key,
-            key,
             deadline,
         };
-        // Whoever runs the flight records where its verdict came from; a request that finds
-        // `None` afterwards waited on another request's flight.
-        let mut source = None;
-        let mut result = self
-            .l1
-            .get_or_load(key, self.load(&request, &mut source))
-            .await;
-        // A flight is cut at the deadline of the request that started it; a waiter with time
-        // left starts a new one rather than share that refusal.
-        let cut = matches!(
-            result.as_ref().map_err(|e| &**e),
-            Err(FlightError::Deadline)
-        );
-        if cut
-            && source.is_none()
-            && deadline.saturating_duration_since(Instant::now()) >= MIN_PROVIDER_BUDGET
-        {
-            result = self
-                .l1
-                .get_or_load(key, self.load(&request, &mut source))
-                .await;
-        }
-        let source = source.unwrap_or_else(|| {
-            metrics::coalesced_waiter();
-            Source::Provider
-        });
-        match result.as_ref().map_err(|e| &**e) {
-            Ok(v) => Outcome::from_verdict(*v, source),
+        match self.flights.fetch(&ask).await {
+            Ok(fetched) => {
+                let decision = fetched.verdict.decide(&user_key);
+                if decision.0 && fetched.source != Source::L1 {
+                    self.mark_seen(&domain, user_key, fetched.source == Source::Provider)
+                        .await;
+                }
+                decided(decision, fetched.source)
+            }
             Err(FlightError::Deadline) => {
                 debug!(
                     user,
@@ -280,153 +217,6 @@ impl Engine {
                     source: Source::Provider,
                 }
             }
-        }
-    }
-
-    /// The body of a flight: re-check Redis (another broker may just have decided), coordinate
-    /// with other brokers, else ask the validator and share the verdict.
-    async fn load(
-        &self,
-        request: &AuthRequest<'_>,
-        source: &mut Option<Source>,
-    ) -> Result<Verdict, FlightError> {
-        let mut stale = self.l1.get_stale(&request.key).await;
-        if let Some(v) = self.redis_verdict(&request.key).await {
-            if v.is_fresh() {
-                return Ok(self.shared_verdict(request, v, source).await);
-            }
-            stale = stale.or(Some(v));
-        }
-        let coordination = self.coordinate(&request.key, request.deadline).await;
-        if let Coordination::Shared(v) = coordination {
-            return Ok(self.shared_verdict(request, v, source).await);
-        }
-        *source = Some(Source::Provider);
-        let decided = match self.ask_provider(request).await {
-            Ok(validation) => request
-                .domain
-                .decide(request.user, request.domain_name, validation)
-                .map_err(FlightError::Unavailable),
-            Err(cut) => Err(cut),
-        };
-        if let Ok(verdict) = &decided {
-            info!(
-                user = request.user,
-                domain = request.domain_name,
-                verdict = verdict.reason.as_str(),
-                ttl_ms = verdict.remaining().as_millis() as u64,
-                "provider verdict"
-            );
-            self.remember(request, *verdict, true).await;
-        }
-        if let (Coordination::Hold, Some(redis)) = (&coordination, &self.redis) {
-            self.redis_result("unlock", redis.unlock(&request.key).await);
-        }
-        decided.or_else(|e| match (e, stale) {
-            (FlightError::Unavailable(why), Some(v)) => {
-                warn!(
-                    user = request.user,
-                    domain = request.domain_name,
-                    "provider unavailable ({why}); serving a stale verdict (stale_if_error)"
-                );
-                Ok(v)
-            }
-            (e, _) => Err(e),
-        })
-    }
-
-    /// Takes a verdict another broker put in Redis.
-    async fn shared_verdict(
-        &self,
-        request: &AuthRequest<'_>,
-        verdict: Verdict,
-        source: &mut Option<Source>,
-    ) -> Verdict {
-        metrics::cache_hit("redis");
-        *source = Some(Source::Redis);
-        self.remember(request, verdict, false).await;
-        verdict
-    }
-
-    /// Calls the domain's validator, timed and counted.
-    async fn ask_provider(&self, request: &AuthRequest<'_>) -> Result<Validation, FlightError> {
-        let check = TokenCheck {
-            user: request.user,
-            domain: request.domain_name,
-            token: request.token,
-        };
-        let started = Instant::now();
-        let left = request.deadline.saturating_duration_since(started);
-        if left < MIN_PROVIDER_BUDGET {
-            return Err(FlightError::Deadline);
-        }
-        let validation = tokio::time::timeout(left, request.domain.validator.validate(check))
-            .await
-            .map_err(|_| FlightError::Deadline)?;
-        metrics::provider_call(
-            request.domain.validator.kind(),
-            &validation,
-            started.elapsed(),
-        );
-        Ok(validation)
-    }
-
-    /// A verdict from Redis, fresh or stale-but-usable; `None` on a miss or a Redis error.
-    async fn redis_verdict(&self, key: &Key) -> Option<Verdict> {
-        let redis = self.redis.as_ref()?;
-        self.redis_result("read", redis.get(key).await).flatten()
-    }
-
-    /// Takes the cluster-wide flight lock of `key`, or waits for the broker holding it to publish
-    /// its verdict. Never a wrong verdict: at worst an extra provider call.
-    ///
-    /// The wait lasts at most [`LOCK_TTL`] and at most half the time left before `deadline`: a
-    /// broker killed mid-flight leaves its lock behind until the TTL ends, and the requester must
-    /// still have time for its own provider call after giving up on it.
-    async fn coordinate(&self, key: &Key, deadline: Instant) -> Coordination {
-        let Some(redis) = &self.redis else {
-            return Coordination::Alone;
-        };
-        let now = Instant::now();
-        let give_up = now + LOCK_TTL.min(deadline.saturating_duration_since(now) / 2);
-        loop {
-            match self.redis_result("lock", redis.lock(key, &self.owner, LOCK_TTL).await) {
-                Some(true) => return Coordination::Hold,
-                Some(false) => {}
-                None => return Coordination::Alone,
-            }
-            // Another broker validates this token now: wait for its verdict or its unlock.
-            while Instant::now() < give_up {
-                tokio::time::sleep(LOCK_POLL).await;
-                match self.redis_result("read", redis.get(key).await) {
-                    Some(Some(v)) if v.is_fresh() => return Coordination::Shared(v),
-                    Some(_) => {}
-                    None => return Coordination::Alone,
-                }
-                match self.redis_result("lock check", redis.locked(key).await) {
-                    Some(true) => {}
-                    // Released without a verdict (its provider call failed): try ourselves.
-                    Some(false) => break,
-                    None => return Coordination::Alone,
-                }
-            }
-            if Instant::now() >= give_up {
-                return Coordination::Alone;
-            }
-        }
-    }
-
-    /// Stores a verdict where it belongs: Redis (when `share`), the stale store, the seen set.
-    async fn remember(&self, request: &AuthRequest<'_>, verdict: Verdict, share: bool) {
-        if share {
-            if let Some(redis) = &self.redis {
-                self.redis_result("write", redis.put(&request.key, verdict).await);
-            }
-        }
-        self.l1.keep_stale(request.key, verdict).await;
-        if verdict.ok {
-            self.mark_seen(request.domain, request.user_key, share)
-                .await;
         }
     }
 
@@ -457,15 +247,16 @@ impl Engine {
                 return known(exists, Source::Provider);
             }
         }
-        if self.l1.seen(&user_key).await {
+        if self.l1.seen(&user_key) {
             return known(true, Source::L1);
         }
         let Some(redis) = &self.redis else {
             return known(false, Source::L1);
         };
-        match self.redis_result("isuser read", redis.seen(&user_key).await) {
+        let health = self.flights.health();
+        match health.check(Op::SeenRead, redis.seen(&user_key).await) {
             Some(true) => {
-                self.l1.mark_seen(user_key, domain.config.seen_ttl).await;
+                self.l1.mark_seen(user_key, seen_until(&domain));
                 known(true, Source::Redis)
             }
             Some(false) => known(false, Source::Redis),
@@ -473,108 +264,37 @@ impl Engine {
         }
     }
 
+    /// Remembers that the user logged in: here, and in Redis when `share` (the request that
+    /// asked the provider; verdicts read from Redis were shared by the broker that did).
     async fn mark_seen(&self, domain: &Domain, user_key: Key, share: bool) {
-        self.l1.mark_seen(user_key, domain.config.seen_ttl).await;
+        let until = seen_until(domain);
+        self.l1.mark_seen(user_key, until);
         if let (true, Some(redis)) = (share, &self.redis) {
-            self.redis_result(
-                "seen write",
-                redis.mark_seen(&user_key, domain.config.seen_ttl).await,
-            );
+            let health = self.flights.health();
+            health.check(Op::SeenWrite, redis.mark_seen(&user_key, until).await);
         }
     }
 
-    /// Revokes `target` here and, through Redis, on every broker. Returns the user's
-    /// generation afterwards.
+    /// Revokes `target` here and, through Redis, on every broker.
     ///
     /// # Errors
-    /// A Redis error (nothing was revoked cluster-wide then), or a user/domain that cannot be
-    /// a JID part.
-    pub async fn revoke(&self, target: &Target<'_>) -> Result<u64, RevokeError> {
-        revoke::revoke(
-            target,
-            &self.keys,
-            &self.generations,
-            self.redis.as_ref(),
-            Some(&self.l1),
-        )
-        .await
-    }
-
-    /// Logs a Redis failure once per outage (and the recovery once); `None` on error.
-    fn redis_result<T>(&self, what: &'static str, result: redis::RedisResult<T>) -> Option<T> {
-        match result {
-            Ok(v) => {
-                self.redis_health.recovered(what);
-                Some(v)
-            }
-            Err(e) => {
-                metrics::redis_error(what);
-                self.redis_health.failed(what, &e);
-                None
-            }
-        }
-    }
-}
-
-/// What is known to fail in Redis, so each outage is logged (and shown in
-/// `extauth_redis_up`) once. A lost connection affects everything; a server that refuses writes
-/// (full, read-only) still answers reads, so reads and writes are tracked apart.
-struct RedisHealth {
-    connection: AtomicBool,
-    reads: AtomicBool,
-    writes: AtomicBool,
-}
-
-impl Default for RedisHealth {
-    fn default() -> Self {
-        RedisHealth {
-            connection: AtomicBool::new(true),
-            reads: AtomicBool::new(true),
-            writes: AtomicBool::new(true),
-        }
-    }
-}
-
-impl RedisHealth {
-    /// The flag an operation's server-side failures belong to; `None` for one whose success
-    /// proves nothing about its class (a `DEL` works on a full Redis).
-    fn class(&self, what: &str) -> Option<(&'static str, &AtomicBool)> {
-        match what {
-            "unlock" => None,
-            "write" | "seen write" | "lock" => Some(("write", &self.writes)),
-            _ => Some(("read", &self.reads)),
-        }
-    }
-
-    fn failed(&self, what: &'static str, e: &redis::RedisError) {
-        let connection_lost = e.is_io_error()
-            || e.is_timeout()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal();
-        let (class, flag) = match (connection_lost, self.class(what)) {
-            (false, Some(class)) => class,
-            _ => ("connection", &self.connection),
+    /// A Redis error (the revocation may be incomplete cluster-wide), or a user/domain that
+    /// cannot be a JID part.
+    pub async fn revoke(&self, target: &Target<'_>) -> Result<Revoked, RevokeError> {
+        let local = Local {
+            revocations: &self.revocations,
+            l1: &self.l1,
         };
-        if flag.swap(false, Ordering::Relaxed) {
-            metrics::redis_up(class, false);
-            warn!(kind = ?e.kind(), "Redis {what} failed, serving from the in-process cache and the provider until it is back: {e}");
-        } else {
-            debug!(kind = ?e.kind(), "Redis {what} failed again");
-        }
+        revoke::revoke(target, &self.keys, self.redis.as_ref(), Some(local)).await
     }
+}
 
-    fn recovered(&self, what: &str) {
-        if !self.connection.swap(true, Ordering::Relaxed) {
-            metrics::redis_up("connection", true);
-            info!("Redis is reachable again; sharing verdicts");
-        }
-        if let Some((class, flag)) = self.class(what) {
-            if !flag.swap(true, Ordering::Relaxed) {
-                metrics::redis_up(class, true);
-                info!("Redis {class}s work again");
-            }
-        }
-    }
+fn decided((ok, reason): (bool, Reason), source: Source) -> Outcome {
+    Outcome { ok, reason, source }
+}
+
+fn seen_until(domain: &Domain) -> u64 {
+    now_ms() + domain.config.seen_ttl.as_millis() as u64
 }
 
 fn jid_parts_ok(user: &str, domain: &str) -> bool {

@@ -13,11 +13,17 @@ use nix::unistd::{Gid, Group, Uid, User};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::warn;
+use tracing::{debug, warn};
 
+use crate::admission::{LogThrottle, Origin};
 use crate::config::{ListenAddr, PeerPolicy, TcpSecurity};
-use crate::metrics;
+use crate::metrics::{self, HandshakeFailure};
 use crate::systemd::Inherited;
+
+/// Refused peers and failed TLS handshakes come as fast as a hostile peer can connect: the first
+/// of each kind in a window is a warning, the rest debug lines (all are counted).
+static PEER_WARNING: LogThrottle = LogThrottle::new();
+static TLS_WARNING: LogThrottle = LogThrottle::new();
 
 /// The two halves of an accepted, checked stream.
 pub type Halves = (
@@ -191,6 +197,24 @@ async fn remove_stale_socket(path: &Path) -> Result<()> {
 }
 
 impl Incoming {
+    /// Where the connection comes from, for the handshake budget.
+    pub fn origin(&self) -> Origin {
+        let stream = match self {
+            // A peer whose credentials cannot be read is refused by the peer check at once.
+            Incoming::Unix { stream, .. } => {
+                return Origin::Unix(stream.peer_cred().map_or(u32::MAX, |c| c.uid()))
+            }
+            Incoming::Tcp(stream) | Incoming::Tls(stream, _) => stream,
+        };
+        // A peer already gone has no address; it counts with the unspecified one and its
+        // handshake fails at once anyway.
+        Origin::tcp(
+            stream
+                .peer_addr()
+                .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip()),
+        )
+    }
+
     /// Checks a Unix peer against `peers` and completes a TLS handshake; the halves to serve,
     /// or `None` when the peer is refused (logged and counted) or the handshake fails.
     pub async fn open(self, peers: &PeerPolicy) -> Option<Halves> {
@@ -201,13 +225,19 @@ impl Incoming {
                     .and_then(|p| std::fs::metadata(&*p).ok())
                     .map(|m| m.gid());
                 if !allowed(peers, cred.uid(), cred.gid(), socket_gid) {
-                    warn!(
-                        uid = cred.uid(),
-                        gid = cred.gid(),
-                        pid = cred.pid(),
-                        "refused a Unix socket peer (see --allow-uid, --allow-gid)"
-                    );
+                    let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
+                    match PEER_WARNING.ready() {
+                        Some(suppressed) => warn!(
+                            uid,
+                            gid,
+                            pid,
+                            suppressed,
+                            "refused a Unix socket peer (see --allow-uid, --allow-gid)"
+                        ),
+                        None => debug!(uid, gid, pid, "refused a Unix socket peer"),
+                    }
                     metrics::peer_refused();
+                    metrics::handshake_failed(HandshakeFailure::Peer);
                     return None;
                 }
                 let (r, w) = stream.into_split();
@@ -223,8 +253,12 @@ impl Incoming {
                     Some((Box::new(r), Box::new(w)))
                 }
                 Err(e) => {
-                    warn!("TLS handshake failed: {e}");
+                    match TLS_WARNING.ready() {
+                        Some(suppressed) => warn!(suppressed, "TLS handshake failed: {e}"),
+                        None => debug!("TLS handshake failed: {e}"),
+                    }
                     metrics::peer_refused();
+                    metrics::handshake_failed(HandshakeFailure::Tls);
                     None
                 }
             },

@@ -108,8 +108,29 @@ fn serve(args: RunArgs) -> Result<()> {
 /// `check-config`: resolve everything (reading secret files), build every validator, print.
 fn check_config(args: RunArgs) -> Result<()> {
     let config = args.resolve()?;
-    runtime()?.block_on(async { extauth_broker::domain::Domains::build(&config) })?;
-    println!("{config:#?}");
+    let discovered = runtime()?.block_on(async {
+        let domains = extauth_broker::domain::Domains::build(&config)?;
+        anyhow::Ok(domains.discover().await)
+    })?;
+    print!("{}", extauth_broker::summary::summary(&config));
+    let mut failed = 0;
+    for (domain, what, url) in discovered {
+        match url {
+            Ok(url) => println!(
+                "discovered for {domain}: {what} is {}",
+                extauth_broker::config::redact_url(&url)
+            ),
+            Err(why) => {
+                failed += 1;
+                println!("discovery failed for {domain}: {why}");
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} provider(s) could not be discovered: their logins would all be refused"
+        );
+    }
     println!("configuration OK");
     Ok(())
 }

@@ -14,10 +14,21 @@
 //! | `extauth_provider_calls_total` | counter | `validator`, `outcome` (`valid`, `invalid`, `unavailable`) |
 //! | `extauth_provider_duration_seconds` | histogram | `validator` |
 //! | `extauth_redis_errors_total` | counter | `op` |
+//! | `extauth_redis_rejected_total` | counter | `kind` (`entry`, `user_mark`, `token_mark`, `seen`, `hint`, `index`) |
+//! | `extauth_revocation_hints_total` | counter | `outcome` (`applied`) |
+//! | `extauth_unbound_tokens_total` | counter | `reason` (`no_user`, `non_canonical_claim`, `wrong_domain`) |
+//! | `extauth_provider_clock_skew_seconds` | gauge | `validator` |
 //! | `extauth_redis_up` | gauge | `op` (`connection`, `read`, `write`; 0 during an outage, set on changes) |
 //! | `extauth_connections_open` | gauge | |
+//! | `extauth_connections_evicted_total` | counter | |
+//! | `extauth_handshakes_in_progress` | gauge | |
+//! | `extauth_handshakes_failed_total` | counter | `reason` ([`HandshakeFailure`]) |
 //! | `extauth_peers_refused_total` | counter | |
 //! | `extauth_circuit_open` | gauge | `validator` (1 open, 0 closed) |
+//! | `extauth_provider_calls_queued` | gauge | `validator` (calls waiting for a `provider_concurrency` slot) |
+//! | `extauth_endpoint_connections_open` | gauge | `endpoint` (`metrics`, `admin`) |
+//! | `extauth_endpoint_connections_refused_total` | counter | `endpoint` |
+//! | `extauth_endpoint_timeouts_total` | counter | `endpoint`, `phase` (`header`, `idle`, `request`) |
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -31,8 +42,9 @@ use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
+use crate::endpoint::{self, EndpointLimits};
 use crate::validate::Validation;
 use crate::wire::{Reason, Source};
 
@@ -82,9 +94,9 @@ pub fn request(command: &'static str, ok: bool, reason: Reason, source: Source, 
         .record(elapsed.as_secs_f64());
 }
 
-/// Counts a cache hit in `layer` (`l1` or `redis`).
-pub fn cache_hit(layer: &'static str) {
-    counter!("extauth_cache_hits_total", "layer" => layer).increment(1);
+/// Counts a cache hit in `layer` (`Source::L1` or `Source::Redis`).
+pub fn cache_hit(layer: Source) {
+    counter!("extauth_cache_hits_total", "layer" => layer.as_str()).increment(1);
 }
 
 /// Counts a request answered by another request's flight.
@@ -105,9 +117,34 @@ pub fn provider_call(validator: &'static str, validation: &Validation, elapsed: 
         .record(elapsed.as_secs_f64());
 }
 
-/// Counts a failed Redis operation.
+/// Counts a failed Redis operation (`op`: the store's `Op::as_str`).
 pub fn redis_error(op: &'static str) {
     counter!("extauth_redis_errors_total", "op" => op).increment(1);
+}
+
+/// Counts a value read from Redis that was not believed (not UTF-8, not a string, its seal failed
+/// or it does not parse); `kind` is the seal purpose (`entry`, `user_mark`, `token_mark`,
+/// `seen`, `hint`), or `index` for a user's index of tokens that is not a set.
+pub fn redis_rejected(kind: &'static str) {
+    counter!("extauth_redis_rejected_total", "kind" => kind).increment(1);
+}
+
+/// Counts a revocation hint whose mark was kept (`outcome="applied"`, the only outcome since
+/// hints carry their mark).
+pub fn hint_applied() {
+    counter!("extauth_revocation_hints_total", "outcome" => "applied").increment(1);
+}
+
+/// Counts a valid token that names no user of its domain, by reason (`no_user`,
+/// `non_canonical_claim`, `wrong_domain`).
+pub fn unbound(reason: Reason) {
+    counter!("extauth_unbound_tokens_total", "reason" => reason.as_str()).increment(1);
+}
+
+/// Records how far in the past (s) the `exp` of a token the provider calls valid was: a clock
+/// or time-zone problem at the provider.
+pub fn provider_clock_skew(validator: &'static str, seconds: u64) {
+    gauge!("extauth_provider_clock_skew_seconds", "validator" => validator).set(seconds as f64);
 }
 
 /// Counts a connection refused before any request (peer credentials, TLS).
@@ -120,19 +157,93 @@ pub fn redis_up(op: &'static str, up: bool) {
     gauge!("extauth_redis_up", "op" => op).set(if up { 1.0 } else { 0.0 });
 }
 
-/// Tracks open shim connections.
-pub fn connection_opened() {
-    gauge!("extauth_connections_open").increment(1.0);
+/// Records how many connections hold a `--max-connections` slot.
+pub fn connections_open(n: usize) {
+    gauge!("extauth_connections_open").set(n as f64);
 }
 
-/// See [`connection_opened`].
-pub fn connection_closed() {
-    gauge!("extauth_connections_open").decrement(1.0);
+/// Counts a connection closed to give its slot to a new one.
+pub fn connection_evicted() {
+    counter!("extauth_connections_evicted_total").increment(1);
+}
+
+/// Records how many connections are in their handshake (peer check, TLS, `Hello`, first request).
+pub fn handshakes_in_progress(n: usize) {
+    gauge!("extauth_handshakes_in_progress").set(n as f64);
+}
+
+/// Why a connection ended before it was served: the `reason` label of
+/// `extauth_handshakes_failed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// No `Hello` and first request within `--handshake-timeout`.
+    Timeout,
+    /// Dropped, as the oldest of the busiest source, because `--max-handshakes` were in progress.
+    Budget,
+    /// Dropped, as its source's oldest, because `--max-handshakes-per-ip` of it were in progress.
+    SourceBudget,
+    /// The Unix socket peer check refused it.
+    Peer,
+    /// The TLS handshake failed (no or an untrusted client certificate, not TLS at all, ...).
+    Tls,
+    /// It closed before its first request, or sent something other than a `Hello` of our
+    /// protocol version.
+    Hello,
+    /// Every slot had a request in flight, so none could be freed for it: its first request
+    /// was answered `unavailable`.
+    Busy,
+}
+
+impl HandshakeFailure {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::Budget => "budget",
+            HandshakeFailure::SourceBudget => "source_budget",
+            HandshakeFailure::Peer => "peer",
+            HandshakeFailure::Tls => "tls",
+            HandshakeFailure::Hello => "hello",
+            HandshakeFailure::Busy => "busy",
+        }
+    }
+}
+
+/// Counts a connection that ended in its handshake.
+pub fn handshake_failed(why: HandshakeFailure) {
+    counter!("extauth_handshakes_failed_total", "reason" => why.as_str()).increment(1);
 }
 
 /// Records a circuit breaker's state.
 pub fn circuit(validator: &'static str, open: bool) {
     gauge!("extauth_circuit_open", "validator" => validator).set(if open { 1.0 } else { 0.0 });
+}
+
+/// Records how many provider calls wait for one of the domain's `provider_concurrency` slots.
+pub fn provider_calls_queued(validator: &'static str, waiting: usize) {
+    gauge!("extauth_provider_calls_queued", "validator" => validator).set(waiting as f64);
+}
+
+/// Counts a connection to an HTTP endpoint (`metrics`, `admin`) closed as soon as it was
+/// accepted, because the endpoint held its connection cap.
+pub fn endpoint_refused(endpoint: &'static str) {
+    counter!("extauth_endpoint_connections_refused_total", "endpoint" => endpoint).increment(1);
+}
+
+/// Counts an endpoint connection closed by a timeout (`phase`: `header`, `idle`, `request`).
+pub fn endpoint_timeout(endpoint: &'static str, phase: &'static str) {
+    counter!("extauth_endpoint_timeouts_total", "endpoint" => endpoint, "phase" => phase)
+        .increment(1);
+}
+
+/// Tracks an endpoint's open connections (`opened`: one more, else one fewer).
+pub fn endpoint_connection(endpoint: &'static str, opened: bool) {
+    let open = gauge!("extauth_endpoint_connections_open", "endpoint" => endpoint);
+    if opened {
+        open.increment(1.0);
+    } else {
+        open.decrement(1.0);
+    }
 }
 
 /// Whether the broker is ready to serve (listeners bound, not shutting down).
@@ -152,15 +263,17 @@ impl Readiness {
 
 /// Serves `/metrics` (Prometheus text format), `/healthz` (200 while the process runs) and
 /// `/readyz` (200 once listeners are up and until shutdown starts; Redis trouble only degrades,
-/// so it does not make the broker unready) until `shutdown` is cancelled.
+/// so it does not make the broker unready) until `shutdown` is cancelled, within `limits`
+/// (see [`crate::endpoint`]).
 pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
     ready: Readiness,
+    limits: EndpointLimits,
     shutdown: CancellationToken,
 ) {
     if let Ok(addr) = listener.local_addr() {
-        info!(listen = %addr, "metrics endpoint listening (/metrics, /healthz, /readyz)");
+        info!(listen = %addr, max_connections = limits.max_connections, "metrics endpoint listening (/metrics, /healthz, /readyz)");
     }
     let app = Router::new()
         .route(
@@ -181,10 +294,5 @@ pub async fn serve(
             ),
         )
         .with_state((handle, ready));
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        warn!("metrics endpoint stopped: {e}");
-    }
+    endpoint::serve("metrics", listener, app, limits, shutdown).await;
 }

@@ -1,125 +1,204 @@
-//! Revocation: per-user generation numbers, single-token deletion, and the Redis pub/sub
-//! listener that makes every broker drop its in-process copies.
+//! Revocation: marks that outlive every verdict they revoke, the procedure that sets them and
+//! deletes the verdicts, and the listener that tells every broker.
 //!
-//! "Every verdict of a user" is revoked in O(1): the user's generation number is part of every
-//! verdict key, so one `INCR` orphans all of them (they expire by themselves). Brokers learn of a
-//! revocation through pub/sub within milliseconds; if the subscription breaks they forget every
-//! cached generation and in-process verdict when it comes back, so a missed message cannot keep a
-//! revoked verdict alive.
+//! Revoking a user (or one token) records a mark, "every verdict on it issued up to instant T is
+//! revoked", in Redis (sealed, for [`HORIZON`]) and in this process, deletes the user's verdicts
+//! from Redis (found through the user's index), and publishes the mark as a sealed hint, which
+//! every broker keeps in process (a writer who deletes the mark from Redis the moment it is
+//! written cannot keep it from running brokers; replaying a hint repeats a real revocation).
+//! A verdict is then served only if it was issued after every mark that covers it:
+//! - on a broker that saw the revocation, whatever Redis later holds (its marks are in process);
+//! - on every broker, including ones started later, as long as Redis holds the mark (verdicts
+//!   read from Redis are checked against the marks stored there).
 //!
-//! Messages on [`crate::cache::REVOKE_CHANNEL`]: `user <hex user key> <generation>` and
-//! `token <hex verdict key>` (digests only, never a token).
+//! The residue a MAC cannot stop: a Redis writer who saved a genuine verdict before the
+//! revocation, deletes the mark and restores the verdict makes it usable again on brokers that
+//! never saw the revocation, until that verdict's own end (at most `max_ttl` after it was
+//! issued). docs/security.md states this bound.
+//!
+//! A revocation that races a provider call in flight cannot put the revoked verdict back: the
+//! flight compares the marks with its own start after writing, and deletes what it wrote
+//! (see `crate::engine`).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use moka::future::Cache;
 use tracing::{debug, info, warn};
 
-use crate::cache::{Key, KeyDeriver, L1};
-use crate::domain::normalise_localpart;
+use crate::cache::L1;
+use crate::config::MAX_LIFETIME;
 use crate::extauth::Secret;
-use crate::store::{Redis, REVOKE_CHANNEL};
+use crate::keys::{Key, KeyDeriver};
+use crate::metrics;
+use crate::store::{Hint, Redis, HINT_CHANNEL};
+use crate::verdict::{now_ms, Verdict};
 
-/// How long a generation read from Redis is trusted without a pub/sub message (a safety net for
-/// messages lost while the subscription was being re-established).
-const GENERATION_TTL: Duration = Duration::from_secs(30);
+/// How long a revocation mark is kept: longer than any verdict it revokes can live
+/// (`max_ttl` + `stale_if_error`, each at most [`MAX_LIFETIME`]), with a minute to spare.
+pub const HORIZON: Duration = Duration::from_secs(2 * MAX_LIFETIME.as_secs() + 60);
 
-/// Per-user generation numbers: Redis is the source of truth when configured; this process
-/// remembers the highest generation it has seen of each revoked user, so a Redis outage cannot
-/// bring back a revoked user's old verdicts.
-pub struct Generations {
-    redis: Option<Redis>,
-    cached: Cache<Key, u64>,
-    highest: Mutex<HashMap<Key, u64>>,
+/// Clocks of brokers and Redis may disagree by this much (ms; NTP keeps them far closer): a
+/// verdict issued up to this long after a mark is still taken as revoked by it, which costs a
+/// provider call, never a wrong yes.
+pub const SKEW_MS: u64 = 500;
+
+/// Most marks kept in process; past it the oldest are folded into a floor (every verdict issued
+/// before it is treated as revoked), so memory stays bounded whatever is revoked.
+pub const MAX_MARKS: usize = 100_000;
+
+/// Does a mark set at `mark_ms` revoke a verdict issued at `issued_ms`?
+pub fn covers(mark_ms: u64, issued_ms: u64) -> bool {
+    issued_ms <= mark_ms.saturating_add(SKEW_MS)
 }
 
-impl Generations {
-    /// Generations backed by `redis` (or by this process alone).
-    pub fn new(redis: Option<Redis>) -> Self {
-        Generations {
-            redis,
-            cached: Cache::builder()
-                .max_capacity(1_000_000)
-                .time_to_live(GENERATION_TTL)
-                .build(),
-            highest: Mutex::new(HashMap::new()),
+/// The revocation marks this process knows, bounded in number and age.
+#[derive(Default)]
+pub struct Revocations {
+    marks: Mutex<Marks>,
+    /// False while no mark and no floor exist: the hot path then takes no lock.
+    any: AtomicBool,
+}
+
+/// Which kind of key a mark is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    User,
+    Token,
+}
+
+#[derive(Default)]
+struct Marks {
+    users: HashMap<Key, Mark>,
+    tokens: HashMap<Key, Mark>,
+    /// When each mark was noted, oldest first, for expiry and for folding the oldest into the
+    /// floor. A key noted again (a later mark) has several entries: only its latest counts.
+    order: VecDeque<(u64, Kind, Key)>,
+    /// Every verdict issued up to this instant is revoked (0: none).
+    floor_ms: u64,
+}
+
+/// A revocation mark, and when this process noted it (both ms since the epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mark {
+    at_ms: u64,
+    noted_ms: u64,
+}
+
+impl Marks {
+    fn map(&mut self, kind: Kind) -> &mut HashMap<Key, Mark> {
+        match kind {
+            Kind::User => &mut self.users,
+            Kind::Token => &mut self.tokens,
         }
     }
 
-    /// The current generation of `user` (a [`crate::cache::KeyDeriver::user`] key).
-    pub async fn get(&self, user: &Key) -> u64 {
-        let known = self.highest(user);
-        let Some(redis) = &self.redis else {
-            return known;
-        };
-        if let Some(g) = self.cached.get(user).await {
-            return g.max(known);
+    /// Keeps the mark `at_ms` on `key`, noted at `now_ms`, unless a later one is known.
+    fn note(&mut self, kind: Kind, key: Key, at_ms: u64, now_ms: u64) {
+        self.forget_older_than(now_ms.saturating_sub(HORIZON.as_millis() as u64));
+        let map = self.map(kind);
+        if map.get(&key).is_some_and(|m| m.at_ms >= at_ms) {
+            return;
         }
-        match redis.generation(user).await {
-            Ok(g) => {
-                self.cached.insert(*user, g).await;
-                self.raise(user, g);
-                g.max(known)
+        map.insert(
+            key,
+            Mark {
+                at_ms,
+                noted_ms: now_ms,
+            },
+        );
+        self.order.push_back((now_ms, kind, key));
+        while self.users.len() + self.tokens.len() > MAX_MARKS {
+            let Some((noted, kind, key)) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(at) = self.take(kind, key, noted) {
+                self.floor_ms = self.floor_ms.max(at);
             }
-            // Degraded: the highest generation this process has seen.
-            Err(_) => known,
         }
     }
 
-    /// Starts a new generation of `user`: in Redis (shared, announced) or in this process.
-    ///
-    /// # Errors
-    /// Redis errors; nothing is changed then.
-    pub async fn bump(&self, user: &Key) -> redis::RedisResult<u64> {
-        let g = match &self.redis {
-            Some(redis) => {
-                let g = redis.bump_generation(user).await?;
-                // Best effort: brokers that miss it re-read the generation within GENERATION_TTL.
-                let _ = redis
-                    .publish(&format!("user {} {g}", hex::encode(user)))
-                    .await;
-                g
+    fn forget_older_than(&mut self, cutoff_ms: u64) {
+        while let Some(&(noted, kind, key)) = self.order.front() {
+            if noted >= cutoff_ms {
+                break;
             }
-            None => self.highest(user) + 1,
-        };
-        self.learn(user, g).await;
-        Ok(g)
+            self.order.pop_front();
+            self.take(kind, key, noted);
+        }
     }
 
-    /// Records a generation announced by another broker.
-    pub async fn learn(&self, user: &Key, generation: u64) {
-        self.raise(user, generation);
-        self.cached.insert(*user, generation).await;
+    /// Removes the mark on `key` if it is the one noted at `noted_ms` (an older entry of a key
+    /// noted again since must not remove its later mark early), returning its instant.
+    fn take(&mut self, kind: Kind, key: Key, noted_ms: u64) -> Option<u64> {
+        let map = self.map(kind);
+        if map.get(&key)?.noted_ms != noted_ms {
+            return None;
+        }
+        map.remove(&key).map(|m| m.at_ms)
+    }
+}
+
+impl Revocations {
+    /// Records that verdicts naming `user` issued up to `at_ms` are revoked.
+    pub fn note_user(&self, user: Key, at_ms: u64) {
+        self.note(Kind::User, user, at_ms);
     }
 
-    /// Forgets every cached generation (they are re-read from Redis).
-    pub fn forget_cached(&self) {
-        self.cached.invalidate_all();
+    /// Records that verdicts on `token` issued up to `at_ms` are revoked.
+    pub fn note_token(&self, token: Key, at_ms: u64) {
+        self.note(Kind::Token, token, at_ms);
     }
 
-    fn highest(&self, user: &Key) -> u64 {
-        self.highest
+    fn note(&self, kind: Kind, key: Key, at_ms: u64) {
+        self.marks
             .lock()
-            .expect("generations")
-            .get(user)
-            .copied()
-            .unwrap_or(0)
+            .expect("revocation marks")
+            .note(kind, key, at_ms, now_ms());
+        self.any.store(true, Ordering::Release);
     }
 
-    fn raise(&self, user: &Key, generation: u64) {
-        if generation > 0 {
-            let mut map = self.highest.lock().expect("generations");
-            let entry = map.entry(*user).or_insert(0);
-            *entry = (*entry).max(generation);
+    /// Is `verdict` (on `token`) revoked by a mark this process knows?
+    pub fn revokes(&self, token: &Key, verdict: &Verdict) -> bool {
+        self.covering(token, verdict).is_some()
+    }
+
+    /// The latest mark this process knows that revokes `verdict` (on `token`), ms since the
+    /// epoch.
+    pub fn covering(&self, token: &Key, verdict: &Verdict) -> Option<u64> {
+        if !self.any.load(Ordering::Acquire) {
+            return None;
         }
+        let marks = self.marks.lock().expect("revocation marks");
+        let user = verdict.named_user().and_then(|u| marks.users.get(u));
+        let token = marks.tokens.get(token);
+        [
+            Some(marks.floor_ms),
+            token.map(|m| m.at_ms),
+            user.map(|m| m.at_ms),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|at| *at != 0 && covers(*at, verdict.issued_ms))
+        .max()
+    }
+
+    /// How many marks are held (for tests and metrics).
+    pub fn len(&self) -> usize {
+        let marks = self.marks.lock().expect("revocation marks");
+        marks.users.len() + marks.tokens.len()
+    }
+
+    /// Whether no mark is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
-/// What to revoke: one token's verdict for `user@domain`, or (without a token) every verdict of
-/// that user.
+/// What to revoke: one token's verdict for `user@domain`, or (without a token) every verdict
+/// naming that user.
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
     /// The XMPP domain (vhost).
@@ -130,74 +209,151 @@ pub struct Target<'a> {
     pub token: Option<&'a Secret>,
 }
 
+/// What a revocation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revoked {
+    /// The instant of the marks, ms since the epoch (the Redis server's clock when shared).
+    pub at_ms: u64,
+    /// Verdicts deleted from Redis.
+    pub dropped: usize,
+}
+
 /// Why a revocation failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum RevokeError {
     /// The user or domain cannot be a JID part.
+    #[error("the user or domain is not a valid JID part")]
     BadJid,
-    /// Redis failed; nothing was revoked cluster-wide.
-    Redis(redis::RedisError),
+    /// Redis failed; the revocation may be incomplete cluster-wide (run it again).
+    #[error("Redis failed, the revocation may be incomplete cluster-wide (run it again): {0}")]
+    Redis(#[from] redis::RedisError),
 }
 
-impl std::fmt::Display for RevokeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RevokeError::BadJid => f.write_str("the user or domain is not a valid JID part"),
-            RevokeError::Redis(e) => {
-                write!(f, "Redis failed, nothing was revoked cluster-wide: {e}")
-            }
-        }
-    }
+/// This broker's own state, changed at once by a revocation it runs.
+pub struct Local<'a> {
+    /// Its marks.
+    pub revocations: &'a Revocations,
+    /// Its in-process cache.
+    pub l1: &'a L1,
 }
 
-impl std::error::Error for RevokeError {}
-
-/// Revokes `target`: bumps the user's generation (every verdict of the user, one `INCR`) or
-/// deletes one verdict, announces it on pub/sub, and drops it from `l1` when given. Returns the
-/// user's generation afterwards.
+/// Revokes `target`: marks it in Redis and here, hints every broker, and deletes its verdicts
+/// from Redis. The marks revoke; they are set and told first, so nothing a Redis writer put in
+/// the user's index can keep brokers from learning of the revocation (deleting the verdicts only
+/// matters if a writer deletes the mark later).
 ///
 /// # Errors
-/// [`RevokeError`].
+/// [`RevokeError`]: a bad JID, or a Redis failure (the hint is best effort; everything else
+/// must succeed for the revocation to be complete).
 pub async fn revoke(
     target: &Target<'_>,
     keys: &KeyDeriver,
-    generations: &Generations,
     redis: Option<&Redis>,
-    l1: Option<&L1>,
-) -> Result<u64, RevokeError> {
-    let user = normalise_localpart(target.user).ok_or(RevokeError::BadJid)?;
-    let domain = stringprep::nameprep(target.domain).map_err(|_| RevokeError::BadJid)?;
-    if domain.is_empty() {
-        return Err(RevokeError::BadJid);
-    }
+    local: Option<Local<'_>>,
+) -> Result<Revoked, RevokeError> {
+    let (user, domain) = normalise(target)?;
+    let at_ms = match redis {
+        Some(redis) => redis.time_ms().await?,
+        None => now_ms(),
+    };
     let user_key = keys.user(&domain, &user);
     let Some(token) = target.token else {
-        let generation = generations
-            .bump(&user_key)
-            .await
-            .map_err(RevokeError::Redis)?;
-        info!(user = %user, domain = %domain, generation, "revoked every verdict of the user");
-        return Ok(generation);
+        if let Some(local) = &local {
+            local.revocations.note_user(user_key, at_ms);
+        }
+        let mut dropped = 0;
+        if let Some(redis) = redis {
+            redis.mark_user_revoked(&user_key, at_ms).await?;
+            let _ = redis.publish(Hint::User(user_key, at_ms)).await;
+            dropped = redis.drop_user_verdicts(&user_key).await?;
+        }
+        info!(user = %user, domain = %domain, dropped, "revoked every verdict naming the user");
+        return Ok(Revoked { at_ms, dropped });
     };
-    // The key depends on the current generation: with Redis, read it there (and fail loudly
-    // rather than delete a key that was never used).
-    let generation = match redis {
-        Some(redis) => redis
-            .generation(&user_key)
-            .await
-            .map_err(RevokeError::Redis)?,
-        None => generations.get(&user_key).await,
-    };
-    let key = keys.verdict(&domain, &user, generation, token.expose());
-    if let Some(redis) = redis {
-        redis.delete(&key).await.map_err(RevokeError::Redis)?;
-        let _ = redis.publish(&format!("token {}", hex::encode(key))).await;
-    }
-    if let Some(l1) = l1 {
-        l1.invalidate(&key).await;
+    // The verdict on a token is keyed without the user, or with it for validators that ask
+    // about one user (a site API with `{user}`): revoke both.
+    let token_keys = [
+        keys.token(&domain, token.expose(), None),
+        keys.token(&domain, token.expose(), Some(&user)),
+    ];
+    let mut dropped = 0;
+    for token_key in token_keys {
+        if let Some(redis) = redis {
+            redis.mark_token_revoked(&token_key, at_ms).await?;
+            dropped += redis.delete_verdict(&token_key).await?;
+            let _ = redis.publish(Hint::Token(token_key, at_ms)).await;
+        }
+        if let Some(local) = &local {
+            local.revocations.note_token(token_key, at_ms);
+            local.l1.invalidate(&token_key);
+        }
     }
     info!(user = %user, domain = %domain, "revoked one token's verdict");
-    Ok(generation)
+    Ok(Revoked { at_ms, dropped })
+}
+
+/// The localpart and domain as ejabberd would send them (nodeprep, nameprep).
+fn normalise(target: &Target<'_>) -> Result<(String, String), RevokeError> {
+    let user = stringprep::nodeprep(target.user).map_err(|_| RevokeError::BadJid)?;
+    let domain = stringprep::nameprep(target.domain).map_err(|_| RevokeError::BadJid)?;
+    if user.is_empty() || domain.is_empty() {
+        return Err(RevokeError::BadJid);
+    }
+    Ok((user.into_owned(), domain.into_owned()))
+}
+
+/// Listens to revocation hints from other brokers until the process ends, re-subscribing after
+/// errors. Each re-subscription drops every in-process verdict (hints may have been missed);
+/// verdicts read from Redis are checked against the marks there, so nothing else is needed.
+pub async fn listen(redis: Redis, revocations: Arc<Revocations>, l1: L1) {
+    let mut first = true;
+    // Logged once per outage: the first failure warns, the retries (every second) do not.
+    let mut down = false;
+    loop {
+        let subscribed = match pubsub(&redis).await {
+            Ok(mut pubsub) => pubsub.subscribe(HINT_CHANNEL).await.map(|()| pubsub),
+            Err(e) => Err(e),
+        };
+        match subscribed {
+            Ok(mut pubsub) => {
+                if !first {
+                    info!("revocation channel back; dropping in-process verdicts that may have missed a revocation");
+                    l1.invalidate_all();
+                }
+                (first, down) = (false, false);
+                let mut messages = pubsub.on_message();
+                while let Some(msg) = messages.next().await {
+                    if let Some(hint) = redis.open_hint(msg.get_payload_bytes()) {
+                        apply(hint, &revocations, &l1);
+                    }
+                }
+                debug!("revocation channel closed; re-subscribing");
+            }
+            Err(e) if !down && !first => {
+                warn!("revocation channel unavailable, retrying every second: {e}");
+                down = true;
+            }
+            Err(e) => debug!("revocation channel still unavailable: {e}"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn pubsub(redis: &Redis) -> redis::RedisResult<redis::aio::PubSub> {
+    redis.pubsub_client().await?.get_async_pubsub().await
+}
+
+/// Keeps the mark a hint carries. A token's in-process verdict is dropped at once; a user's
+/// are found by the mark when they are next served (L1 is keyed by token).
+fn apply(hint: Hint, revocations: &Revocations, l1: &L1) {
+    match hint {
+        Hint::User(user, at_ms) => revocations.note_user(user, at_ms),
+        Hint::Token(token, at_ms) => {
+            revocations.note_token(token, at_ms);
+            l1.invalidate(&token);
+        }
+    }
+    metrics::hint_applied();
 }
 
 /// `extauth-broker revoke`: revokes through the shared Redis, so every broker drops the
@@ -223,126 +379,108 @@ pub async fn run_cli(args: crate::config::RevokeArgs) -> anyhow::Result<()> {
     let secret_file = file
         .cache_secret_file
         .context("--cache-secret-file is required (the brokers' cache key secret)")?;
-    let keys = KeyDeriver::new(&crate::config::read_secret(
-        &secret_file,
-        "--cache-secret-file",
-    )?);
+    let secret = crate::config::read_secret(&secret_file, "--cache-secret-file")?;
     let token = args
         .token_file
         .map(|p| crate::config::read_secret(&p, "--token-file"))
         .transpose()?;
-    let redis = Redis::new(&store).await.context("--redis")?;
-    let generations = Generations::new(Some(redis.clone()));
+    let redis = Redis::new(&store, crate::seal::Sealer::new(&secret))
+        .await
+        .context("--redis")?;
     let target = Target {
         domain: &args.domain,
         user: &args.user,
         token: token.as_ref(),
     };
-    let generation = revoke(&target, &keys, &generations, Some(&redis), None).await?;
+    let revoked = revoke(&target, &KeyDeriver::new(&secret), Some(&redis), None).await?;
     match token {
-        Some(_) => println!(
-            "revoked one token of {}@{} (generation {generation})",
-            args.user, args.domain
-        ),
+        Some(_) => println!("revoked one token of {}@{}", args.user, args.domain),
         None => println!(
-            "revoked every verdict of {}@{} (now generation {generation})",
-            args.user, args.domain
+            "revoked every verdict of {}@{} ({} deleted from Redis)",
+            args.user, args.domain, revoked.dropped
         ),
     }
     Ok(())
 }
 
-/// Listens to revocations from other brokers until the process ends, re-subscribing after
-/// errors. Each (re)subscription after the first drops every in-process verdict and cached
-/// generation, since messages may have been missed.
-pub async fn listen(redis: Redis, generations: std::sync::Arc<Generations>, l1: L1) {
-    let mut first = true;
-    // Logged once per outage: the first failure warns, the retries (every second) do not.
-    let mut down = false;
-    loop {
-        let subscribed = match pubsub(&redis).await {
-            Ok(mut pubsub) => pubsub.subscribe(REVOKE_CHANNEL).await.map(|()| pubsub),
-            Err(e) => Err(e),
-        };
-        match subscribed {
-            Ok(mut pubsub) => {
-                if !first {
-                    info!("revocation channel back; dropping in-process verdicts that may have missed a revocation");
-                    l1.invalidate_all();
-                    generations.forget_cached();
-                }
-                (first, down) = (false, false);
-                let mut messages = pubsub.on_message();
-                while let Some(msg) = messages.next().await {
-                    if let Ok(text) = msg.get_payload::<String>() {
-                        apply(&text, &generations, &l1).await;
-                    }
-                }
-                debug!("revocation channel closed; re-subscribing");
-            }
-            Err(e) if !down && !first => {
-                warn!("revocation channel unavailable, retrying every second: {e}");
-                down = true;
-            }
-            Err(e) => debug!("revocation channel still unavailable: {e}"),
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-async fn pubsub(redis: &Redis) -> redis::RedisResult<redis::aio::PubSub> {
-    redis.pubsub_client().await?.get_async_pubsub().await
-}
-
-/// Applies one revocation message.
-async fn apply(message: &str, generations: &Generations, l1: &L1) {
-    let mut parts = message.split(' ');
-    match (parts.next(), parts.next().and_then(parse_key), parts.next()) {
-        (Some("user"), Some(user), Some(g)) => {
-            if let Ok(g) = g.parse() {
-                generations.learn(&user, g).await;
-            }
-        }
-        (Some("token"), Some(key), None) => l1.invalidate(&key).await,
-        _ => warn!("ignoring a malformed revocation message"),
-    }
-}
-
-fn parse_key(hex_key: &str) -> Option<Key> {
-    let mut key = [0u8; 32];
-    hex::decode_to_slice(hex_key, &mut key).ok()?;
-    Some(key)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::verdict::Answer;
 
-    #[tokio::test]
-    async fn local_generations_only_grow() {
-        let g = Generations::new(None);
-        let user = [7u8; 32];
-        assert_eq!(g.get(&user).await, 0);
-        assert_eq!(g.bump(&user).await.unwrap(), 1);
-        assert_eq!(g.bump(&user).await.unwrap(), 2);
-        g.learn(&user, 1).await;
-        assert_eq!(
-            g.get(&user).await,
-            2,
-            "an old announcement never lowers a generation"
-        );
-        assert_eq!(g.get(&[8u8; 32]).await, 0);
+    fn verdict(user: Key, issued_ms: u64) -> Verdict {
+        Verdict {
+            answer: Answer::Names(user),
+            issued_ms,
+            fresh_until_ms: issued_ms + 1,
+            usable_until_ms: issued_ms + 1,
+            exp_ms: None,
+        }
     }
 
-    #[tokio::test]
-    async fn messages_are_applied_and_garbage_ignored() {
-        let (g, l1) = (Generations::new(None), L1::new(10));
-        let user = [9u8; 32];
-        apply(&format!("user {} 5", hex::encode(user)), &g, &l1).await;
-        assert_eq!(g.get(&user).await, 5);
-        for bad in ["", "user", "user zz 1", "token 00", "revoke everything"] {
-            apply(bad, &g, &l1).await;
+    #[test]
+    fn marks_revoke_what_was_issued_before_them_and_a_skew_after() {
+        let r = Revocations::default();
+        let (alice, bob, token) = ([1; 32], [2; 32], [9; 32]);
+        let now = now_ms();
+        assert!(!r.revokes(&token, &verdict(alice, now)));
+        r.note_user(alice, now);
+        assert!(r.revokes(&token, &verdict(alice, now - 60_000)));
+        assert!(
+            r.revokes(&token, &verdict(alice, now + SKEW_MS)),
+            "within the skew"
+        );
+        assert!(!r.revokes(&token, &verdict(alice, now + SKEW_MS + 1)));
+        assert!(
+            !r.revokes(&token, &verdict(bob, now - 60_000)),
+            "another user"
+        );
+        r.note_user(alice, now - 120_000);
+        assert!(
+            r.revokes(&token, &verdict(alice, now)),
+            "an older mark never lowers one"
+        );
+        r.note_token(token, now);
+        assert!(r.revokes(&token, &verdict(bob, now - 1)));
+        assert!(!r.revokes(&[8; 32], &verdict(bob, now - 1)));
+    }
+
+    #[test]
+    fn a_mark_noted_again_lives_a_full_horizon_from_its_latest_note() {
+        let mut marks = Marks::default();
+        let (key, t0, later) = ([5u8; 32], 10_000_000_000, 10_000_060_000);
+        let horizon = HORIZON.as_millis() as u64;
+        marks.note(Kind::User, key, t0, t0);
+        marks.note(Kind::User, key, later, later);
+        marks.forget_older_than(t0 + 1);
+        assert_eq!(
+            marks.users.get(&key).map(|m| m.at_ms),
+            Some(later),
+            "forgetting the first note must not forget the later mark"
+        );
+        marks.note(Kind::Token, [6; 32], later, later + horizon + 1);
+        assert!(
+            !marks.users.contains_key(&key),
+            "forgotten a horizon after its latest note"
+        );
+        assert_eq!(marks.order.len(), 1);
+    }
+
+    #[test]
+    fn marks_are_bounded_and_the_oldest_fold_into_a_floor() {
+        let r = Revocations::default();
+        let now = now_ms();
+        for i in 0..(MAX_MARKS + 10) as u64 {
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&i.to_be_bytes());
+            r.note_user(key, now - 1_000_000 + i);
         }
-        assert_eq!(g.get(&user).await, 5);
+        assert_eq!(r.len(), MAX_MARKS);
+        let stranger = verdict([0xff; 32], now - 1_000_000);
+        assert!(
+            r.revokes(&[0; 32], &stranger),
+            "an evicted mark still revokes through the floor"
+        );
+        assert!(!r.revokes(&[0; 32], &verdict([0xff; 32], now)));
     }
 }

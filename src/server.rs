@@ -1,23 +1,25 @@
 //! Listeners and connections: accept shims on Unix and TCP sockets, run the wire-protocol
-//! handshake, answer pipelined requests, and stop cleanly.
+//! handshake, answer pipelined requests, and stop cleanly. What a connection may hold before and
+//! after its handshake is decided in [`crate::admission`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::admission::{Handshake, Handshakes, InFlight, Slot, Slots};
 use crate::config::{Limits, PeerPolicy};
 use crate::engine::{Engine, Outcome};
 use crate::listener::{Incoming, Listener};
-use crate::metrics;
+use crate::metrics::{self, HandshakeFailure};
 use crate::wire::{
     self, ClientMsg, Reason, Refused, Request, Response, ServerMsg, Source, Welcome,
 };
@@ -40,13 +42,15 @@ pub async fn serve(
 ) {
     let tracker = TaskTracker::new();
     let peers = Arc::new(peers);
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let handshakes = Handshakes::new(limits.max_handshakes, limits.max_handshakes_per_ip);
+    let slots = Slots::new(limits.max_connections);
     for listener in listeners {
         info!(listen = %listener.describe(), "listening for shims");
         let acceptor = Acceptor {
             engine: engine.clone(),
             limits,
             peers: peers.clone(),
+            handshakes: handshakes.clone(),
             slots: slots.clone(),
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
@@ -60,13 +64,15 @@ pub async fn serve(
     }
 }
 
-/// Accepts connections on one listener, at most `max_connections` at once across listeners
-/// (the rest wait in the kernel's listen queue).
+/// Accepts connections on one listener and gives each a place in the handshake budget at once:
+/// it never stops accepting, so hostile peers cannot make shims wait in the kernel's listen
+/// queue behind them.
 struct Acceptor {
     engine: Arc<Engine>,
     limits: Limits,
     peers: Arc<PeerPolicy>,
-    slots: Arc<Semaphore>,
+    handshakes: Arc<Handshakes>,
+    slots: Arc<Slots>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -74,26 +80,21 @@ struct Acceptor {
 impl Acceptor {
     async fn run(self, listener: Listener) {
         loop {
-            let slot = tokio::select! {
-                _ = self.shutdown.cancelled() => break,
-                s = self.slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
-            };
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 a = listener.accept() => a,
             };
             match accepted {
                 Ok(incoming) => {
+                    let handshake = self.handshakes.begin(incoming.origin());
                     let connection = Connection {
                         engine: self.engine.clone(),
                         limits: self.limits,
                         peers: self.peers.clone(),
+                        slots: self.slots.clone(),
                         shutdown: self.shutdown.clone(),
                     };
-                    self.tracker.spawn(async move {
-                        connection.run(incoming).await;
-                        drop(slot);
-                    });
+                    self.tracker.spawn(connection.run(incoming, handshake));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -121,6 +122,7 @@ struct Connection {
     engine: Arc<Engine>,
     limits: Limits,
     peers: Arc<PeerPolicy>,
+    slots: Arc<Slots>,
     shutdown: CancellationToken,
 }
 
@@ -130,23 +132,46 @@ enum Stop {
     Peer,
     /// The broker is shutting down: pending requests are finished and answered.
     Shutdown,
+    /// Its slot went to a new connection: requests already read are finished and answered.
+    Evicted,
+}
+
+/// A connection that completed its handshake: its frames, its sink, the peer's description
+/// for logs, its slot, and its first frame with the in-flight mark that came with the slot.
+struct Admitted {
+    frames: FramedRead<Reader, LengthDelimitedCodec>,
+    sink: FramedWrite<Writer, LengthDelimitedCodec>,
+    peer: String,
+    slot: Slot,
+    first: (BytesMut, InFlight),
 }
 
 impl Connection {
-    async fn run(self, incoming: Incoming) {
-        // Peer check, TLS and the Hello all within one bound: a slow-loris peer holds nothing
-        // but its own task.
+    async fn run(self, incoming: Incoming, handshake: Handshake) {
+        // Peer check, TLS, the Hello and the first request all within one bound and one place
+        // in the handshake budget: a slow or silent peer holds nothing but that place, and only
+        // until the timeout or until newer handshakes need it.
         let limit = self.limits.handshake_timeout;
-        let (mut frames, mut sink, peer) =
-            match tokio::time::timeout(limit, self.open(incoming)).await {
-                Ok(Some(opened)) => opened,
-                Ok(None) => return,
-                Err(_) => {
-                    debug!("no handshake within {limit:?}; closing");
-                    return;
-                }
-            };
-        metrics::connection_opened();
+        let admitted = tokio::select! {
+            _ = handshake.dropped() => return,
+            a = tokio::time::timeout(limit, self.admit(incoming)) => a,
+        };
+        drop(handshake);
+        let Admitted {
+            mut frames,
+            mut sink,
+            peer,
+            slot,
+            first,
+        } = match admitted {
+            Ok(Some(admitted)) => admitted,
+            Ok(None) => return,
+            Err(_) => {
+                metrics::handshake_failed(HandshakeFailure::Timeout);
+                debug!("no handshake within {limit:?}; closing");
+                return;
+            }
+        };
         let (tx, mut rx) = mpsc::channel::<Response>(RESPONSE_QUEUE);
         let writer = tokio::spawn(async move {
             while let Some(response) = rx.recv().await {
@@ -159,30 +184,34 @@ impl Connection {
             }
         });
         let mut requests = JoinSet::new();
-        match self
-            .read_requests(&mut frames, &mut requests, tx, &peer)
-            .await
-        {
+        let reader = RequestReader {
+            connection: &self,
+            requests: &mut requests,
+            tx,
+            peer: &peer,
+            slot: &slot,
+        };
+        match reader.run(&mut frames, first).await {
             // Nobody will read these answers: stop the work (waiters of a shared flight leave
             // it; the flight itself goes on for its other waiters).
             Stop::Peer => requests.abort_all(),
-            Stop::Shutdown => while requests.join_next().await.is_some() {},
+            Stop::Shutdown | Stop::Evicted => while requests.join_next().await.is_some() {},
         }
         // The writer ends once every request task has dropped its sender.
         let _ = writer.await;
-        metrics::connection_closed();
+        drop(slot);
         debug!(peer, "connection closed");
     }
 
-    /// Checks the peer, completes TLS and the protocol handshake.
-    async fn open(
-        &self,
-        incoming: Incoming,
-    ) -> Option<(
-        FramedRead<Reader, LengthDelimitedCodec>,
-        FramedWrite<Writer, LengthDelimitedCodec>,
-        String,
-    )> {
+    /// Checks the peer, completes TLS and the protocol handshake, waits for the first request
+    /// and takes a slot for it.
+    ///
+    /// The slot comes with the first request, not with the `Hello`: a slot given at the
+    /// `Hello` could be evicted in the instant between the `Welcome` and the shim's first
+    /// request, and a shim refuses the login when a connection it has just opened fails (it
+    /// retries only on a connection it reused). Taken with the first request, a slot is never
+    /// lost before a request is in flight on it.
+    async fn admit(&self, incoming: Incoming) -> Option<Admitted> {
         let (read, write) = incoming.open(&self.peers).await?;
         let codec = || {
             LengthDelimitedCodec::builder()
@@ -191,56 +220,109 @@ impl Connection {
         };
         let mut frames = FramedRead::new(read, codec());
         let mut sink = FramedWrite::new(write, codec());
-        let peer = handshake(&mut frames, &mut sink).await?;
-        Some((frames, sink, peer))
+        let hello = read_hello(&mut frames, &mut sink).await;
+        let Some(peer) = hello else {
+            metrics::handshake_failed(HandshakeFailure::Hello);
+            return None;
+        };
+        welcome(&mut sink).await?;
+        let Some(Ok(first)) = frames.next().await else {
+            metrics::handshake_failed(HandshakeFailure::Hello);
+            debug!(peer, "closed before its first request");
+            return None;
+        };
+        let Some((slot, in_flight)) = self.slots.admit() else {
+            metrics::handshake_failed(HandshakeFailure::Busy);
+            debug!(
+                peer,
+                "every connection slot has a request in flight; refusing"
+            );
+            refuse_request(&mut sink, &first).await;
+            return None;
+        };
+        debug!(peer, "shim connected");
+        Some(Admitted {
+            frames,
+            sink,
+            peer,
+            slot,
+            first: (first, in_flight),
+        })
     }
+}
 
-    async fn read_requests<R: AsyncRead + Unpin>(
-        &self,
+/// Reads a connection's requests and starts a task for each, at most `max_in_flight` at once.
+struct RequestReader<'a> {
+    connection: &'a Connection,
+    requests: &'a mut JoinSet<()>,
+    tx: mpsc::Sender<Response>,
+    peer: &'a str,
+    slot: &'a Slot,
+}
+
+impl RequestReader<'_> {
+    async fn run<R: AsyncRead + Unpin>(
+        mut self,
         frames: &mut FramedRead<R, LengthDelimitedCodec>,
-        requests: &mut JoinSet<()>,
-        tx: mpsc::Sender<Response>,
-        peer: &str,
+        (first, in_flight): (BytesMut, InFlight),
     ) -> Stop {
-        let permits = Arc::new(Semaphore::new(self.limits.max_in_flight));
+        let (limits, shutdown) = (&self.connection.limits, &self.connection.shutdown);
+        let permits = Arc::new(Semaphore::new(limits.max_in_flight));
+        let permit = permits.clone().try_acquire_owned();
+        self.dispatch(
+            first,
+            (permit.expect("a new semaphore has permits"), in_flight),
+        );
         loop {
+            // Stopping comes first (`biased`): an evicted peer that keeps sending must not keep
+            // its connection by never letting the reader look at the eviction.
             let permit = tokio::select! {
-                _ = self.shutdown.cancelled() => return Stop::Shutdown,
+                biased;
+                _ = shutdown.cancelled() => return Stop::Shutdown,
+                _ = self.slot.evicted() => return Stop::Evicted,
                 p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
             };
             let frame = tokio::select! {
-                _ = self.shutdown.cancelled() => return Stop::Shutdown,
-                f = tokio::time::timeout(self.limits.idle_timeout, frames.next()) => f,
+                biased;
+                _ = shutdown.cancelled() => return Stop::Shutdown,
+                _ = self.slot.evicted() => return Stop::Evicted,
+                f = tokio::time::timeout(limits.idle_timeout, frames.next()) => f,
             };
             let body = match frame {
                 Err(_) => {
-                    debug!(peer, "closing idle connection");
+                    debug!(peer = self.peer, "closing idle connection");
                     return Stop::Peer;
                 }
                 Ok(None) => return Stop::Peer,
                 Ok(Some(Ok(body))) => body,
                 Ok(Some(Err(e))) => {
-                    warn!(peer, "closing connection: {e}");
+                    warn!(peer = self.peer, "closing connection: {e}");
                     return Stop::Peer;
                 }
             };
             // Reap finished requests so the set does not grow with the connection's lifetime.
-            while requests.try_join_next().is_some() {}
-            match wire::decode::<ClientMsg>(&body) {
-                Ok(ClientMsg::Request(request)) => {
-                    let (engine, tx) = (self.engine.clone(), tx.clone());
-                    requests.spawn(async move {
-                        let _ = tx.send(answer(&engine, request).await).await;
-                        drop(permit);
-                    });
-                }
-                // The length prefix keeps the stream in sync, so a bad frame costs only itself.
-                Ok(ClientMsg::Hello(_)) | Err(_) => warn!(
-                    peer,
-                    "ignoring an undecodable or out-of-place frame of {} bytes",
-                    body.len()
-                ),
+            while self.requests.try_join_next().is_some() {}
+            let in_flight = self.slot.request();
+            self.dispatch(body, (permit, in_flight));
+        }
+    }
+
+    /// Starts answering a request frame; the marks it holds are released with its answer.
+    fn dispatch(&mut self, body: BytesMut, marks: (OwnedSemaphorePermit, InFlight)) {
+        match wire::decode::<ClientMsg>(&body) {
+            Ok(ClientMsg::Request(request)) => {
+                let (engine, tx) = (self.connection.engine.clone(), self.tx.clone());
+                self.requests.spawn(async move {
+                    let _ = tx.send(answer(&engine, request).await).await;
+                    drop(marks);
+                });
             }
+            // The length prefix keeps the stream in sync, so a bad frame costs only itself.
+            Ok(ClientMsg::Hello(_)) | Err(_) => warn!(
+                peer = self.peer,
+                "ignoring an undecodable or out-of-place frame of {} bytes",
+                body.len()
+            ),
         }
     }
 }
@@ -274,9 +356,9 @@ async fn answer(engine: &Engine, request: Request) -> Response {
     }
 }
 
-/// Reads the `Hello` and answers it. Returns the peer's description, or `None` when the
+/// Reads the `Hello` and checks its version. Returns the peer's description, or `None` when the
 /// connection must close.
-async fn handshake<R, W>(
+async fn read_hello<R, W>(
     frames: &mut FramedRead<R, LengthDelimitedCodec>,
     sink: &mut FramedWrite<W, LengthDelimitedCodec>,
 ) -> Option<String>
@@ -306,13 +388,18 @@ where
         .await;
         return None;
     }
+    Some(peer)
+}
+
+/// Accepts the handshake.
+async fn welcome<W: AsyncWrite + Unpin>(
+    sink: &mut FramedWrite<W, LengthDelimitedCodec>,
+) -> Option<()> {
     let welcome = ServerMsg::Welcome(Welcome {
         version: wire::VERSION,
         server: concat!("extauth-broker/", env!("CARGO_PKG_VERSION")).into(),
     });
-    sink.send(encode_body(&welcome).ok()?).await.ok()?;
-    debug!(peer, "shim connected");
-    Some(peer)
+    sink.send(encode_body(&welcome).ok()?).await.ok()
 }
 
 async fn refuse<W: AsyncWrite + Unpin>(
@@ -324,6 +411,26 @@ async fn refuse<W: AsyncWrite + Unpin>(
         reason: reason.to_owned(),
     });
     if let Ok(frame) = encode_body(&msg) {
+        let _ = sink.send(frame).await;
+    }
+}
+
+/// Answers a request that no slot could be found for with `unavailable` (fail closed, and
+/// clear to the shim); anything else gets no answer.
+async fn refuse_request<W: AsyncWrite + Unpin>(
+    sink: &mut FramedWrite<W, LengthDelimitedCodec>,
+    body: &[u8],
+) {
+    let Ok(ClientMsg::Request(request)) = wire::decode::<ClientMsg>(body) else {
+        return;
+    };
+    let response = ServerMsg::Response(Response {
+        id: request.id,
+        ok: false,
+        reason: Reason::Unavailable,
+        source: Source::Local,
+    });
+    if let Ok(frame) = encode_body(&response) {
         let _ = sink.send(frame).await;
     }
 }

@@ -140,11 +140,21 @@ pub enum Reason {
     BadToken,
     /// The token or its user was revoked at this broker (`extauth-broker revoke`).
     Revoked,
+    /// The token's subject claim is not in the canonical form of a localpart (upper case,
+    /// look-alike or removed characters, ...) under the domain's `claim_folding`.
+    NonCanonicalClaim,
+    /// The token names no user: a machine (client-credentials) token, or no subject claim, or
+    /// a subject claim that is not a string.
+    NoUser,
+    /// The token is not an access token for this service (an ID token, a wrong `typ`).
+    WrongTokenType,
+    /// The token is bound to another XMPP domain (`domain_claim`, `jid_claim`).
+    WrongDomain,
 }
 
 impl Reason {
     /// Every reason, in wire order.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 22] = [
         Reason::Accepted,
         Reason::Inactive,
         Reason::Expired,
@@ -163,6 +173,10 @@ impl Reason {
         Reason::NotYetValid,
         Reason::BadToken,
         Reason::Revoked,
+        Reason::NonCanonicalClaim,
+        Reason::NoUser,
+        Reason::WrongTokenType,
+        Reason::WrongDomain,
     ];
 
     /// The reason named `name` (the inverse of [`Reason::as_str`]).
@@ -191,6 +205,10 @@ impl Reason {
             Reason::NotYetValid => "not_yet_valid",
             Reason::BadToken => "bad_token",
             Reason::Revoked => "revoked",
+            Reason::NonCanonicalClaim => "non_canonical_claim",
+            Reason::NoUser => "no_user",
+            Reason::WrongTokenType => "wrong_token_type",
+            Reason::WrongDomain => "wrong_domain",
         }
     }
 }

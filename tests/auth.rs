@@ -28,16 +28,18 @@ fn world() -> World {
 #[test]
 fn verdicts_follow_the_token_its_owner_and_its_lifetime() {
     let w = world();
-    let (alice, bob, inactive, expired, shouting) = (
+    let (alice, bob, carol, inactive, expired, shouting) = (
         token("alice"),
         token("bob"),
+        token("carol"),
         token("inactive"),
         token("expired"),
         token("shouting"),
     );
     w.provider
         .insert(&alice, json!({"username": "alice", "exp": now_s() + 600}));
-    w.provider.insert(&bob, json!({"sub": "bob"}));
+    w.provider.insert(&bob, json!({"username": "bob"}));
+    w.provider.insert(&carol, json!({"sub": "carol"}));
     w.provider
         .insert(&inactive, json!({"active": false, "username": "alice"}));
     w.provider
@@ -63,7 +65,11 @@ fn verdicts_follow_the_token_its_owner_and_its_lifetime() {
     );
     assert!(
         shim.ask(&format!("auth:bob:example.com:{bob}")),
-        "sub claim as fallback"
+        "bob's own token"
+    );
+    assert!(
+        !shim.ask(&format!("auth:carol:example.com:{carol}")),
+        "no username claim: no silent fallback to sub"
     );
     assert!(
         !shim.ask(&format!("auth:alice:example.com:{inactive}")),
@@ -74,18 +80,22 @@ fn verdicts_follow_the_token_its_owner_and_its_lifetime() {
         "exp in the past"
     );
     assert!(
-        shim.ask(&format!("auth:alice:example.com:{shouting}")),
-        "Alice claim logs in alice"
+        !shim.ask(&format!("auth:alice:example.com:{shouting}")),
+        "an Alice claim is not alice (exact binding by default)"
     );
     assert!(
         !shim.ask(&format!("auth:Alice:example.com:{shouting}")),
-        "ejabberd never sends an un-prepped user"
+        "nor Alice: ejabberd never sends an un-prepped user"
     );
     assert!(!shim.ask("auth:alice:example.com:"), "empty token");
     assert_eq!(
         w.provider.calls(),
-        9,
-        "every distinct (user, token) but the empty one asks the provider once"
+        7,
+        "one provider call per distinct token, whatever users it is tried for (none for the empty one)"
+    );
+    assert!(
+        w.broker.log().contains("non_canonical_claim"),
+        "the refusal of a non-canonical claim is logged with its own reason"
     );
 }
 
@@ -152,36 +162,76 @@ fn unsupported_commands_get_zero_and_isuser_knows_who_logged_in() {
 }
 
 #[test]
-fn positive_ttl_is_capped_by_max_ttl_and_by_exp() {
+fn positive_ttl_is_capped_by_max_ttl() {
     let provider = Provider::start();
     let mut spec = BrokerSpec::new(&provider);
     spec.extra = vec!["--max-ttl".into(), "1".into()];
     let broker = Broker::start(&spec);
     let mut shim = Shim::spawn(&broker.addr(), 5.0, &[]);
-    let (capped, short) = (token("capped"), token("short"));
+    let capped = token("capped");
     provider.insert(&capped, json!({"username": "alice"}));
-    assert!(shim.ask(&format!("auth:alice:example.com:{capped}")));
-    // Accepted now, refused once exp has passed, whatever max_ttl says.
-    let exp = now_s() + 3;
+    let login = format!("auth:alice:example.com:{capped}");
+    assert!(shim.ask(&login));
+    assert!(shim.ask(&login), "cached");
+    assert_eq!(provider.calls(), 1);
+    std::thread::sleep(Duration::from_millis(1300));
+    assert!(shim.ask(&login), "re-validated after max_ttl");
+    assert_eq!(provider.calls(), 2, "a read never extends a TTL");
+}
+
+/// `max_ttl` far longer than the token's life: the verdict ends at `exp` all the same, in L1
+/// and in Redis (RFC 7662 section 4: a cached answer must not outlive the token).
+#[test]
+fn a_verdict_is_never_served_past_exp_even_under_a_long_max_ttl() {
+    let (provider, redis) = (Provider::start(), Redis::start());
+    let mut spec = BrokerSpec::new(&provider).with_redis(&redis);
+    spec.extra = vec!["--max-ttl".into(), "600".into()];
+    let (a, b) = (Broker::start(&spec), Broker::start(&spec));
+    let (mut via_a, mut via_b) = (
+        Shim::spawn(&a.addr(), 5.0, &[]),
+        Shim::spawn(&b.addr(), 5.0, &[]),
+    );
+    let short = token("short");
+    let exp = now_s() + 2;
     provider.insert(&short, json!({"username": "alice", "exp": exp}));
-    assert!(shim.ask(&format!("auth:alice:example.com:{short}")));
-    assert_eq!(provider.calls(), 2);
+    let login = format!("auth:alice:example.com:{short}");
+    assert!(via_a.ask(&login));
+    assert!(via_b.ask(&login), "shared through Redis before exp");
+    assert_eq!(provider.calls(), 1);
     while now_s() <= exp {
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert!(!via_a.ask(&login), "broker A: not from L1 past exp");
     assert!(
-        shim.ask(&format!("auth:alice:example.com:{capped}")),
-        "re-validated after max_ttl"
+        !via_b.ask(&login),
+        "broker B: not from L1 nor Redis past exp"
     );
-    assert!(
-        !shim.ask(&format!("auth:alice:example.com:{short}")),
-        "never served past exp"
+}
+
+/// Only a login that succeeded makes a user known to `isuser`: not a made-up token, not a
+/// valid token of someone else, on the broker that refused them nor on another through Redis.
+#[test]
+fn failed_logins_do_not_make_a_user_known() {
+    let (provider, redis) = (Provider::start(), Redis::start());
+    let spec = BrokerSpec::new(&provider).with_redis(&redis);
+    let (a, b) = (Broker::start(&spec), Broker::start(&spec));
+    let (bobs, alices) = (token("bob"), token("alice"));
+    provider.insert(&bobs, json!({"username": "bob"}));
+    provider.insert(&alices, json!({"username": "alice"}));
+    let (mut via_a, mut via_b) = (
+        Shim::spawn(&a.addr(), 5.0, &[]),
+        Shim::spawn(&b.addr(), 5.0, &[]),
     );
-    assert_eq!(
-        provider.calls(),
-        4,
-        "both entries expired: a read never extends a TTL"
-    );
+    assert!(!via_a.ask(&format!("auth:alice:example.com:{}", token("made-up"))));
+    assert!(!via_a.ask(&format!("auth:alice:example.com:{bobs}")));
+    for (shim, broker) in [(&mut via_a, "A"), (&mut via_b, "B")] {
+        assert!(!shim.ask("isuser:alice:example.com"), "broker {broker}");
+    }
+    assert!(via_a.ask(&format!("auth:alice:example.com:{alices}")));
+    for (shim, broker) in [(&mut via_a, "A"), (&mut via_b, "B")] {
+        assert!(shim.ask("isuser:alice:example.com"), "broker {broker}");
+        assert!(!shim.ask("isuser:bob:example.com"), "bob never logged in");
+    }
 }
 
 #[test]
@@ -194,15 +244,15 @@ fn redis_entries_hold_no_token_and_expire_with_the_verdict() {
         .insert(&alice, json!({"username": "alice", "exp": now_s() + 120}));
     assert!(shim.ask(&format!("auth:alice:example.com:{alice}")));
     let keys = w._redis.command(&["KEYS", "*"]).unwrap();
-    assert!(keys.contains("extauth:v1:verdict:"), "{keys}");
-    assert!(!keys.contains(&alice), "{keys}");
+    assert!(keys.contains("extauth:v2:{t:"), "{keys}");
+    assert!(!keys.contains(&alice) && !keys.contains("alice"), "{keys}");
     let verdict_key = keys
         .lines()
-        .find(|l| l.starts_with("extauth:v1:verdict:"))
+        .find(|l| l.starts_with("extauth:v2:{t:") && l.ends_with("}:v"))
         .unwrap();
     let value = w._redis.command(&["GET", verdict_key]).unwrap();
     assert!(
-        value.contains("1|accepted|") && !value.contains(&alice),
+        value.contains("v|1|accepted|") && !value.contains(&alice) && !value.contains("alice"),
         "{value}"
     );
     let ttl: i64 = w
@@ -220,4 +270,41 @@ fn redis_entries_hold_no_token_and_expire_with_the_verdict() {
         !w.broker.log().contains(&alice),
         "the token must not be logged"
     );
+}
+
+/// A provider whose clock or time zone is off (Django with `USE_TZ = False` east or west of UTC)
+/// says `active: true` for tokens whose `exp` is hours in the past: every login is refused as
+/// expired. The operator must be told why, with the measured skew, not only see refusals.
+#[test]
+fn an_active_token_with_exp_hours_in_the_past_is_refused_and_explained() {
+    use common::faults::{metrics_flags, Metrics};
+    let provider = Provider::start();
+    let metrics_port = common::services::free_port();
+    let mut spec = BrokerSpec::new(&provider);
+    spec.extra = metrics_flags(metrics_port);
+    let broker = Broker::start(&spec);
+    let skewed = token("skewed");
+    provider.insert(
+        &skewed,
+        json!({"username": "alice", "exp": now_s() - 4 * 3600}),
+    );
+    let mut shim = Shim::spawn(&broker.addr(), 5.0, &[]);
+    assert!(!shim.ask(&format!("auth:alice:example.com:{skewed}")));
+    // The skew is measured when the broker asks: 4 h, plus however long this test took to get
+    // there.
+    let plausible = 14_400..=14_400 + 300;
+    let log = broker.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("clock or time zone"))
+        .unwrap_or_else(|| panic!("no clock warning: {log}"));
+    let said: u64 = line
+        .split("exp is ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no skew in {line}"));
+    assert!(plausible.contains(&said), "{line}");
+    let gauge = Metrics::scrape(metrics_port).sum("extauth_provider_clock_skew_seconds") as u64;
+    assert!(plausible.contains(&gauge), "gauge: {gauge}");
 }

@@ -270,9 +270,12 @@ impl Daemon {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
+        // The socket accepts (into its backlog) as soon as it is bound, a moment before the
+        // broker says it is ready: wait for that line.
         let s = socket.clone();
         wait_until(Duration::from_secs(10), "the broker", || {
             std::os::unix::net::UnixStream::connect(&s).is_ok()
+                && std::fs::read_to_string(&log).is_ok_and(|l| l.contains(" ready: "))
         });
         Daemon {
             child,
@@ -462,6 +465,12 @@ fn check_config_prints_the_effective_settings_without_secrets() {
         "{printed}"
     );
     assert!(
+        printed.contains("unix:/run/x.sock (mode 0660)")
+            && printed.contains("claim \"username\" names the user, claim_folding exact")
+            && !printed.contains("socket_mode: 432"),
+        "a readable summary, not a debug dump: {printed}"
+    );
+    assert!(
         !printed.contains("very-secret-client-credential"),
         "{printed}"
     );
@@ -492,7 +501,12 @@ fn started_as_root_it_binds_then_drops_to_the_given_user() {
         "nogroup".into(),
     ];
     let broker = common::services::Broker::start(&spec);
-    let status = std::fs::read_to_string(format!("/proc/{}/status", broker.pid())).unwrap();
+    // The socket answers as soon as it is bound; the privileges are dropped just after.
+    let status_path = format!("/proc/{}/status", broker.pid());
+    common::services::wait_until(Duration::from_secs(5), "the privilege drop", || {
+        std::fs::read_to_string(&status_path).is_ok_and(|s| !s.contains("Uid:\t0\t"))
+    });
+    let status = std::fs::read_to_string(&status_path).unwrap();
     let ids = |field: &str| {
         status
             .lines()

@@ -12,11 +12,8 @@ use extauth_broker::wire::{Reason, Response, Source};
 use common::services::{token, Broker, BrokerSpec, Provider, Redis, Shim};
 use serde_json::json;
 
-#[test]
-fn fifty_shims_with_one_fresh_token_cost_one_provider_call() {
-    let provider = Provider::start();
-    let redis = Redis::start();
-    let broker = Broker::start(&BrokerSpec::new(&provider).with_redis(&redis));
+/// Fifty shims ask for one fresh token at once; returns how many were accepted.
+fn fifty_shims_at_once(broker: &Broker, provider: &Provider) -> usize {
     let fresh = token("herd");
     provider.insert(&fresh, json!({"username": "alice"}));
     // Slow enough that all 50 requests arrive while the first call is in flight.
@@ -40,12 +37,28 @@ fn fifty_shims_with_one_fresh_token_cost_one_provider_call() {
             })
         })
         .collect();
-    let accepted = threads
+    threads
         .into_iter()
         .map(|t| t.join().unwrap())
         .filter(|ok| *ok)
-        .count();
-    assert_eq!(accepted, 50);
+        .count()
+}
+
+#[test]
+fn fifty_shims_with_one_fresh_token_cost_one_provider_call() {
+    let provider = Provider::start();
+    let redis = Redis::start();
+    let broker = Broker::start(&BrokerSpec::new(&provider).with_redis(&redis));
+    assert_eq!(fifty_shims_at_once(&broker, &provider), 50);
+    assert_eq!(provider.calls(), 1);
+}
+
+/// The in-process singleflight alone, with no Redis lock to fall back on.
+#[test]
+fn without_redis_fifty_shims_with_one_fresh_token_cost_one_provider_call() {
+    let provider = Provider::start();
+    let broker = Broker::start(&BrokerSpec::new(&provider));
+    assert_eq!(fifty_shims_at_once(&broker, &provider), 50);
     assert_eq!(provider.calls(), 1);
 }
 
@@ -131,13 +144,38 @@ fn two_brokers_with_a_hundred_requests_each_make_one_provider_call() {
             .all(|r| r.ok && r.reason == Reason::Accepted),
         "{responses:?}"
     );
-    let from_redis = responses
-        .iter()
-        .filter(|r| r.source == Source::Redis)
-        .count();
+    // Stream i went to broker i % 2. One broker made the call: its requests were answered by
+    // it (the lead, and those that waited on it) or, arriving late, from its L1. The other
+    // waited on the cluster lock and took the verdict from Redis (or its L1 after that).
+    let sources = |broker: usize| -> Vec<Source> {
+        let mut s: Vec<Source> = responses
+            .iter()
+            .skip(broker)
+            .step_by(2)
+            .map(|r| r.source)
+            .collect();
+        s.dedup();
+        s
+    };
+    let (caller, other) = if sources(0).contains(&Source::Provider) {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
     assert!(
-        from_redis >= 1,
-        "the other broker took the verdict from Redis"
+        sources(caller)
+            .iter()
+            .all(|s| matches!(s, Source::Provider | Source::L1)),
+        "broker {caller}: {:?}",
+        sources(caller)
+    );
+    assert!(
+        sources(other).contains(&Source::Redis)
+            && sources(other)
+                .iter()
+                .all(|s| matches!(s, Source::Redis | Source::L1)),
+        "broker {other} waited for the verdict in Redis: {:?}",
+        sources(other)
     );
     assert_eq!(
         provider.calls(),

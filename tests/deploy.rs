@@ -1113,13 +1113,13 @@ fn redis_examples_work_with_the_broker() {
         ],
         d,
     );
-    assert!(said.contains("generation 1"), "{said}");
+    assert!(said.contains("revoked every verdict of alice"), "{said}");
     for port in [master, replica] {
         wait_until(
             Duration::from_secs(5),
-            "the generation reaches master and replica",
+            "the revocation mark reaches master and replica",
             || {
-                redis_cli(&cli, port, &["--scan", "--pattern", "extauth:v1:gen:*"])
+                redis_cli(&cli, port, &["--scan", "--pattern", "extauth:v2:{u:*}:r"])
                     .lines()
                     .count()
                     == 1
@@ -1168,16 +1168,16 @@ fn redis_examples_work_with_the_broker() {
         ],
         d,
     );
-    assert!(said.contains("generation 1"), "{said}");
+    assert!(said.contains("revoked every verdict of alice"), "{said}");
     let holding: usize = nodes
         .iter()
         .map(|p| {
-            redis_cli(&cli, *p, &["--scan", "--pattern", "extauth:v1:gen:*"])
+            redis_cli(&cli, *p, &["--scan", "--pattern", "extauth:v2:{u:*}:r"])
                 .lines()
                 .count()
         })
         .sum();
-    assert_eq!(holding, 1, "one node holds the generation");
+    assert_eq!(holding, 1, "one node holds the revocation mark");
     eprintln!("Cluster example: 3 masters, cluster_state:ok; revoke went through them");
 }
 

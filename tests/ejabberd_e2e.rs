@@ -25,7 +25,7 @@ fn tokens_log_in_through_shim_broker_and_redis_on_both_nodes() {
     spec.extra = vec!["--listen".into(), format!("tcp:127.0.0.1:{port}")];
     let broker = Broker::start(&spec);
     let (alice, bob) = (token("alice"), token("bob"));
-    provider.insert(&alice, json!({"username": "Alice", "exp": now_s() + 3600}));
+    provider.insert(&alice, json!({"username": "alice", "exp": now_s() + 3600}));
     provider.insert(&bob, json!({"username": "bob", "exp": now_s() + 3600}));
 
     let cluster = Cluster::start_with(|dir| {

@@ -364,7 +364,7 @@ fn the_revocation_listener_logs_a_redis_outage_once() {
     let broker = Broker::start(&spec_with_redis(&provider, &redis, &[]));
     wait_until(Duration::from_secs(10), "the subscription", || {
         redis
-            .command(&["PUBSUB", "NUMSUB", "extauth:v1:revoke"])
+            .command(&["PUBSUB", "NUMSUB", "extauth:v2:hints"])
             .is_ok_and(|r| r.ends_with(":1"))
     });
     redis.kill();

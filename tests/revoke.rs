@@ -2,43 +2,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::Command;
+use common::faults::http;
+use std::time::Duration;
 
-use common::services::{broker_bin, free_port, token, Broker, BrokerSpec, Provider, Redis, Shim};
+use common::services::{
+    free_port, revoke_cli, token, wait_until, Broker, BrokerSpec, Provider, Redis, Shim,
+};
 use serde_json::json;
-
-/// Runs `extauth-broker revoke` against `broker`'s Redis and cache secret.
-fn revoke_cli(
-    redis: &Redis,
-    broker: &Broker,
-    user: &str,
-    token_file: Option<&std::path::Path>,
-) -> String {
-    let mut cmd = Command::new(broker_bin());
-    cmd.args([
-        "revoke",
-        "--redis",
-        &redis.url(),
-        "--domain",
-        "example.com",
-        "--user",
-        user,
-    ])
-    .arg("--cache-secret-file")
-    .arg(broker.cache_secret_file());
-    if let Some(path) = token_file {
-        cmd.arg("--token-file").arg(path);
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "revoke failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// Gives alice two valid tokens, logs in with both through a shim on each broker, and checks
 /// that cost one provider call per token. Returns the two shims.
@@ -126,28 +96,6 @@ fn revoking_one_token_leaves_the_users_other_tokens_cached() {
     assert_eq!(provider.calls(), 3, "the other token stayed cached");
 }
 
-/// Sends one HTTP/1.1 request and returns (status, body).
-fn http(port: u16, method: &str, path: &str, auth: Option<&str>, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let auth = auth
-        .map(|a| format!("Authorization: Bearer {a}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 #[test]
 fn the_admin_endpoint_revokes_and_refuses_strangers() {
     let provider = Provider::start();
@@ -230,4 +178,62 @@ fn the_admin_endpoint_revokes_and_refuses_strangers() {
         "{answer}"
     );
     assert!(!broker.log().contains(&alice), "no token in the log");
+}
+
+/// A broker whose subscription was down while a user was revoked never got the hint: it must
+/// drop its in-process verdicts once it is subscribed again, and ask the provider afresh.
+/// The subscription is kept down by an ACL that forbids SUBSCRIBE to the brokers' Redis user.
+#[test]
+fn a_broker_back_on_the_revocation_channel_forgets_what_it_may_have_missed() {
+    let (provider, redis) = (Provider::start(), Redis::start());
+    let broker = Broker::start(&BrokerSpec::new(&provider).with_redis(&redis));
+    let phone = token("phone");
+    provider.insert(&phone, json!({"username": "alice"}));
+    let login = format!("auth:alice:example.com:{phone}");
+    let mut shim = Shim::spawn(&broker.addr(), 5.0, &[]);
+    assert!(shim.ask(&login));
+    assert_eq!(provider.calls(), 1);
+
+    redis
+        .command(&["ACL", "SETUSER", "default", "-subscribe", "-psubscribe"])
+        .unwrap();
+    redis
+        .command(&["CLIENT", "KILL", "TYPE", "pubsub"])
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the broker to lose its subscription",
+        || numsub(&redis) == 0 && broker.log().contains("revocation channel unavailable"),
+    );
+    // Revoked while the broker cannot hear it: its L1 still answers (the documented gap).
+    revoke_cli(&redis, &broker, "alice", None);
+    assert!(shim.ask(&login), "served from L1: the hint was missed");
+    assert_eq!(provider.calls(), 1);
+
+    redis
+        .command(&["ACL", "SETUSER", "default", "+subscribe", "+psubscribe"])
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the broker to subscribe again",
+        || broker.log().contains("revocation channel back"),
+    );
+    assert!(shim.ask(&login), "the provider still vouches for the token");
+    assert_eq!(
+        provider.calls(),
+        2,
+        "L1 dropped: the provider was asked again"
+    );
+}
+
+/// Brokers subscribed to the hint channel, as Redis counts them.
+fn numsub(redis: &Redis) -> u64 {
+    let out = redis
+        .command(&["PUBSUB", "NUMSUB", "extauth:v2:hints"])
+        .unwrap();
+    // RESP: *2, $16, the channel, :N
+    out.lines()
+        .last()
+        .and_then(|n| n.strip_prefix(':')?.parse().ok())
+        .unwrap_or(u64::MAX)
 }

@@ -5,16 +5,15 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::pki::{open_dir, Pki};
 use common::services::{
     broker_bin, frame, free_port, shim_bin, token, Broker, BrokerSpec, Provider, Redis, Shim,
     CLIENT_SECRET,
 };
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use serde_json::json;
 
 /// `nobody` and `nogroup` on Debian.
@@ -47,13 +46,6 @@ fn ask_as(uid: u32, broker: &str, request: &str) -> bool {
     drop(child.stdin.take());
     child.wait().unwrap();
     answer == [0, 2, 0, 1]
-}
-
-/// A temp dir other users can traverse (tempfile makes 0700 ones).
-fn open_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    dir
 }
 
 #[test]
@@ -132,47 +124,6 @@ fn plaintext_tcp_is_refused_off_loopback_unless_insecure() {
         err.contains("not a loopback address") && err.contains("--tls-cert"),
         "{err}"
     );
-}
-
-/// A CA, a server certificate for `localhost`/127.0.0.1 and a client certificate, as PEM files.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = open_dir();
-        let mut ca_params = CertificateParams::new(vec![]).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
-        for (name, sans) in [
-            (
-                "server",
-                vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
-            ),
-            ("client", vec!["shim.example".to_owned()]),
-        ] {
-            let key = KeyPair::generate().unwrap();
-            let cert = CertificateParams::new(sans)
-                .unwrap()
-                .signed_by(&key, &ca)
-                .unwrap();
-            std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
-            std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
-        }
-        let other = CertifiedIssuer::self_signed(
-            CertificateParams::new(vec![]).unwrap(),
-            KeyPair::generate().unwrap(),
-        )
-        .unwrap();
-        std::fs::write(dir.path().join("other-ca.pem"), other.pem()).unwrap();
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
 }
 
 fn tls_broker(provider: &Provider, pki: &Pki, port: u16, mtls: bool) -> Broker {

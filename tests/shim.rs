@@ -4,6 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::fake_broker::{Answer, FakeBroker};
 use common::services::{frame, token, Broker, BrokerSpec, Provider, Shim};
 use serde_json::json;
 
@@ -116,33 +117,60 @@ fn the_largest_request_is_relayed() {
     assert_eq!(provider.calls(), 2, "without a provider call");
 }
 
+/// How late the fake broker answers the `late` user: well past the shim's `--timeout` (0.5 s).
+const LATE: Duration = Duration::from_secs(2);
+
+/// A broker that answers after the shim's `--timeout`, and answers out of turn: the shim must
+/// refuse in time, drop the connection (a late answer on it could be taken for the next
+/// request's), and never write anything but one reply per request.
 #[test]
-fn a_late_answer_is_never_written() {
-    let provider = Provider::start();
-    let (slow, quick) = (token("slow"), token("quick"));
-    provider.insert(&slow, json!({"username": "alice"}));
-    provider.insert(&quick, json!({"username": "bob"}));
-    let broker = Broker::start(&BrokerSpec::new(&provider));
-    let mut shim = Shim::spawn(&broker.addr(), 1.0, &[]);
-    provider.set_latency(Duration::from_millis(2500));
+fn a_late_answer_is_never_written_nor_taken_for_the_next_request() {
+    // `late`: yes after LATE. `yes` and `no`: at once, each after a stray response with the
+    // previous id and the opposite verdict (what a late answer to the previous request is).
+    let broker = FakeBroker::start(|user| match user {
+        "late" => Answer::late(true, LATE),
+        "yes" => Answer::after_stray(true),
+        _ => Answer::after_stray(false),
+    });
+    let connection_of = |user: &str| {
+        let seen = broker.seen();
+        let on = seen.iter().find(|s| s.user == user).map(|s| s.connection);
+        (on, seen)
+    };
+    let mut shim = Shim::spawn(&broker.addr(), 0.5, &[]);
+    let mut ask = |user: &str| {
+        let ok = shim.ask(&format!("auth:{user}:example.com:t"));
+        let extra = shim.unread(Duration::from_millis(50));
+        assert!(extra.is_empty(), "more than one reply to {user}: {extra:?}");
+        ok
+    };
     let started = Instant::now();
+    assert!(!ask("late"), "no answer within --timeout: 0");
     assert!(
-        !shim.ask(&format!("auth:alice:example.com:{slow}")),
-        "deadline passed: 0"
+        started.elapsed() < LATE - Duration::from_millis(500),
+        "refused at the timeout, not when the late answer came: {:?}",
+        started.elapsed()
     );
-    assert!(started.elapsed() < Duration::from_millis(2000));
-    provider.set_latency(Duration::ZERO);
-    // The slow answer (1) arrives at the broker meanwhile; it must not be read as this reply.
-    assert!(
-        !shim.ask(&format!("auth:alice:example.com:{quick}")),
-        "bob's token for alice"
+    let yes = ask("yes");
+    assert_eq!(
+        connection_of("yes").0,
+        Some(1),
+        "the next request goes on a new connection: {:?}",
+        connection_of("yes").1
     );
-    std::thread::sleep(Duration::from_millis(1800));
-    assert!(
-        !shim.ask(&format!("auth:alice:example.com:{quick}")),
-        "still bob's token, after the late answer arrived"
+    assert!(yes, "answered with its own id, not the stray before it");
+    assert!(!ask("no"), "the stray yes before it is not its answer");
+    // The late answer has now been sent (or its write failed on the closed connection).
+    broker.wait_all_answered(LATE * 2);
+    let (rest, status) = shim.finish(Duration::from_secs(5));
+    assert!(rest.is_empty(), "nothing after the three replies: {rest:?}");
+    assert!(status.success(), "EOF -> exit 0, got {status}");
+    assert_eq!(
+        (connection_of("late").0, connection_of("no").0),
+        (Some(0), Some(1)),
+        "the new connection is kept"
     );
-    assert!(shim.ask(&format!("auth:bob:example.com:{quick}")));
+    assert_eq!(broker.connections(), 2);
 }
 
 #[test]

@@ -15,8 +15,8 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-use crate::cache::now_ms;
 use crate::extauth::{parse, read_request, reply, Command};
+use crate::verdict::now_ms;
 use crate::wire::{self, ClientMsg, Reason, Response, ServerMsg, Source, Welcome};
 
 /// A trivial extauth program: answers the requests on stdin until end of input.

@@ -37,8 +37,8 @@ use self::scenario::{Judgement, Workload};
 use self::schedule::{LaneSchedule, Pace, Plan, Schedule};
 use self::services::{sibling_binary, Services};
 use self::stats::{Counts, LaneTally, Reply, Shared};
-use crate::cache::now_ms;
 use crate::devprovider::DevProvider;
+use crate::verdict::now_ms;
 use crate::wire::Reason;
 
 /// Slack on top of the shim's deadline before a reply counts as late: the harness and the shim

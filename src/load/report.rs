@@ -71,7 +71,7 @@ pub struct Report {
     pub provider_calls: Option<u64>,
     /// Of which answered HTTP 503 by `--provider-error-rate`.
     pub provider_errors: u64,
-    /// Calls a correct broker makes: one per distinct (user, token) sent; `None` when provider
+    /// Calls a correct broker makes: one per distinct token sent; `None` when provider
     /// errors (never cached) or an unchecked floor make it unknowable.
     pub expected_provider_calls: Option<u64>,
     /// auth requests (warm-up included) per provider call.

@@ -8,10 +8,11 @@
 //! same claims travel in JWTs the mock provider signs, and with `--token-file` the tokens are
 //! real users' ([`super::tokens`]).
 //!
-//! Every job also carries a *key* naming its (user, token) pair, or for `expiry` its pair and the
-//! side of `exp` it was sent on. Each distinct key costs exactly one provider call (the broker
-//! caches verdicts and coalesces concurrent flights), so the expected call count is the number
-//! of distinct keys: a number the harness can check without knowing the scenario.
+//! Every job also carries a *key* naming its token, or for `expiry` its token and the side of
+//! `exp` it was sent on. Each distinct key costs exactly one provider call (the broker caches
+//! one verdict per token, whatever users it is tried for, and coalesces concurrent flights), so
+//! the expected call count is the number of distinct keys: a number the harness can check
+//! without knowing the scenario.
 
 use std::sync::Arc;
 
@@ -23,8 +24,8 @@ use serde_json::{json, Value};
 
 use super::cli::{LoadArgs, MockValidator, ScenarioKind};
 use super::tokens::{Logins, Signer, Tokens};
-use crate::cache::now_ms;
 use crate::devprovider::Resolver;
+use crate::verdict::now_ms;
 
 /// Lifetime of the tokens of every scenario but `expiry` (seconds): longer than any run.
 const TOKEN_LIFETIME_S: u64 = 24 * 3600;
@@ -90,7 +91,7 @@ pub struct Job {
     pub token: String,
     /// The right answer.
     pub expect: Expect,
-    /// Names the (user, token) pair: one provider call per distinct key.
+    /// Names the token: one provider call per distinct key.
     pub key: u64,
 }
 
@@ -211,7 +212,8 @@ impl Workload {
     }
 
     /// Zipf-popular token; some unknown to the provider, some presented by the next user, some
-    /// past their `exp`. Keys: `4 * rank` plus 0 (valid), 1 (unknown), 2 (foreign), 3 (expired).
+    /// past their `exp`. Keys: `4 * rank` plus 0 (valid, also when presented by another user:
+    /// the same token), 1 (unknown), 3 (expired).
     fn mixed(&self, seq: u64) -> Job {
         // Seeded per request, so a run is reproducible whatever lane sends what.
         let mut rng = SmallRng::seed_from_u64(self.seed ^ seq.wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -232,7 +234,7 @@ impl Workload {
             Job {
                 user: self.maker.thief(rank, self.tokens),
                 expect: Expect::Reject,
-                key: 4 * rank + 2,
+                key: 4 * rank,
                 ..self.valid(rank, rank, 0)
             }
         } else if dice < expired_below {

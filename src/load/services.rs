@@ -211,8 +211,9 @@ impl Services {
             (Some(mock), MockValidator::Jwt) => {
                 let config = self.dir.path().join("jwt.toml");
                 let table = format!(
-                    "[defaults.validator]\nkind = \"jwt\"\njwks_url = \"{}\"\nalgorithms = [\"EdDSA\"]\nleeway = 0\n",
-                    mock.jwks_url()
+                    "[defaults.validator]\nkind = \"jwt\"\njwks_url = \"{}\"\nalgorithms = [\"EdDSA\"]\nleeway = 0\ntyp = \"at+jwt\"\nrequire = {{ audience = \"{}\" }}\n",
+                    mock.jwks_url(),
+                    super::tokens::AUDIENCE
                 );
                 std::fs::write(&config, table)?;
                 vec!["--config".into(), config.into()]

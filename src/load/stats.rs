@@ -143,7 +143,7 @@ impl Shared {
     }
 }
 
-/// A lane's batch of records; merged into the shared tally every [`BATCH`] records and on drop.
+/// A lane's batch of records; merged into the shared tally every `BATCH` records and on drop.
 pub struct LaneTally {
     shared: Shared,
     start: Instant,

@@ -11,10 +11,13 @@ use ed25519_dalek::SigningKey;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-use crate::domain::normalise_localpart;
+use crate::binding::is_canonical;
 
 /// `kid` of the mock provider's signing key.
 const KID: &str = "extauth-load";
+
+/// The audience of the mock's JWT access tokens: what brokers under test require.
+pub const AUDIENCE: &str = "xmpp";
 
 /// The harness's token maker (see [`super::scenario`] for the opaque format).
 pub enum Tokens {
@@ -86,6 +89,7 @@ impl Signer {
         let public = BASE64_URL_SAFE_NO_PAD.encode(key.verifying_key().to_bytes());
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(KID.into());
+        header.typ = Some("at+jwt".into());
         Ok(Signer {
             key: encoding_key(&key)?,
             stranger: encoding_key(&SigningKey::from_bytes(&rand::random()))?,
@@ -98,7 +102,11 @@ impl Signer {
     }
 
     fn sign(&self, key: &EncodingKey, user: &str, exp_s: u64, jti: &str) -> String {
-        let claims = json!({"username": user, "exp": exp_s, "jti": jti});
+        // An RFC 9068 access token: the user in `sub`, this service in `aud`, the client apart.
+        let claims = json!({
+            "sub": user, "aud": AUDIENCE, "client_id": "extauth-load",
+            "exp": exp_s, "jti": jti,
+        });
         // Signing a JSON object with a valid Ed25519 key cannot fail.
         jsonwebtoken::encode(&self.header, &claims, key).expect("EdDSA signing")
     }
@@ -186,9 +194,11 @@ impl Logins {
 /// ejabberd sends the localpart after nodeprep (lower case, NFKC, no `@`, `:` or spaces): a name
 /// in another form would be compared with the broker's answer wrongly, so it is refused here.
 fn check_localpart(user: &str) -> Result<()> {
-    match normalise_localpart(user) {
-        Some(form) if form == user && !user.contains(':') => Ok(()),
-        Some(form) if !form.contains(':') => {
+    if is_canonical(user) {
+        return Ok(());
+    }
+    match stringprep::nodeprep(user) {
+        Ok(form) if !form.is_empty() => {
             bail!("user {user:?} is not in ejabberd's normalised form: write {form:?}")
         }
         _ => bail!("{user:?} cannot be an XMPP localpart"),
@@ -257,9 +267,10 @@ mod tests {
         let jwk: jsonwebtoken::jwk::Jwk =
             serde_json::from_value(signer.jwks["keys"][0].clone()).unwrap();
         let key = jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap();
-        let rules = jsonwebtoken::Validation::new(Algorithm::EdDSA);
+        let mut rules = jsonwebtoken::Validation::new(Algorithm::EdDSA);
+        rules.set_audience(&[AUDIENCE]);
         let claims = jsonwebtoken::decode::<Value>(&token, &key, &rules).unwrap();
-        assert_eq!(claims.claims["username"], "user7");
+        assert_eq!(claims.claims["sub"], "user7");
         assert_eq!(claims.header.kid.as_deref(), Some(KID));
         let forged = tokens.unknown("run", 7, 4_102_444_800, 1);
         assert!(jsonwebtoken::decode::<Value>(&forged, &key, &rules).is_err());

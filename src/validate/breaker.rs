@@ -1,6 +1,10 @@
 //! Circuit breaker around a validator: after `threshold` consecutive unavailable answers, fail
 //! fast for `cooldown` (cached verdicts are still served, since the engine asks the validator only
 //! on a cache miss), then let one probe call through; its answer closes or re-opens the circuit.
+//!
+//! A probe whose caller stops waiting (the request's deadline cut it, its shim went away) never
+//! answers: a drop guard counts it as a failure, which re-opens the circuit for another cooldown
+//! and frees the probe slot, so the breaker can never stay open for good.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -87,8 +91,13 @@ impl Breaker {
     }
 
     fn record(&self, validation: &Validation) {
+        self.record_outcome(matches!(validation, Validation::Unavailable(_)));
+    }
+
+    /// Counts one answer (`failed`: unavailable or abandoned) and frees the probe slot.
+    fn record_outcome(&self, failed: bool) {
         self.probing.store(false, Ordering::Release);
-        if matches!(validation, Validation::Unavailable(_)) {
+        if failed {
             let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
             if failures >= self.config.threshold {
                 let was = self.opened_at_ms.swap(self.now_ms(), Ordering::AcqRel);
@@ -121,9 +130,34 @@ impl Breaker {
                 self.inner.kind()
             ));
         }
+        let mut pending = Pending {
+            breaker: self,
+            probe: self.is_open(),
+        };
         let validation = self.inner.validate(check).await;
+        pending.probe = false;
         self.record(&validation);
         validation
+    }
+}
+
+/// A call in progress. Dropped before it answers (its future cancelled), a probe counts as a
+/// failure: otherwise the probe slot would stay taken and the circuit open for good.
+struct Pending<'a> {
+    breaker: &'a Breaker,
+    /// Still an unanswered half-open probe.
+    probe: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.probe {
+            warn!(
+                validator = self.breaker.inner.kind(),
+                "circuit probe abandoned before the provider answered: counted as a failure"
+            );
+            self.breaker.record_outcome(true);
+        }
     }
 }
 
@@ -134,6 +168,14 @@ impl Validator for Breaker {
 
     fn kind(&self) -> &'static str {
         self.inner.kind()
+    }
+
+    fn asks_about_user(&self) -> bool {
+        self.inner.asks_about_user()
+    }
+
+    fn discovered(&self) -> Option<super::discovery::EndpointUrl> {
+        self.inner.discovered()
     }
 }
 

@@ -2,18 +2,21 @@
 //!
 //! The broker calls `method url` (the URL a template with `{user}` and `{domain}`, each
 //! percent-encoded, RFC 3986 section 2.1) with the token as `Authorization: Bearer` (RFC 6750
-//! section 2.1) or as a form field (RFC 6750 section 2.2 style). A `2xx` answer means yes, unless a
-//! JSON pointer (RFC 6901) into the body is configured and does not hold the expected value;
+//! section 2.1) or as a form field (RFC 6750 section 2.2 style). A `2xx` answer means yes when
+//! the body satisfies the configured rule (a JSON pointer, RFC 6901, holding the expected value);
 //! `401`, `403` and `404` mean no; anything else says nothing and is never cached.
 //!
 //! When the URL names `{user}`, the API was asked about this very user, so its yes binds the
-//! token to the JID by itself. Otherwise the answer's JSON object is read as the token's claims
-//! and the engine binds the subject claim as for any other validator.
+//! token to the JID by itself; a status alone is not a yes (an error or maintenance page answers
+//! 200 too) unless `trust_status` says the endpoint checks the token itself. Otherwise the answer
+//! must be a JSON object, read as the token's claims, and the engine binds the subject claim as
+//! for any other validator.
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use tracing::warn;
 
-use super::http::{self, HttpTimeouts};
+use super::http::{self, HttpTimeouts, ProviderClient, ProviderPolicy};
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
 use crate::config::ConfigUrl;
 use crate::wire::Reason;
@@ -53,6 +56,11 @@ pub struct HttpApiConfig {
     /// the token is refused as `inactive`.
     #[serde(default)]
     pub json_equals: Option<Value>,
+    /// With `{user}` in the URL and no `json_pointer` rule: accept on a `2xx` status alone,
+    /// because the endpoint itself checks that the token belongs to `{user}` (logged at WARN at
+    /// start-up and on every reload) [default: false, such a URL needs a rule].
+    #[serde(default)]
+    pub trust_status: bool,
     /// Connect and total timeouts.
     #[serde(default)]
     pub timeouts: HttpTimeouts,
@@ -75,7 +83,7 @@ struct BodyRule {
 
 /// A custom API client.
 pub struct HttpApi {
-    http: reqwest::Client,
+    http: ProviderClient,
     method: reqwest::Method,
     config: HttpApiConfig,
     rule: Option<BodyRule>,
@@ -84,13 +92,19 @@ pub struct HttpApi {
 }
 
 impl HttpApi {
-    /// A client for `config`.
+    /// A client for `config` under the broker-wide `policy`.
     ///
     /// # Errors
-    /// A bad URL, method, form field, JSON pointer or timeout, or a TLS set-up failure.
-    pub fn new(config: HttpApiConfig) -> Result<Self, String> {
-        http::check_url("http validator url", config.url.expose())?;
-        config.timeouts.check()?;
+    /// A bad URL, method, form field, JSON pointer or timeout, a `{user}` URL without a rule or
+    /// `trust_status`, or a TLS set-up failure.
+    pub fn new(config: HttpApiConfig, policy: &ProviderPolicy) -> Result<Self, String> {
+        let http = ProviderClient::new(
+            "http validator",
+            "http validator url",
+            config.url.expose(),
+            config.timeouts,
+            policy,
+        )?;
         let method = http::method("http validator method", &config.method)?;
         if config.token_in == TokenIn::Form {
             if matches!(method.as_str(), "GET" | "HEAD") {
@@ -117,12 +131,12 @@ impl HttpApi {
             }
             _ => return Err("give json_pointer and json_equals together".into()),
         };
-        let http =
-            http::client(config.timeouts).map_err(|e| format!("building the HTTP client: {e}"))?;
+        let asks_about_user = config.url.expose().contains("{user}");
+        check_trust(&config, asks_about_user, rule.is_some())?;
         Ok(HttpApi {
             http,
             method,
-            asks_about_user: config.url.expose().contains("{user}"),
+            asks_about_user,
             config,
             rule,
         })
@@ -130,12 +144,12 @@ impl HttpApi {
 
     async fn ask(&self, check: TokenCheck<'_>) -> Validation {
         let url = http::expand_template(self.config.url.expose(), check.user, check.domain);
-        let request = self.http.request(self.method.clone(), url);
+        let request = self.http.request(self.method.clone(), &url);
         let request = match self.config.token_in {
             TokenIn::Bearer => request.bearer_auth(check.token.expose()),
             TokenIn::Form => request.form(&[(&self.config.form_field, check.token.expose())]),
         };
-        let response = match http::send(request, "http validator").await {
+        let response = match self.http.send(request).await {
             Ok(r) => r,
             Err(why) => return Validation::Unavailable(why),
         };
@@ -146,10 +160,9 @@ impl HttpApi {
         if !status.is_success() {
             return Validation::Unavailable(format!("http validator answered HTTP {status}"));
         }
-        // Only a body rule needs a JSON body; without one, any 2xx body (even empty) is a yes.
-        match response.bytes().await {
+        match self.http.body(response).await {
             Ok(body) => self.interpret(&body),
-            Err(_) => Validation::Unavailable("http validator answer was cut off".to_owned()),
+            Err(why) => Validation::Unavailable(why),
         }
     }
 
@@ -166,13 +179,51 @@ impl HttpApi {
         }
         let claims = match json {
             Some(Value::Object(claims)) => claims,
-            _ => Map::new(),
+            // Asked about this user, with a rule that held or `trust_status`: the status vouches.
+            _ if self.asks_about_user => Map::new(),
+            // The claims name the user: an HTML page or a bare `true` names nobody.
+            _ => {
+                return Validation::Unavailable(
+                    "http validator answer is not a JSON object".to_owned(),
+                )
+            }
         };
         Validation::Valid(Grant {
             claims,
             exp: None,
             user_confirmed: self.asks_about_user,
         })
+    }
+}
+
+/// A URL with `{user}` needs a body rule, or `trust_status` to accept on a 2xx status alone
+/// (said loudly, at every start-up and reload); `trust_status` is refused where it means nothing.
+fn check_trust(config: &HttpApiConfig, asks_about_user: bool, ruled: bool) -> Result<(), String> {
+    match (asks_about_user, ruled, config.trust_status) {
+        (true, false, false) => Err(format!(
+            "http validator url {}: with {{user}} in the URL a 2xx status alone would accept any \
+             token for that user (an error or maintenance page too). Add json_pointer and \
+             json_equals (the value the answer holds for a yes, e.g. json_pointer = \"/valid\" \
+             and json_equals = true), or trust_status = true if the endpoint itself answers 2xx \
+             only when the token belongs to {{user}}",
+            config.url
+        )),
+        (true, false, true) => {
+            warn!(
+                url = %config.url,
+                "http validator: trust_status = true, any 2xx answer logs {{user}} in; the \
+                 endpoint itself must check that the token belongs to that user"
+            );
+            Ok(())
+        }
+        (true, true, true) => {
+            Err("trust_status = true and a json_pointer rule: give one or the other".into())
+        }
+        (false, _, true) => Err(
+            "trust_status needs {user} in the url (without it, the answer's claims name the user)"
+                .into(),
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -183,6 +234,10 @@ impl Validator for HttpApi {
 
     fn kind(&self) -> &'static str {
         "http"
+    }
+
+    fn asks_about_user(&self) -> bool {
+        self.asks_about_user
     }
 }
 
@@ -196,13 +251,15 @@ mod tests {
         toml::from_str(&format!("url = {url:?}")).unwrap()
     }
 
+    /// A validator for `url` with `rule`; a `{user}` URL without a rule trusts the status.
     fn api(url: &str, rule: Option<(&str, Value)>) -> HttpApi {
         let mut c = config(url);
+        c.trust_status = rule.is_none() && url.contains("{user}");
         if let Some((pointer, equals)) = rule {
             c.json_pointer = Some(pointer.into());
             c.json_equals = Some(equals);
         }
-        HttpApi::new(c).unwrap()
+        HttpApi::new(c, &ProviderPolicy::default()).unwrap()
     }
 
     #[test]
@@ -224,8 +281,9 @@ mod tests {
     fn bad_settings_are_refused() {
         let with = |f: &dyn Fn(&mut HttpApiConfig)| {
             let mut c = config("https://api/users/{user}");
+            c.trust_status = true;
             f(&mut c);
-            HttpApi::new(c).err()
+            HttpApi::new(c, &ProviderPolicy::default()).err()
         };
         assert!(
             with(&|c| c.token_in = TokenIn::Form).is_some(),
@@ -250,6 +308,30 @@ mod tests {
     }
 
     #[test]
+    fn a_user_url_needs_a_rule_or_trust_status() {
+        let build = |url: &str, rule: bool, trust_status: bool| {
+            let mut c = config(url);
+            c.trust_status = trust_status;
+            if rule {
+                c.json_pointer = Some("/valid".into());
+                c.json_equals = Some(json!(true));
+            }
+            HttpApi::new(c, &ProviderPolicy::default()).map(|_| ())
+        };
+        let err = build("https://u:PASSWORD@api/users/{user}", false, false).unwrap_err();
+        assert!(
+            err.contains("json_pointer") && err.contains("trust_status = true"),
+            "{err}"
+        );
+        assert!(!err.contains("PASSWORD"), "{err}");
+        assert!(build("https://api/users/{user}", true, false).is_ok());
+        assert!(build("https://api/users/{user}", false, true).is_ok());
+        assert!(build("https://api/users/{user}", true, true).is_err());
+        assert!(build("https://api/me", false, true).is_err());
+        assert!(build("https://api/me", false, false).is_ok());
+    }
+
+    #[test]
     fn bodies_are_read_against_the_rule() {
         let plain = api("https://api/users/{user}", None);
         let yes = |claims: Value, confirmed: bool| {
@@ -271,6 +353,12 @@ mod tests {
             yes(json!({"username": "alice"}), false),
             "without {{user}} the body's claims name the user"
         );
+        for not_claims in [&b"<html>maintenance</html>"[..], b"", b"true", b"[]"] {
+            assert!(
+                matches!(me.interpret(not_claims), Validation::Unavailable(_)),
+                "without {{user}} only a JSON object is a yes"
+            );
+        }
         let ruled = api("https://api/u/{user}", Some(("/data/valid", json!(true))));
         assert_eq!(
             ruled.interpret(br#"{"data": {"valid": true}}"#),
@@ -314,7 +402,7 @@ mod tests {
         Mock::given(method("POST"))
             .and(path("/check"))
             .and(body_string("access=good"))
-            .respond_with(ResponseTemplate::new(200))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"sub": "x"})))
             .mount(&server)
             .await;
         Mock::given(path("/users/down/example%2Ecom"))
@@ -326,7 +414,7 @@ mod tests {
         form.method = "POST".into();
         form.token_in = TokenIn::Form;
         form.form_field = "access".into();
-        let form = HttpApi::new(form).unwrap();
+        let form = HttpApi::new(form, &ProviderPolicy::default()).unwrap();
         assert!(matches!(
             ask(&bearer, "a&b", "good").await,
             Validation::Valid(_)

@@ -6,6 +6,8 @@
 
 pub mod breaker;
 pub mod claims;
+pub mod discovery;
+pub mod gate;
 pub mod http;
 pub mod http_api;
 pub mod introspection;
@@ -19,6 +21,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::config::ConfigUrl;
 use crate::extauth::Secret;
 use crate::wire::Reason;
 
@@ -68,6 +71,19 @@ pub trait Validator: Send + Sync {
 
     /// The kind's name (`introspection`, `userinfo`, `jwt`, `http`), for logs and metrics.
     fn kind(&self) -> &'static str;
+
+    /// Whether the answer depends on the user asked about (a site API with `{user}` in its
+    /// URL). Then each user's answer is cached apart; otherwise one answer on a token serves
+    /// every user it is tried for, and the binding to a user is decided locally.
+    fn asks_about_user(&self) -> bool {
+        false
+    }
+
+    /// The endpoint this validator discovers from its provider's metadata, when its URL is not
+    /// configured but taken from `issuer`.
+    fn discovered(&self) -> Option<discovery::EndpointUrl> {
+        None
+    }
 }
 
 /// A validator's settings: the TOML table `validator = { kind = "...", ... }`.
@@ -84,24 +100,109 @@ pub enum ValidatorConfig {
     Http(http_api::HttpApiConfig),
 }
 
-/// Builds the validator `config` describes, wrapped in a circuit breaker (except `jwt`, which
-/// makes no call per login; its JWKS fetches are limited by `jwks_min_refresh`).
+impl ValidatorConfig {
+    /// Where the provider is (the redacted endpoint URL, or the JWKS source): two domains with
+    /// the same endpoint share a provider.
+    pub fn endpoint(&self) -> String {
+        match self {
+            ValidatorConfig::Introspection(c) => shown(&c.url, &c.issuer),
+            ValidatorConfig::Userinfo(c) => shown(&c.url, &c.issuer),
+            ValidatorConfig::Http(c) => c.url.to_string(),
+            ValidatorConfig::Jwt(c) => match (&c.jwks_url, &c.jwks_file, &c.issuer) {
+                (None, Some(file), _) => file.display().to_string(),
+                (None, None, None) => "an HS256 secret".into(),
+                (url, _, issuer) => shown(url, issuer),
+            },
+        }
+    }
+
+    /// One line for `check-config`: kind, endpoint and what is required of tokens; secrets are
+    /// never shown, only whether and where they are set.
+    pub fn describe(&self) -> String {
+        let timeouts = |t: &http::HttpTimeouts| format!("timeouts {} s/{} s", t.connect, t.total);
+        match self {
+            ValidatorConfig::Introspection(c) => format!(
+                "introspection {} as client {:?} ({}, secret {}){}, {}",
+                self.endpoint(),
+                c.client_id,
+                match c.client_auth {
+                    introspection::ClientAuth::ClientSecretBasic => "client_secret_basic",
+                    introspection::ClientAuth::ClientSecretPost => "client_secret_post",
+                },
+                match (&c.client_secret, &c.client_secret_file) {
+                    (Some(_), _) => "inline".to_owned(),
+                    (None, Some(path)) => format!("from {}", path.display()),
+                    (None, None) => "from EXTAUTH_CLIENT_SECRET".to_owned(),
+                },
+                c.require.describe(),
+                timeouts(&c.timeouts)
+            ),
+            ValidatorConfig::Userinfo(c) => format!(
+                "userinfo {}{}, {}",
+                self.endpoint(),
+                c.require.describe(),
+                timeouts(&c.timeouts)
+            ),
+            ValidatorConfig::Jwt(c) => format!(
+                "jwt, keys from {}{}{}, leeway {} s, unknown kids refetched at most every {} s",
+                self.endpoint(),
+                c.require.describe(),
+                c.typ
+                    .as_ref()
+                    .map_or_else(String::new, |t| format!(", typ {t}")),
+                c.leeway,
+                c.jwks_min_refresh
+            ),
+            ValidatorConfig::Http(c) => format!(
+                "http {} {} (token {}){}, {}",
+                c.method.to_uppercase(),
+                c.url,
+                match c.token_in {
+                    http_api::TokenIn::Bearer => "as Authorization: Bearer".to_owned(),
+                    http_api::TokenIn::Form => format!("in form field {:?}", c.form_field),
+                },
+                match (&c.json_pointer, &c.json_equals) {
+                    (Some(p), Some(v)) => format!(", body {p} must equal {v}"),
+                    _ => String::new(),
+                },
+                timeouts(&c.timeouts)
+            ),
+        }
+    }
+}
+
+/// A configured URL, or where it is discovered from.
+fn shown(url: &Option<ConfigUrl>, issuer: &Option<ConfigUrl>) -> String {
+    match (url, issuer) {
+        (Some(url), _) => url.to_string(),
+        (None, Some(issuer)) => format!("discovered from {issuer}"),
+        (None, None) => "no URL".into(),
+    }
+}
+
+/// Builds the validator `config` describes under the broker-wide provider `policy`, wrapped in
+/// a circuit breaker and a cap of `concurrency` calls at once, served in turn by user
+/// ([`gate::Gate`]); `jwt` is neither: it makes no call per login (its JWKS fetches are
+/// limited by `jwks_min_refresh`).
 ///
 /// # Errors
 /// A message naming the bad setting (unreadable secret file, bad URL, ...).
 pub fn build(
     config: &ValidatorConfig,
     breaker: breaker::BreakerConfig,
+    concurrency: usize,
+    policy: &http::ProviderPolicy,
 ) -> Result<Arc<dyn Validator>, String> {
     let inner: Arc<dyn Validator> = match config {
         ValidatorConfig::Introspection(c) => {
-            Arc::new(introspection::Introspection::new(c.clone())?)
+            Arc::new(introspection::Introspection::new(c.clone(), policy)?)
         }
-        ValidatorConfig::Userinfo(c) => Arc::new(userinfo::Userinfo::new(c.clone())?),
-        ValidatorConfig::Http(c) => Arc::new(http_api::HttpApi::new(c.clone())?),
+        ValidatorConfig::Userinfo(c) => Arc::new(userinfo::Userinfo::new(c.clone(), policy)?),
+        ValidatorConfig::Http(c) => Arc::new(http_api::HttpApi::new(c.clone(), policy)?),
         // Verified locally: there is no per-login call for a breaker to spare, and an open one
         // would refuse tokens whose keys are at hand. JWKS fetches have their own limit.
-        ValidatorConfig::Jwt(c) => return Ok(Arc::new(jwt::Jwt::new(c.clone())?)),
+        ValidatorConfig::Jwt(c) => return Ok(Arc::new(jwt::Jwt::new(c.clone(), policy)?)),
     };
-    Ok(Arc::new(breaker::Breaker::new(inner, breaker)))
+    let gated: Arc<dyn Validator> = Arc::new(gate::Gate::new(inner, concurrency));
+    Ok(Arc::new(breaker::Breaker::new(gated, breaker)))
 }

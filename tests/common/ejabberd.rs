@@ -19,7 +19,7 @@
 //!
 //! Needs: root (Debian's ejabberdctl runs the node as user `ejabberd` via `su`, gotcha 2),
 //! ejabberdctl, epmd, openssl, and a python with slixmpp (env `EXTAUTH_XMPP_PYTHON`, default
-//! `/opt/extauth-venv/bin/python`). `.ci/run` installs all of it.
+//! `/opt/extauth-venv/bin/python`). `tests/run` installs all of it.
 //!
 //! Environment:
 //! - `EXTAUTH_REQUIRE_EJABBERD=1`: a missing prerequisite is a test failure instead of a skip.
@@ -38,6 +38,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
+
+use super::services::skip_or_require;
 
 /// The only XMPP domain the cluster serves.
 pub const DOMAIN: &str = "localhost";
@@ -811,21 +813,7 @@ pub fn missing_for_cluster() -> Vec<String> {
 /// what is missing, and returns false, or panics if `EXTAUTH_REQUIRE_EJABBERD=1` (CI), so a
 /// machine without ejabberd never passes these tests silently.
 pub fn runnable(test: &str, missing: &[String]) -> bool {
-    if missing.is_empty() {
-        return true;
-    }
-    let what = missing.join("; ");
-    if std::env::var("EXTAUTH_REQUIRE_EJABBERD").as_deref() == Ok("1") {
-        panic!("EXTAUTH_REQUIRE_EJABBERD=1 but the real-ejabberd test cannot run; missing: {what}");
-    }
-    eprintln!(
-        "\n*********************************************************************\n\
-         SKIPPED: no real ejabberd here (missing: {what}).\n\
-         {test} did NOT run. `.ci/run` installs the prerequisites;\n\
-         set EXTAUTH_REQUIRE_EJABBERD=1 to turn this skip into a failure.\n\
-         *********************************************************************\n"
-    );
-    false
+    skip_or_require("EXTAUTH_REQUIRE_EJABBERD", test, missing)
 }
 
 /// Logs in once with SASL PLAIN over plain TCP using the real XMPP client

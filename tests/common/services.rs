@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -73,6 +74,31 @@ pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) 
     }
 }
 
+/// True when nothing is `missing`. Otherwise prints a loud `SKIPPED` block naming `test` and
+/// what is missing and returns false, or panics when the environment variable `require_env` is
+/// `1` (`tests/run` and CI set it), so a machine without a prerequisite never passes a test
+/// silently.
+pub fn skip_or_require(require_env: &str, test: &str, missing: &[String]) -> bool {
+    if missing.is_empty() {
+        return true;
+    }
+    let what = missing.join("; ");
+    if std::env::var(require_env).as_deref() == Ok("1") {
+        panic!("{require_env}=1 but {test} cannot run; missing: {what}");
+    }
+    // Straight to the process's stderr: cargo test captures `eprintln!` of passing tests, and
+    // a skip must be seen.
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*********************************************************************\n\
+         SKIPPED: {test} did NOT run (missing: {what}).\n\
+         `tests/run` installs the prerequisites;\n\
+         set {require_env}=1 to turn this skip into a failure.\n\
+         *********************************************************************\n"
+    );
+    false
+}
+
 /// The mock OAuth provider on its own small runtime, so tests can stay synchronous.
 pub struct Provider {
     // Declared before the runtime so it stops first.
@@ -114,6 +140,11 @@ impl Provider {
 
     pub fn set_latency(&self, latency: Duration) {
         self.inner.set_latency(latency);
+    }
+
+    /// The most calls answered at once (counted while a latency is set).
+    pub fn most_concurrent_calls(&self) -> u64 {
+        self.inner.most_concurrent_calls()
     }
 
     pub fn set_fail_status(&self, status: u16) {
@@ -242,6 +273,8 @@ pub struct BrokerSpec<'a> {
     /// The shared cache key secret; brokers sharing Redis must share it.
     pub cache_secret: &'a str,
     pub extra: Vec<String>,
+    /// RLIMIT_NOFILE (soft and hard) the broker starts with; `None` inherits the test's.
+    pub nofile: Option<u64>,
 }
 
 impl<'a> BrokerSpec<'a> {
@@ -269,6 +302,7 @@ impl<'a> BrokerSpec<'a> {
             redis: None,
             cache_secret: "test-cache-secret-0123456789abcdef0123",
             extra: Vec::new(),
+            nofile: None,
         }
     }
 
@@ -336,6 +370,16 @@ impl Broker {
         if let Some(redis) = spec.redis {
             cmd.args(["--redis", &redis.url()]);
         }
+        if let Some(limit) = spec.nofile {
+            use nix::sys::resource::{setrlimit, Resource};
+            // SAFETY: setrlimit(2) is async-signal-safe and allocates nothing; the closure runs
+            // in the forked child before exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    setrlimit(Resource::RLIMIT_NOFILE, limit, limit).map_err(std::io::Error::from)
+                });
+            }
+        }
         self.child = Some(cmd.spawn().unwrap());
         let socket = self.socket.clone();
         wait_until(Duration::from_secs(10), "the broker's socket", || {
@@ -375,6 +419,44 @@ impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Runs `extauth-broker revoke` against `broker`'s Redis and cache secret (user `user` of
+/// `example.com`, or only the token in `token_file`); panics unless it succeeds, returns what it
+/// printed.
+pub fn revoke_cli(redis: &Redis, broker: &Broker, user: &str, token_file: Option<&Path>) -> String {
+    let out = try_revoke_cli(redis, broker, user, token_file);
+    assert!(
+        out.status.success(),
+        "revoke failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Like [`revoke_cli`], whatever the outcome.
+pub fn try_revoke_cli(
+    redis: &Redis,
+    broker: &Broker,
+    user: &str,
+    token_file: Option<&Path>,
+) -> std::process::Output {
+    let mut cmd = Command::new(broker_bin());
+    cmd.args([
+        "revoke",
+        "--redis",
+        &redis.url(),
+        "--domain",
+        "example.com",
+        "--user",
+        user,
+    ])
+    .arg("--cache-secret-file")
+    .arg(broker.cache_secret_file());
+    if let Some(path) = token_file {
+        cmd.arg("--token-file").arg(path);
+    }
+    cmd.output().unwrap()
 }
 
 /// A real shim child process speaking extauth on its stdin/stdout.
@@ -450,6 +532,27 @@ impl Shim {
         }
     }
 
+    /// What the shim wrote to stdout beyond the replies read so far, within `settle` (empty when
+    /// it wrote exactly one reply per request). Reads without blocking, so the shim stays usable.
+    pub fn unread(&mut self, settle: Duration) -> Vec<u8> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        std::thread::sleep(settle);
+        let flags = OFlag::from_bits_truncate(fcntl(&self.stdout, FcntlArg::F_GETFL).unwrap());
+        fcntl(&self.stdout, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).unwrap();
+        let mut extra = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            match self.stdout.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => extra.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("reading the shim's stdout: {e}"),
+            }
+        }
+        fcntl(&self.stdout, FcntlArg::F_SETFL(flags)).unwrap();
+        extra
+    }
+
     /// Has the process exited (without being waited for by [`Shim::finish`])?
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().unwrap()
@@ -480,6 +583,20 @@ impl Drop for Shim {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends each request on a shim of its own (`--timeout timeout_s`), all before reading any
+/// reply, so they are in flight together; the replies, in order.
+pub fn ask_all(broker: &str, timeout_s: f64, requests: &[String]) -> Vec<bool> {
+    let mut shims: Vec<Shim> = requests
+        .iter()
+        .map(|request| {
+            let mut shim = Shim::spawn(broker, timeout_s, &[]);
+            shim.send(request.as_bytes());
+            shim
+        })
+        .collect();
+    shims.iter_mut().map(Shim::reply).collect()
 }
 
 /// An extauth frame: 2-byte big-endian length, then the request.

@@ -1,0 +1,417 @@
+//! Flights: how a verdict on a token that is not in the in-process cache is obtained, once for
+//! every request that waits on it here (singleflight) and, through a short Redis lock, once for
+//! every broker (Go's singleflight and groupcache; docs/architecture.md).
+//!
+//! A flight re-checks Redis (another broker may just have decided), takes the token's cluster
+//! lock or waits for its holder's verdict, else asks the domain's validator, binds the answer to
+//! a user ([`crate::domain::Domain::verdict`]) and stores the verdict in Redis and L1. Every
+//! verdict read back from Redis is authenticated, clamped to this broker's lifetimes and checked
+//! against the revocation marks, here and in Redis.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::OnceCell;
+use tracing::{info, warn};
+
+use crate::cache::L1;
+use crate::domain::Domain;
+use crate::keys::{Key, KeyDeriver};
+use crate::metrics;
+use crate::revoke::{covers, Revocations};
+use crate::store::{Health, Op, Redis};
+use crate::validate::{TokenCheck, Validation};
+use crate::verdict::{now_ms, Answer, Verdict};
+use crate::wire::{Reason, Source};
+
+/// How long a broker holds the cluster-wide flight lock of a token at most; other brokers wait
+/// for its verdict at most this long (and at most half their request's time left) before
+/// validating themselves.
+const LOCK_TTL: Duration = Duration::from_secs(6);
+/// Least time left before a request's deadline for a provider call to be started.
+pub const MIN_PROVIDER_BUDGET: Duration = Duration::from_millis(50);
+/// How often a broker waiting on another broker's flight looks for its verdict.
+const LOCK_POLL: Duration = Duration::from_millis(10);
+
+/// A verdict and where it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fetched {
+    /// The verdict on the token.
+    pub verdict: Verdict,
+    /// Where it came from.
+    pub source: Source,
+}
+
+/// Why a flight produced no verdict; shared with its waiters, never cached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FlightError {
+    /// The provider could not answer (a log-safe message).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The deadline of the request running the flight left no time for the provider call.
+    #[error("no time left for a provider call")]
+    Deadline,
+}
+
+/// What a flight's waiters get.
+pub type Landed = Result<Fetched, FlightError>;
+
+/// One request's question: the verdict on this token, for this domain, by this deadline.
+pub struct Ask<'a> {
+    /// The token's key (with the user for validators whose answer depends on it).
+    pub token_key: Key,
+    /// What the validator is asked.
+    pub check: TokenCheck<'a>,
+    /// The domain's settings and validator.
+    pub domain: &'a Domain,
+    /// When the requester stops waiting.
+    pub deadline: Instant,
+}
+
+/// What the cluster-wide flight lock said.
+enum Coordination {
+    /// This broker validates (and must unlock).
+    Hold,
+    /// Another broker's verdict arrived in Redis.
+    Shared(Verdict),
+    /// No Redis, a Redis error, or the wait bound passed: validate without the lock.
+    Alone,
+}
+
+/// What [`Flights`] needs, built once at start-up.
+pub struct FlightParts {
+    /// Key derivation (the named user's key).
+    pub keys: KeyDeriver,
+    /// The shared store, if configured.
+    pub redis: Option<Redis>,
+    /// The in-process cache, shared with the engine.
+    pub l1: L1,
+    /// Revocation marks, shared with the engine and the hint listener.
+    pub revocations: Arc<Revocations>,
+}
+
+/// Runs flights. Cheap to share behind an `Arc`.
+pub struct Flights {
+    parts: FlightParts,
+    /// Flights in progress in this process, by token key.
+    running: Mutex<HashMap<Key, Arc<OnceCell<Landed>>>>,
+    /// Names this broker as the holder of a cluster lock.
+    owner: String,
+    health: Health,
+}
+
+impl Flights {
+    /// Flights over `parts`.
+    pub fn new(parts: FlightParts) -> Self {
+        Flights {
+            parts,
+            running: Mutex::new(HashMap::new()),
+            owner: format!(
+                "{}:{}",
+                std::process::id(),
+                hex::encode(rand::random::<[u8; 6]>())
+            ),
+            health: Health::default(),
+        }
+    }
+
+    /// Redis outage bookkeeping, shared with the engine's own Redis calls.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// The verdict on `ask`'s token: from the flight already running for it in this process,
+    /// or from a new one this request leads. A flight cut at its leader's deadline is run again
+    /// for a waiter that still has time.
+    pub async fn fetch(&self, ask: &Ask<'_>) -> Landed {
+        let landed = self.join(ask).await;
+        let time_left = ask.deadline.saturating_duration_since(Instant::now());
+        if landed == Err(FlightError::Deadline) && time_left >= MIN_PROVIDER_BUDGET {
+            return self.join(ask).await;
+        }
+        landed
+    }
+
+    /// Joins or leads the flight for `ask`'s token. If the leader's request is dropped (its
+    /// shim went away), the next waiter takes over the work.
+    async fn join(&self, ask: &Ask<'_>) -> Landed {
+        let cell = self
+            .running
+            .lock()
+            .expect("flights")
+            .entry(ask.token_key)
+            .or_default()
+            .clone();
+        let mut led = false;
+        let landed = cell
+            .get_or_init(|| {
+                led = true;
+                // Boxed: the flight's state machine is large, and only a miss pays for it.
+                Box::pin(self.lead(ask))
+            })
+            .await
+            .clone();
+        let mut running = self.running.lock().expect("flights");
+        if running
+            .get(&ask.token_key)
+            .is_some_and(|c| Arc::ptr_eq(c, &cell))
+        {
+            running.remove(&ask.token_key);
+        }
+        if !led {
+            metrics::coalesced_waiter();
+        }
+        landed
+    }
+
+    /// The body of a flight.
+    async fn lead(&self, ask: &Ask<'_>) -> Landed {
+        let started_ms = now_ms();
+        let l1 = &self.parts.l1;
+        // A flight that landed between the caller's cache miss and this one.
+        if let Some(v) = l1
+            .get(&ask.token_key)
+            .filter(|v| self.current(&ask.token_key, v))
+        {
+            return Ok(Fetched {
+                verdict: v,
+                source: Source::L1,
+            });
+        }
+        let mut stale = l1
+            .get_usable(&ask.token_key)
+            .filter(|v| self.current(&ask.token_key, v));
+        if let Some(v) = self.stored_verdict(ask).await {
+            if v.is_fresh_at(now_ms()) {
+                return Ok(self.shared(ask, v));
+            }
+            stale = stale.or(Some(v));
+        }
+        let coordination = self.coordinate(ask).await;
+        if let Coordination::Shared(v) = coordination {
+            return Ok(self.shared(ask, v));
+        }
+        let decided = self.ask_provider(ask, started_ms).await;
+        let landed = match decided {
+            Ok(verdict) => Ok(self.remember(ask, verdict).await),
+            Err(e) => Err(e),
+        };
+        if let (Coordination::Hold, Some(redis)) = (&coordination, &self.parts.redis) {
+            self.health
+                .check(Op::Unlock, redis.unlock(&ask.token_key).await);
+        }
+        match (landed, stale) {
+            (Err(FlightError::Unavailable(why)), Some(v)) => {
+                warn!(
+                    user = ask.check.user,
+                    domain = ask.check.domain,
+                    "provider unavailable ({why}); serving a stale verdict (stale_if_error)"
+                );
+                Ok(Fetched {
+                    verdict: v,
+                    source: Source::L1,
+                })
+            }
+            (landed, _) => landed,
+        }
+    }
+
+    /// Is `verdict` on `token` not revoked by a mark this process knows?
+    fn current(&self, token: &Key, verdict: &Verdict) -> bool {
+        !self.parts.revocations.revokes(token, verdict)
+    }
+
+    /// A verdict another broker stored, now kept here too.
+    fn shared(&self, ask: &Ask<'_>, verdict: Verdict) -> Fetched {
+        metrics::cache_hit(Source::Redis);
+        self.parts.l1.insert(ask.token_key, verdict);
+        Fetched {
+            verdict,
+            source: Source::Redis,
+        }
+    }
+
+    /// The usable verdict Redis holds on the token, authenticated, clamped to this domain's
+    /// lifetimes and not revoked; `None` on a miss or a Redis error.
+    async fn stored_verdict(&self, ask: &Ask<'_>) -> Option<Verdict> {
+        let redis = self.parts.redis.as_ref()?;
+        let stored = self
+            .health
+            .check(Op::Read, redis.verdict(&ask.token_key).await)?;
+        let now = now_ms();
+        let verdict = stored
+            .verdict?
+            .clamped(&ask.domain.config.lifetimes(), now)
+            .filter(|v| v.is_usable_at(now))?;
+        if let Some(mark) = stored.token_mark {
+            self.parts.revocations.note_token(ask.token_key, mark);
+        }
+        if let Some(user) = verdict.named_user() {
+            let mark = self
+                .health
+                .check(Op::MarkRead, redis.user_mark(user).await)?;
+            if let Some(mark) = mark {
+                self.parts.revocations.note_user(*user, mark);
+            }
+        }
+        self.current(&ask.token_key, &verdict).then_some(verdict)
+    }
+
+    /// Takes the cluster-wide flight lock of the token, or waits for the broker holding it to
+    /// store its verdict. Never a wrong verdict: at worst an extra provider call.
+    ///
+    /// The wait lasts at most [`LOCK_TTL`] and at most half the time left before the deadline:
+    /// a broker killed mid-flight leaves its lock behind until the TTL ends, and the requester
+    /// must still have time for its own provider call after giving up on it.
+    async fn coordinate(&self, ask: &Ask<'_>) -> Coordination {
+        let Some(redis) = &self.parts.redis else {
+            return Coordination::Alone;
+        };
+        let now = Instant::now();
+        let give_up = now + LOCK_TTL.min(ask.deadline.saturating_duration_since(now) / 2);
+        loop {
+            let taken = redis.lock(&ask.token_key, &self.owner, LOCK_TTL).await;
+            match self.health.check(Op::Lock, taken) {
+                Some(true) => return Coordination::Hold,
+                Some(false) => {}
+                None => return Coordination::Alone,
+            }
+            // Another broker validates this token now: wait for its verdict or its unlock.
+            while Instant::now() < give_up {
+                tokio::time::sleep(LOCK_POLL).await;
+                if let Some(v) = self.stored_verdict(ask).await {
+                    if v.is_fresh_at(now_ms()) {
+                        return Coordination::Shared(v);
+                    }
+                }
+                match self
+                    .health
+                    .check(Op::LockCheck, redis.locked(&ask.token_key).await)
+                {
+                    Some(true) => {}
+                    // Released without a verdict (its provider call failed): try ourselves.
+                    Some(false) => break,
+                    None => return Coordination::Alone,
+                }
+            }
+            if Instant::now() >= give_up {
+                return Coordination::Alone;
+            }
+        }
+    }
+
+    /// Calls the domain's validator within the deadline, and turns its answer into a verdict.
+    async fn ask_provider(&self, ask: &Ask<'_>, started_ms: u64) -> Result<Verdict, FlightError> {
+        let started = Instant::now();
+        let left = ask.deadline.saturating_duration_since(started);
+        if left < MIN_PROVIDER_BUDGET {
+            return Err(FlightError::Deadline);
+        }
+        let validator = &ask.domain.validator;
+        let validation = tokio::time::timeout(left, validator.validate(ask.check))
+            .await
+            .map_err(|_| FlightError::Deadline)?;
+        metrics::provider_call(validator.kind(), &validation, started.elapsed());
+        if let Validation::Unavailable(why) = validation {
+            return Err(FlightError::Unavailable(why));
+        }
+        let verdict = ask
+            .domain
+            .verdict(validation, &ask.check, &self.parts.keys, started_ms);
+        info!(
+            user = ask.check.user,
+            domain = ask.check.domain,
+            verdict = verdict
+                .decide(&self.parts.keys.user(ask.check.domain, ask.check.user))
+                .1
+                .as_str(),
+            ttl_ms = verdict.remaining().as_millis() as u64,
+            "provider verdict"
+        );
+        Ok(verdict)
+    }
+
+    /// Stores a provider's verdict in Redis and L1, unless a revocation raced this flight: then
+    /// nothing is kept (what was written is deleted again), and a revocation that came after
+    /// the flight started turns the answer into a refusal.
+    async fn remember(&self, ask: &Ask<'_>, verdict: Verdict) -> Fetched {
+        let token = &ask.token_key;
+        let mut race = self
+            .parts
+            .revocations
+            .covering(token, &verdict)
+            .map(Race::Mark);
+        if let (None, Some(redis)) = (race, &self.parts.redis) {
+            let written = self
+                .health
+                .check(Op::Write, redis.put_verdict(token, &verdict).await)
+                .is_some();
+            // The marks are read after writing: a revocation whose mark lands after this read
+            // finds the verdict in the user's index and deletes it itself.
+            race = self.stored_mark(redis, token, &verdict).await;
+            if race.is_some() && written {
+                let _ = redis.delete_verdict(token).await;
+            }
+        }
+        let answer = match race {
+            None => {
+                self.parts.l1.insert(*token, verdict);
+                verdict
+            }
+            Some(race) => {
+                info!(
+                    user = ask.check.user,
+                    domain = ask.check.domain,
+                    "a revocation may have raced this provider call: its verdict is not cached"
+                );
+                match race {
+                    Race::Mark(at) if at >= verdict.issued_ms => Verdict {
+                        answer: Answer::Refused(Reason::Revoked),
+                        fresh_until_ms: 0,
+                        usable_until_ms: 0,
+                        ..verdict
+                    },
+                    _ => verdict,
+                }
+            }
+        };
+        Fetched {
+            verdict: answer,
+            source: Source::Provider,
+        }
+    }
+
+    /// A mark stored in Redis that covers `verdict`; [`Race::Unknown`] when the marks cannot
+    /// be read (the verdict is then not kept either).
+    async fn stored_mark(&self, redis: &Redis, token: &Key, verdict: &Verdict) -> Option<Race> {
+        let Some(token_mark) = self
+            .health
+            .check(Op::MarkRead, redis.token_mark(token).await)
+        else {
+            return Some(Race::Unknown);
+        };
+        let user_mark = match verdict.named_user() {
+            Some(user) => match self.health.check(Op::MarkRead, redis.user_mark(user).await) {
+                Some(mark) => mark,
+                None => return Some(Race::Unknown),
+            },
+            None => None,
+        };
+        [token_mark, user_mark]
+            .into_iter()
+            .flatten()
+            .filter(|mark| covers(*mark, verdict.issued_ms))
+            .max()
+            .map(Race::Mark)
+    }
+}
+
+/// A revocation that may have raced a flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Race {
+    /// A mark set at this instant (ms since the epoch) covers the flight's verdict.
+    Mark(u64),
+    /// The marks could not be read.
+    Unknown,
+}
