@@ -1,5 +1,5 @@
 //! The real identity providers of `tests/common/idp.rs` show the facts the broker relies on
-//! (`shared/docs/identity-providers.md`, docs/configuration.md): what introspection, userinfo
+//! (docs/providers.md, docs/configuration.md): what introspection, userinfo
 //! and JWT access tokens carry, and how each provider refuses. If a provider upgrade changes one
 //! of them, this file says which before any broker test fails in a puzzling way.
 //!

@@ -6,7 +6,7 @@
 # provider agree on every count. Exit status 0 only when they do. See deploy/tsung/README.md.
 #
 # Facts this relies on (ports, epmd, cookies, su, tsung's quirks) are in
-# shared/docs/ejabberd-lab.md; the "gotcha N" references below are to it.
+# docs/testing.md; the "pitfall N" references below are to it.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -124,7 +124,7 @@ LOGINS=$((USERS + BAD))
 
 # ----- prerequisites -----
 
-[ "$(id -u)" = 0 ] || die "run as root: Debian's ejabberdctl runs the nodes as user ejabberd via su (lab notes, gotcha 2)"
+[ "$(id -u)" = 0 ] || die "run as root: Debian's ejabberdctl runs the nodes as user ejabberd via su (docs/testing.md, pitfall 2)"
 for cmd in ejabberdctl epmd erl tsung openssl base64 od awk ps timeout install; do
     command -v "$cmd" >/dev/null 2>&1 || die "$cmd not found; install the prerequisites: apt-get install ejabberd tsung openssl"
 done
@@ -136,7 +136,7 @@ getent group ejabberd >/dev/null || die "no group ejabberd (it comes with the ej
 id -u nobody >/dev/null 2>&1 || die "no user nobody (the broker drops to it)"
 
 # A connection that succeeds means somebody listens there, on 127.0.0.1, 0.0.0.0 or :: alike
-# (a stock ejabberd listens on :: 5222, lab notes "Install").
+# (a stock ejabberd listens on :: 5222).
 port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for p in "$C2S_PORT1" "$C2S_PORT2" "$EPMD_PORT" "$PROVIDER_PORT" "$METRICS_PORT"; do
     if port_taken "$p"; then
@@ -165,7 +165,7 @@ with_start_time() {
         printf '%s:%s\n' "$pid" "${f[19]}"
     done
 }
-alive() { # PID: exists and is no zombie (PID 1 here reaps late, gotcha 12)
+alive() { # PID: exists and is no zombie (PID 1 here reaps late, pitfall 12)
     local stat f
     stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
     read -r -a f <<<"${stat##*) }"
@@ -277,8 +277,8 @@ check_eq() { # WHAT ACTUAL EXPECTED
 
 # ----- the cluster (the same steps as tests/common/ejabberd.rs) -----
 
-# ejabberdctl against node N of the current storm. --config-dir, not --config (gotcha 1); our own
-# epmd (gotcha 3); bounded, since an Erlang VM that cannot reach its node may wait a long time.
+# ejabberdctl against node N of the current storm. --config-dir, not --config (pitfall 1); our own
+# epmd (pitfall 3); bounded, since an Erlang VM that cannot reach its node may wait a long time.
 # EXTAUTH_NODE reaches the extauth programs through su and the VM: the shim names its node to the
 # broker with it.
 ctl() {
@@ -293,7 +293,7 @@ write_node() { # N PROGRAM COOKIE
     local n=$1 d="$RUN_DIR/node$1" program
     mkdir -p "$d/conf" "$d/spool" "$d/logs" "$d/contrib"
     cat >"$d/conf/ejabberdctl.cfg" <<EOF
-# written by deploy/tsung/run.sh (lab notes: per-node ejabberdctl.cfg)
+# written by deploy/tsung/run.sh (docs/testing.md: a cluster by hand)
 ERLANG_NODE=ejabberd$n@localhost
 ERL_OPTIONS="-setcookie $3 -kernel inet_dist_use_interface {127,0,0,1} -start_epmd false -env ERL_CRASH_DUMP_BYTES 0"
 ERL_EPMD_ADDRESS=127.0.0.1
@@ -359,7 +359,7 @@ node_descendants() {
     done
 }
 
-# A broken program is restarted in a loop by ejabberd's supervisor (gotcha 7): wait until each
+# A broken program is restarted in a loop by ejabberd's supervisor (pitfall 7): wait until each
 # node has POOL_SIZE programs that stay alive across half a second.
 wait_programs() {
     local deadline=$((SECONDS + 20)) n before after stable ok
@@ -386,7 +386,7 @@ start_cluster() { # PROGRAM
     for n in 1 2; do
         write_node "$n" "$1" "$cookie"
     done
-    # Both nodes boot at once. Never pipe `ejabberdctl start` (gotcha 11): its output goes to a file.
+    # Both nodes boot at once. Never pipe `ejabberdctl start` (pitfall 11): its output goes to a file.
     ctl 1 start >"$RUN_DIR/start1.out" 2>&1 &
     local s1=$!
     ctl 2 start >"$RUN_DIR/start2.out" 2>&1 &
@@ -395,7 +395,7 @@ start_cluster() { # PROGRAM
     wait "$s2" || die "ejabberdctl start of node 2 failed: $(cat "$RUN_DIR/start2.out")"
     wait_status 1
     wait_status 2
-    # join_cluster restarts node 2's ejabberd application (gotcha 8): wait for it again.
+    # join_cluster restarts node 2's ejabberd application (pitfall 8): wait for it again.
     ctl 2 join_cluster ejabberd1@localhost >"$RUN_DIR/join.out" 2>&1 ||
         die "join_cluster failed: $(cat "$RUN_DIR/join.out")"
     wait_status 2
@@ -548,7 +548,7 @@ write_logins() { # FILE RUN EXP
 
 # One SASL PLAIN login over plain TCP with bash alone: prints success, failure or error. Used to
 # warm each node up before the storm: a fresh node's first login takes 115-195 ms because Erlang
-# loads modules on first use (lab notes, "Timings"), which would otherwise land in tsung's figures.
+# loads modules on first use (docs/testing.md), which would otherwise land in tsung's figures.
 xmpp_login() { # PORT USER TOKEN
     local fd creds reply="" chunk rc deadline=$((SECONDS + 10))
     creds=$(printf '\0%s\0%s' "$2" "$3" | base64 -w0)
@@ -633,7 +633,7 @@ RELOGIN_XML='      <thinktime value="1"/>
 run_tsung() { # OUT_DIR
     local out=$1 phase limit rc=0 log relogin=""
     if [ "$PASSES" = 2 ]; then relogin=$RELOGIN_XML; fi
-    # Poisson arrivals: give the phase twice the mean time the logins need (gotcha 10f); tsung
+    # Poisson arrivals: give the phase twice the mean time the logins need (pitfall 10f); tsung
     # stops as soon as the last user is launched and done.
     phase=$(awk -v l="$LOGINS" -v r="$RATE" 'BEGIN { printf "%d\n", 2 * l / r + 10 }')
     limit=$((phase + 120))
@@ -645,7 +645,7 @@ run_tsung() { # OUT_DIR
         >"$RUN_DIR/login-storm.xml"
     cp "$RUN_DIR/login-storm.xml" "$RUN_DIR/logins.csv" "$out/"
     say "tsung: $LOGINS users at $RATE/s over both nodes, $PASSES login(s) each (phase up to $phase s)"
-    # HOME: tsung writes ~/.tsung (gotcha 10a); -n: no web GUI on :8091 (10b); ERL_FLAGS: its
+    # HOME: tsung writes ~/.tsung (pitfall 10a); -n: no web GUI on :8091 (10b); ERL_FLAGS: its
     # distribution port on loopback only (10c), and no epmd of its own; -l: its own log dir
     # per run (10g). `timeout` runs tsung in a process group of its own, which cleanup kills.
     HOME="$RUN_DIR/tsung-home" ERL_EPMD_PORT="$EPMD_PORT" \
@@ -901,7 +901,7 @@ rm -f "$SCR/key.pem" "$SCR/crt.pem"
 chown ejabberd:ejabberd "$SCR/cert.pem"
 chmod 0600 "$SCR/cert.pem"
 
-# Our own epmd on loopback, for the nodes, their ejabberdctl calls and tsung (gotcha 3).
+# Our own epmd on loopback, for the nodes, their ejabberdctl calls and tsung (pitfall 3).
 epmd -address 127.0.0.1 -port "$EPMD_PORT" </dev/null >"$SCR/epmd.log" 2>&1 &
 EPMD_PID=$!
 wait_port "$EPMD_PORT" 10 || die "epmd did not listen on 127.0.0.1:$EPMD_PORT: $(cat "$SCR/epmd.log")"

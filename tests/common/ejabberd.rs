@@ -1,7 +1,7 @@
 //! Test harness: a REAL two-node ejabberd cluster (Debian's ejabberd 23.01 package) with
 //! `auth_method: external`, plus a real XMPP client (slixmpp, `tests/xmpp_login.py`).
 //!
-//! Facts this relies on are in `shared/docs/ejabberd-lab.md` (the "gotcha N" references below).
+//! Facts this relies on are in docs/testing.md (the "pitfall N" references below).
 //!
 //! ```ignore
 //! if !common::ejabberd::Cluster::available() { return; }
@@ -17,7 +17,7 @@
 //! and epmd if the test process dies without running Drop (SIGKILL, Ctrl-C, a cluster kept in a
 //! `static`).
 //!
-//! Needs: root (Debian's ejabberdctl runs the node as user `ejabberd` via `su`, gotcha 2),
+//! Needs: root (Debian's ejabberdctl runs the node as user `ejabberd` via `su`, pitfall 2),
 //! ejabberdctl, epmd, openssl, and a python with slixmpp (env `EXTAUTH_XMPP_PYTHON`, default
 //! `/opt/extauth-venv/bin/python`). `tests/run` installs all of it.
 //!
@@ -170,7 +170,7 @@ impl Cluster {
             cluster.write_node_files(i, &cookie, extauth_program, uid, gid);
         }
 
-        // Boot both nodes in parallel. Never pipe `ejabberdctl start` (gotcha 11): its output goes
+        // Boot both nodes in parallel. Never pipe `ejabberdctl start` (pitfall 11): its output goes
         // to a file.
         let t_boot = Instant::now();
         let mut starters = Vec::new();
@@ -203,7 +203,7 @@ impl Cluster {
         if let Err(e) = cluster.ctl(2, &["join_cluster", &node1]) {
             cluster.fail(&format!("join_cluster {node1} on node 2 failed: {e}"));
         }
-        // join_cluster restarts node 2's ejabberd application (gotcha 8).
+        // join_cluster restarts node 2's ejabberd application (pitfall 8).
         cluster.wait_started(2, t_join);
         let deadline = Instant::now() + WAIT;
         loop {
@@ -329,7 +329,7 @@ impl Cluster {
     fn ctl_command(&self, node: usize, args: &[&str]) -> Command {
         let n = self.node(node);
         let mut cmd = Command::new(&self.ejabberdctl);
-        // --config-dir, not --config (gotcha 1): ejabberdctl.cfg there sets EJABBERD_CONFIG_PATH.
+        // --config-dir, not --config (pitfall 1): ejabberdctl.cfg there sets EJABBERD_CONFIG_PATH.
         cmd.arg("--config-dir")
             .arg(n.dir.join("conf"))
             .arg("--spool")
@@ -501,7 +501,7 @@ case "$DIR" in */extauth-ejabberd-*) rm -rf "$DIR" ;; esac"#;
             sh_quote(&stderr_log.to_string_lossy())
         );
         let yml = format!(
-            r#"# written by the extauth-broker test harness (see shared/docs/ejabberd-lab.md)
+            r#"# written by the extauth-broker test harness (see docs/testing.md)
 loglevel: info
 hosts: ["localhost"]
 certfiles: [{cert}]
@@ -592,7 +592,7 @@ modules:
     }
 
     /// On each node, at least EXTAUTH_POOL_SIZE extauth programs that stay alive across a 0.5 s
-    /// window (a broken program is restarted in a loop by ejabberd's supervisor, gotcha 7).
+    /// window (a broken program is restarted in a loop by ejabberd's supervisor, pitfall 7).
     fn wait_extauth_programs(&self) {
         let beams: Vec<u32> = self
             .nodes
@@ -788,7 +788,7 @@ impl Drop for Cluster {
 
 /// What a real ejabberd cluster needs on this machine and is missing: ejabberdctl, epmd,
 /// openssl, the system user `ejabberd`, and root (Debian's ejabberdctl runs nodes as user
-/// ejabberd via su, gotcha 2). Each entry says how to get it.
+/// ejabberd via su, pitfall 2). Each entry says how to get it.
 pub fn missing_for_cluster() -> Vec<String> {
     let mut missing = Vec::new();
     if find_program("ejabberdctl").is_none() {
@@ -1000,7 +1000,7 @@ fn tail(s: &str, lines: usize) -> String {
 }
 
 /// Spawns `cmd` in its own process group with stdin from /dev/null and stdout+stderr appended to
-/// `out` (a file, never a pipe: a daemon that inherits a pipe keeps its reader waiting, gotcha 11).
+/// `out` (a file, never a pipe: a daemon that inherits a pipe keeps its reader waiting, pitfall 11).
 fn spawn_logged(cmd: &mut Command, out: &Path) -> std::io::Result<Child> {
     let f = fs::OpenOptions::new().create(true).append(true).open(out)?;
     cmd.stdin(Stdio::null())
@@ -1092,7 +1092,7 @@ fn proc_table() -> Vec<ProcInfo> {
     v
 }
 
-/// Alive = exists and is not a zombie (PID 1 here reaps late, gotcha 12).
+/// Alive = exists and is not a zombie (PID 1 here reaps late, pitfall 12).
 fn is_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat

@@ -9,7 +9,7 @@
 //! assert_eq!(dot.introspect(&token).json()["username"], "alice");
 //! ```
 //!
-//! Facts these providers show are in `shared/docs/identity-providers.md` and checked by
+//! Facts these providers show are in docs/providers.md and checked by
 //! `tests/idp_providers.rs`. Accounts come from `tests/idp/accounts.json` ([`accounts`],
 //! [`user`]), which both providers read too.
 //!
