@@ -16,7 +16,8 @@ use crate::engine::{Engine, EngineParts};
 use crate::fds;
 use crate::keys::KeyDeriver;
 use crate::listener::Listener;
-use crate::metrics::{self, Readiness};
+use crate::metrics;
+use crate::scrape::{self, Readiness};
 use crate::seal::Sealer;
 use crate::server;
 use crate::store::Redis;
@@ -39,12 +40,6 @@ pub struct RunContext {
     pub reload: Option<Reloader>,
     /// Changes the log filter on reload.
     pub set_log_level: Option<LogLevelSetter>,
-}
-
-/// Installs the process-wide rustls crypto provider (ring). Call once before any HTTPS client
-/// is built; later calls are no-ops.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Builds the engine for `config`.
@@ -106,7 +101,7 @@ pub async fn run(config: Config, context: RunContext, shutdown: CancellationToke
     engine.spawn_revocation_listener();
     let ready = Readiness::default();
     if let Some(listener) = sockets.metrics {
-        tokio::spawn(metrics::serve(
+        tokio::spawn(scrape::serve(
             listener,
             handle,
             ready.clone(),

@@ -12,9 +12,9 @@ use moka::future::Cache;
 use serde::Deserialize;
 use tracing::warn;
 
-use crate::config::ConfigUrl;
 use crate::extauth::Secret;
 use crate::keys::Key;
+use crate::secrets::ConfigUrl;
 use crate::validate::http::{self, HttpTimeouts, ProviderClient, ProviderPolicy};
 
 /// Settings of a directory (TOML: `directory = { url = "https://api/users/{user}@{domain}" }`).
@@ -70,7 +70,7 @@ impl Directory {
         let method = http::method("directory method", &config.method)?;
         let bearer = match &config.bearer_token_file {
             Some(path) => Some(
-                crate::config::read_secret(path, "directory.bearer_token_file")
+                crate::secrets::read_secret(path, "directory.bearer_token_file")
                     .map_err(|e| format!("{e:#}"))?,
             ),
             None => None,

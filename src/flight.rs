@@ -312,7 +312,7 @@ impl Flights {
         let validation = tokio::time::timeout(left, validator.validate(ask.check))
             .await
             .map_err(|_| FlightError::Deadline)?;
-        metrics::provider_call(validator.kind(), &validation, started.elapsed());
+        metrics::provider_call(validator.kind(), validation.outcome(), started.elapsed());
         if let Validation::Unavailable(why) = validation {
             return Err(FlightError::Unavailable(why));
         }

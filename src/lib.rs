@@ -53,7 +53,11 @@ pub mod privileges;
 #[cfg(feature = "broker")]
 pub mod revoke;
 #[cfg(feature = "broker")]
+pub mod scrape;
+#[cfg(feature = "broker")]
 pub mod seal;
+#[cfg(feature = "broker")]
+pub mod secrets;
 #[cfg(feature = "broker")]
 pub mod server;
 #[cfg(feature = "broker")]

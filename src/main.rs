@@ -118,7 +118,7 @@ fn check_config(args: RunArgs) -> Result<()> {
         match url {
             Ok(url) => println!(
                 "discovered for {domain}: {what} is {}",
-                extauth_broker::config::redact_url(&url)
+                extauth_broker::secrets::redact_url(&url)
             ),
             Err(why) => {
                 failed += 1;

@@ -1,4 +1,4 @@
-//! Prometheus metrics, and the `/metrics`, `/healthz`, `/readyz` HTTP endpoint.
+//! Prometheus metrics: the recorder and one function per event (the scrape module serves them).
 //!
 //! Names follow the Prometheus conventions (base units: seconds; `_total` for counters).
 //! Label values are fixed vocabularies (command names, reasons, sources, validator kinds,
@@ -30,22 +30,13 @@
 //! | `extauth_endpoint_connections_refused_total` | counter | `endpoint` |
 //! | `extauth_endpoint_timeouts_total` | counter | `endpoint`, `phase` (`header`, `idle`, `request`) |
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
-use axum::Router;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
-use crate::endpoint::{self, EndpointLimits};
-use crate::validate::Validation;
 use crate::wire::{Reason, Source};
 
 /// Request latency buckets (seconds): cached answers take microseconds, provider calls up to the
@@ -104,13 +95,9 @@ pub fn coalesced_waiter() {
     counter!("extauth_coalesced_waiters_total").increment(1);
 }
 
-/// Counts and times one provider call.
-pub fn provider_call(validator: &'static str, validation: &Validation, elapsed: Duration) {
-    let outcome = match validation {
-        Validation::Valid(_) => "valid",
-        Validation::Invalid(_) => "invalid",
-        Validation::Unavailable(_) => "unavailable",
-    };
+/// Counts and times one provider call; `outcome` is `valid`, `invalid` or `unavailable`
+/// (`Validation::outcome` in the validate module).
+pub fn provider_call(validator: &'static str, outcome: &'static str, elapsed: Duration) {
     counter!("extauth_provider_calls_total", "validator" => validator, "outcome" => outcome)
         .increment(1);
     histogram!("extauth_provider_duration_seconds", "validator" => validator)
@@ -244,55 +231,4 @@ pub fn endpoint_connection(endpoint: &'static str, opened: bool) {
     } else {
         open.decrement(1.0);
     }
-}
-
-/// Whether the broker is ready to serve (listeners bound, not shutting down).
-#[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
-
-impl Readiness {
-    /// Marks the broker ready (`true`) or not.
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
-    }
-
-    fn get(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-}
-
-/// Serves `/metrics` (Prometheus text format), `/healthz` (200 while the process runs) and
-/// `/readyz` (200 once listeners are up and until shutdown starts; Redis trouble only degrades,
-/// so it does not make the broker unready) until `shutdown` is cancelled, within `limits`
-/// (see [`crate::endpoint`]).
-pub async fn serve(
-    listener: TcpListener,
-    handle: PrometheusHandle,
-    ready: Readiness,
-    limits: EndpointLimits,
-    shutdown: CancellationToken,
-) {
-    if let Ok(addr) = listener.local_addr() {
-        info!(listen = %addr, max_connections = limits.max_connections, "metrics endpoint listening (/metrics, /healthz, /readyz)");
-    }
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(|State((h, _)): State<(PrometheusHandle, Readiness)>| async move { h.render() }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(
-                |State((_, r)): State<(PrometheusHandle, Readiness)>| async move {
-                    if r.get() {
-                        (StatusCode::OK, "ready\n")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                    }
-                },
-            ),
-        )
-        .with_state((handle, ready));
-    endpoint::serve("metrics", listener, app, limits, shutdown).await;
 }

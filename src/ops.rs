@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::config::{read_secret, ListenAddr};
+use crate::config::ListenAddr;
 use crate::extauth::Command;
+use crate::secrets::read_secret;
 use crate::wire::{self, ClientMsg, Hello, Request, ServerMsg};
 
 /// Flags of `extauth-broker probe`.
@@ -137,9 +138,9 @@ pub struct StatsArgs {
 /// # Errors
 /// An unreachable endpoint or a non-200 answer.
 pub async fn stats(args: StatsArgs) -> Result<()> {
-    crate::daemon::install_crypto_provider();
+    crate::tls::install_crypto_provider();
     // reqwest errors name the URL, which may embed credentials: name it redacted instead.
-    let shown = crate::config::redact_url(&args.metrics_url);
+    let shown = crate::secrets::redact_url(&args.metrics_url);
     let response = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()?

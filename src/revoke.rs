@@ -18,7 +18,7 @@
 //!
 //! A revocation that races a provider call in flight cannot put the revoked verdict back: the
 //! flight compares the marks with its own start after writing, and deletes what it wrote
-//! (see `crate::engine`).
+//! (the flight module does it).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,16 +29,11 @@ use futures_util::StreamExt;
 use tracing::{debug, info, warn};
 
 use crate::cache::L1;
-use crate::config::MAX_LIFETIME;
 use crate::extauth::Secret;
 use crate::keys::{Key, KeyDeriver};
 use crate::metrics;
 use crate::store::{Hint, Redis, HINT_CHANNEL};
-use crate::verdict::{now_ms, Verdict};
-
-/// How long a revocation mark is kept: longer than any verdict it revokes can live
-/// (`max_ttl` + `stale_if_error`, each at most [`MAX_LIFETIME`]), with a minute to spare.
-pub const HORIZON: Duration = Duration::from_secs(2 * MAX_LIFETIME.as_secs() + 60);
+use crate::verdict::{now_ms, Verdict, HORIZON};
 
 /// Clocks of brokers and Redis may disagree by this much (ms; NTP keeps them far closer): a
 /// verdict issued up to this long after a mark is still taken as revoked by it, which costs a
@@ -379,10 +374,10 @@ pub async fn run_cli(args: crate::config::RevokeArgs) -> anyhow::Result<()> {
     let secret_file = file
         .cache_secret_file
         .context("--cache-secret-file is required (the brokers' cache key secret)")?;
-    let secret = crate::config::read_secret(&secret_file, "--cache-secret-file")?;
+    let secret = crate::secrets::read_secret(&secret_file, "--cache-secret-file")?;
     let token = args
         .token_file
-        .map(|p| crate::config::read_secret(&p, "--token-file"))
+        .map(|p| crate::secrets::read_secret(&p, "--token-file"))
         .transpose()?;
     let redis = Redis::new(&store, crate::seal::Sealer::new(&secret))
         .await

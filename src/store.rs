@@ -32,13 +32,12 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use crate::config::ConfigUrl;
 use crate::keys::{self, Key};
 use crate::metrics;
-use crate::revoke;
 use crate::seal::{Purpose, SealError, Sealer};
+use crate::secrets::ConfigUrl;
 use crate::throttle::Throttle;
-use crate::verdict::{now_ms, parse_ms, Verdict};
+use crate::verdict::{now_ms, parse_ms, Verdict, HORIZON};
 
 /// Pub/sub channel on which brokers hint at revocations.
 pub const HINT_CHANNEL: &str = "extauth:v2:hints";
@@ -478,7 +477,7 @@ impl Redis {
             self.query::<()>(
                 redis::cmd("PEXPIRE")
                     .arg(&index)
-                    .arg(revoke::HORIZON.as_millis() as u64),
+                    .arg(HORIZON.as_millis() as u64),
             )
             .await?;
         }
@@ -513,7 +512,7 @@ impl Redis {
     }
 
     /// Records that every verdict on the user issued up to `at_ms` is revoked; the mark lives
-    /// [`revoke::HORIZON`], longer than any verdict it revokes.
+    /// [`HORIZON`], longer than any verdict it revokes.
     ///
     /// # Errors
     /// Redis errors.
@@ -538,7 +537,7 @@ impl Redis {
                 .arg(name)
                 .arg(value)
                 .arg("PX")
-                .arg(revoke::HORIZON.as_millis() as u64),
+                .arg(HORIZON.as_millis() as u64),
         )
         .await
     }

@@ -33,6 +33,14 @@ pub fn parse_ms(text: &str) -> Option<u64> {
     canonical.then(|| text.parse().ok()).flatten()
 }
 
+/// The longest `max_ttl`, `negative_ttl` and `stale_if_error` accepted (one day each), so that a
+/// revocation mark kept for [`HORIZON`] outlives every verdict it revokes.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// How long a revocation mark is kept: longer than any verdict it revokes can live
+/// (`max_ttl` + `stale_if_error`, each at most [`MAX_LIFETIME`]), with a minute to spare.
+pub const HORIZON: Duration = Duration::from_secs(2 * MAX_LIFETIME.as_secs() + 60);
+
 /// A verdict issued more than this far in the future (ms) by another broker's clock is not
 /// believed: it would live longer than its rules allow.
 const FUTURE_SKEW_MS: u64 = 5_000;

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use super::http::{check_url, HttpTimeouts, ProviderClient, ProviderPolicy};
-use crate::config::{redact_url, ConfigUrl};
+use crate::secrets::{redact_url, ConfigUrl};
 
 /// How long a metadata document is used before it is fetched again.
 pub const REFRESH: Duration = Duration::from_secs(3600);

@@ -10,7 +10,7 @@ use reqwest::header::LOCATION;
 use serde::Deserialize;
 use tracing::warn;
 
-use crate::config::redact_url;
+use crate::secrets::redact_url;
 
 /// Default of [`ProviderPolicy::max_response_bytes`]: 1 MiB, hundreds of times an
 /// introspection answer, a userinfo document or a JWK Set of a dozen RSA keys.
@@ -112,7 +112,7 @@ impl ProviderClient {
     ) -> Result<Self, String> {
         check_url(setting, url, policy)?;
         timeouts.check()?;
-        crate::daemon::install_crypto_provider();
+        crate::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs_f64(
                 timeouts.connect.min(timeouts.total),

@@ -18,7 +18,7 @@ use tracing::warn;
 
 use super::http::{self, HttpTimeouts, ProviderClient, ProviderPolicy};
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
-use crate::config::ConfigUrl;
+use crate::secrets::ConfigUrl;
 use crate::wire::Reason;
 
 /// Where the token travels.

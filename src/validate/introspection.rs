@@ -16,8 +16,8 @@ use super::claims::ClaimRules;
 use super::discovery::{client_and_url, Endpoint, EndpointUrl};
 use super::http::{HttpTimeouts, ProviderClient, ProviderPolicy, Throttle};
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
-use crate::config::ConfigUrl;
 use crate::extauth::Secret;
+use crate::secrets::ConfigUrl;
 use crate::wire::Reason;
 
 /// How the broker authenticates to the introspection endpoint.
@@ -93,7 +93,7 @@ impl Introspection {
         }
         let secret = match (&config.client_secret, &config.client_secret_file) {
             (Some(s), _) => s.clone(),
-            (None, Some(path)) => crate::config::read_secret(path, "client_secret_file").map_err(|e| format!("{e:#}"))?,
+            (None, Some(path)) => crate::secrets::read_secret(path, "client_secret_file").map_err(|e| format!("{e:#}"))?,
             (None, None) => match std::env::var("EXTAUTH_CLIENT_SECRET") {
                 Ok(s) if !s.is_empty() => Secret::new(s),
                 _ => return Err("the client secret is required: set EXTAUTH_CLIENT_SECRET, --client-secret-file or client_secret_file".into()),

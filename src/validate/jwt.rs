@@ -42,7 +42,7 @@ use super::discovery::{client_and_url, Endpoint, EndpointUrl};
 use super::http::{HttpTimeouts, ProviderClient, ProviderPolicy};
 use super::introspection::seconds_claim;
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
-use crate::config::ConfigUrl;
+use crate::secrets::ConfigUrl;
 use crate::wire::Reason;
 
 /// The algorithms this validator implements (RFC 7518 section 3.1, RFC 8037 section 3.1).
@@ -340,7 +340,7 @@ fn reason(kind: &ErrorKind) -> Reason {
 /// Reads the HS256 secret.
 fn hs256_key(path: &Path) -> Result<Key, String> {
     let secret =
-        crate::config::read_secret(path, "hs256_secret_file").map_err(|e| format!("{e:#}"))?;
+        crate::secrets::read_secret(path, "hs256_secret_file").map_err(|e| format!("{e:#}"))?;
     if secret.expose().len() < 32 {
         return Err(format!(
             "hs256_secret_file: {} must hold at least 32 bytes (RFC 7518 section 3.2)",

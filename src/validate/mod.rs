@@ -21,8 +21,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::config::ConfigUrl;
 use crate::extauth::Secret;
+use crate::secrets::ConfigUrl;
 use crate::wire::Reason;
 
 /// What a validator is asked: may `token` log in `user@domain`?
@@ -59,6 +59,17 @@ pub enum Validation {
     /// The provider could not answer (transport error, timeout, 5xx, unparseable body). Never
     /// cached. The message is for logs and holds no secret.
     Unavailable(String),
+}
+
+impl Validation {
+    /// Its label in metrics: `valid`, `invalid` or `unavailable`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Validation::Valid(_) => "valid",
+            Validation::Invalid(_) => "invalid",
+            Validation::Unavailable(_) => "unavailable",
+        }
+    }
 }
 
 /// A boxed future, so validators can live behind `dyn Validator`.

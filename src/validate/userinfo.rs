@@ -14,8 +14,8 @@ use super::claims::ClaimRules;
 use super::discovery::{client_and_url, Endpoint, EndpointUrl};
 use super::http::{HttpTimeouts, ProviderClient, ProviderPolicy};
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
-use crate::config::ConfigUrl;
 use crate::extauth::Secret;
+use crate::secrets::ConfigUrl;
 use crate::wire::Reason;
 
 /// Settings of a userinfo validator (TOML: `validator = { kind = "userinfo", ... }`).
