@@ -371,7 +371,15 @@ impl Redis {
 
     async fn send<T: FromRedisValue>(&self, cmd: &Cmd) -> RedisResult<T> {
         match &self.backend {
-            Backend::Standalone { conn, .. } => cmd.query_async(&mut conn.clone()).await,
+            Backend::Standalone { conn, .. } => match cmd.query_async(&mut conn.clone()).await {
+                // A connection that died with a restarted Redis fails its first command, and the
+                // manager reconnects behind it: one more try tells a dead socket from a dead
+                // Redis. Repeating a command the store sends is harmless: reads and idempotent
+                // writes, a hint published twice, and a flight lock the first try took reads as
+                // held by another broker, which the flight already handles (it waits, then asks).
+                Err(e) if e.is_connection_dropped() => cmd.query_async(&mut conn.clone()).await,
+                result => result,
+            },
             Backend::Cluster { conn, .. } => cmd.query_async(&mut conn.clone()).await,
             Backend::Sentinel { sentinel, master } => {
                 let mut conn = sentinel_master(sentinel, master).await?.1;

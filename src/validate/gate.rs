@@ -63,6 +63,10 @@ impl Validator for Gate {
     fn asks_about_user(&self) -> bool {
         self.inner.asks_about_user()
     }
+
+    fn discovered(&self) -> Option<super::discovery::EndpointUrl> {
+        self.inner.discovered()
+    }
 }
 
 struct Slots {
