@@ -12,13 +12,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+mod common;
+use common::services::{broker_bin, free_port, shim_bin, wait_until};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -30,27 +31,6 @@ fn root() -> PathBuf {
 
 fn read(rel: &str) -> String {
     fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"))
-}
-
-fn broker_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_extauth-broker"))
-}
-
-/// The shim, built next to the broker (another workspace member).
-fn shim_bin() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "extauth-shim"])
-                .current_dir(root())
-                .status()
-                .expect("running cargo build -p extauth-shim");
-            assert!(status.success(), "cargo build -p extauth-shim failed");
-            broker_bin().with_file_name("extauth-shim")
-        })
-        .clone()
 }
 
 fn skip(what: &str, why: &str) {
@@ -99,22 +79,6 @@ fn broker() -> Command {
         }
     }
     cmd
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?}: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Lines that are not comments (`#` or `;`) or blank.
