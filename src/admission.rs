@@ -23,6 +23,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::{debug, warn};
 
 use crate::metrics::{self, HandshakeFailure};
+use crate::throttle::Throttle;
 
 /// Where a connection comes from: the unit of the per-source handshake cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -332,40 +333,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Turns a flood of identical warnings into one line per window: hostile peers choose how often
-/// an event happens, and must not choose how fast the journal grows. The events in between are
-/// logged at debug level and counted in the metrics.
-pub(crate) struct LogThrottle {
-    state: Mutex<(Option<Instant>, u64)>,
-}
+/// How often one kind of warning may be logged; the events in between are logged at debug
+/// level, counted in the metrics, and their number given with the next warning.
+pub(crate) const WARNING_WINDOW: Duration = Duration::from_secs(10);
 
-/// How often one kind of warning may be logged.
-const WARNING_WINDOW: Duration = Duration::from_secs(10);
-
-static BUDGET_WARNING: LogThrottle = LogThrottle::new();
-static EVICTION_WARNING: LogThrottle = LogThrottle::new();
-
-impl LogThrottle {
-    /// A throttle that lets the first event through.
-    pub(crate) const fn new() -> LogThrottle {
-        LogThrottle {
-            state: Mutex::new((None, 0)),
-        }
-    }
-
-    /// `Some(n)` when this event may be logged (`n`: events held back since the last logged
-    /// one), `None` when one was logged within the last 10 s.
-    pub(crate) fn ready(&self) -> Option<u64> {
-        let mut state = lock(&self.state);
-        let (last, held) = &mut *state;
-        if last.is_some_and(|t| t.elapsed() < WARNING_WINDOW) {
-            *held += 1;
-            return None;
-        }
-        *last = Some(Instant::now());
-        Some(std::mem::take(held))
-    }
-}
+static BUDGET_WARNING: Throttle = Throttle::new(WARNING_WINDOW);
+static EVICTION_WARNING: Throttle = Throttle::new(WARNING_WINDOW);
 
 #[cfg(test)]
 mod tests {
@@ -461,15 +434,5 @@ mod tests {
         drop(first);
         assert!(slots.admit().is_some(), "idle now: evictable");
         assert!(only.evicted.is_cancelled());
-    }
-
-    #[test]
-    fn a_throttle_lets_one_warning_through_per_window() {
-        let throttle = LogThrottle::new();
-        assert_eq!(throttle.ready(), Some(0));
-        assert_eq!(throttle.ready(), None);
-        assert_eq!(throttle.ready(), None);
-        lock(&throttle.state).0 = Some(Instant::now() - WARNING_WINDOW);
-        assert_eq!(throttle.ready(), Some(2));
     }
 }

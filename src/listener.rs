@@ -15,15 +15,16 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
-use crate::admission::{LogThrottle, Origin};
+use crate::admission::{Origin, WARNING_WINDOW};
 use crate::config::{ListenAddr, PeerPolicy, TcpSecurity};
 use crate::metrics::{self, HandshakeFailure};
 use crate::systemd::Inherited;
+use crate::throttle::Throttle;
 
 /// Refused peers and failed TLS handshakes come as fast as a hostile peer can connect: the first
 /// of each kind in a window is a warning, the rest debug lines (all are counted).
-static PEER_WARNING: LogThrottle = LogThrottle::new();
-static TLS_WARNING: LogThrottle = LogThrottle::new();
+static PEER_WARNING: Throttle = Throttle::new(WARNING_WINDOW);
+static TLS_WARNING: Throttle = Throttle::new(WARNING_WINDOW);
 
 /// The two halves of an accepted, checked stream.
 pub type Halves = (

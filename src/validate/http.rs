@@ -3,8 +3,7 @@
 //! to loopback unless allowed, and error messages that never carry a token or a secret.
 
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::header::LOCATION;
 use serde::Deserialize;
@@ -228,35 +227,6 @@ fn shown_location(base: &reqwest::Url, location: &str) -> String {
     shown
 }
 
-/// Lets an event through at most once per period: a repeated warning, not one per login.
-#[derive(Debug)]
-pub struct Throttle {
-    every: Duration,
-    last: Mutex<Option<Instant>>,
-}
-
-impl Throttle {
-    /// A throttle that lets one event through per `every`.
-    pub fn new(every: Duration) -> Self {
-        Throttle {
-            every,
-            last: Mutex::new(None),
-        }
-    }
-
-    /// True the first time, then again once `every` has passed since the last true.
-    pub fn ready(&self) -> bool {
-        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        match *last {
-            Some(at) if at.elapsed() < self.every => false,
-            _ => {
-                *last = Some(Instant::now());
-                true
-            }
-        }
-    }
-}
-
 /// Checks a configured endpoint: an absolute `http://` or `https://` URL with a host, once any
 /// `{user}` and `{domain}` placeholders are filled in; `http://` only to a loopback host
 /// (127.0.0.0/8, `::1`, `localhost`) unless `policy.insecure_http`, and then with a warning.
@@ -447,15 +417,6 @@ mod tests {
             shown_location(&base, "http://[::1"),
             "an unparsable Location"
         );
-    }
-
-    #[test]
-    fn a_throttle_lets_one_through_per_period() {
-        let throttle = Throttle::new(Duration::from_secs(3600));
-        assert!(throttle.ready());
-        assert!(!throttle.ready());
-        let open = Throttle::new(Duration::ZERO);
-        assert!(open.ready() && open.ready());
     }
 
     fn client(url: &str, max_response_bytes: u64) -> ProviderClient {

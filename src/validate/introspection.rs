@@ -14,10 +14,11 @@ use tracing::warn;
 
 use super::claims::ClaimRules;
 use super::discovery::{client_and_url, Endpoint, EndpointUrl};
-use super::http::{HttpTimeouts, ProviderClient, ProviderPolicy, Throttle};
+use super::http::{HttpTimeouts, ProviderClient, ProviderPolicy};
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
 use crate::extauth::Secret;
 use crate::secrets::ConfigUrl;
+use crate::throttle::Throttle;
 use crate::wire::Reason;
 
 /// How the broker authenticates to the introspection endpoint.
@@ -149,7 +150,7 @@ impl Introspection {
     /// A 401 or 403 refuses the broker's own client credentials (RFC 7662 section 2.1), not the
     /// token: no cacheable "no", and a warning that says what to check, once a minute.
     fn credentials_refused(&self, status: u16) -> Validation {
-        if self.refused_warning.ready() {
+        if self.refused_warning.allow() {
             warn!(
                 url = %self.url,
                 client_id = %self.config.client_id,
