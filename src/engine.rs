@@ -23,6 +23,13 @@ use crate::wire::{Reason, Source};
 /// Longest user or domain accepted (bytes); RFC 7622 caps each JID part at 1023 bytes.
 const MAX_JID_PART: usize = 1023;
 
+/// What an auth request the cache could not answer needs for its flight.
+struct Pending {
+    domain: Arc<Domain>,
+    token_key: Key,
+    user_key: Key,
+}
+
 /// The answer to one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
@@ -146,13 +153,24 @@ impl Engine {
         }
     }
 
-    async fn auth(
-        &self,
-        user: &str,
-        domain_name: &str,
-        token: &Secret,
-        deadline: Instant,
-    ) -> Outcome {
+    /// The answer to `command` when it needs no waiting: a refusal decided from the request
+    /// alone, or a verdict in this process's cache (L1). `None` when answering needs Redis, the
+    /// provider or the directory: [`Engine::handle`] decides it then. Synchronous, so a cached
+    /// hit is answered where the request is read, without a task.
+    pub fn answer_now(&self, command: &Command) -> Option<Outcome> {
+        match command {
+            Command::Auth {
+                user,
+                server,
+                password,
+            } => self.auth_now(user, server, password).ok(),
+            _ => None,
+        }
+    }
+
+    /// Decides an auth request from the request alone or from L1; otherwise hands back what a
+    /// flight needs.
+    fn auth_now(&self, user: &str, domain_name: &str, token: &Secret) -> Result<Outcome, Pending> {
         if !jid_parts_ok(user, domain_name)
             || token.expose().is_empty()
             || token.expose().len() > self.max_token_len
@@ -163,11 +181,11 @@ impl Engine {
                 token_len = token.expose().len(),
                 "refused malformed auth request"
             );
-            return Outcome::local(Reason::Malformed);
+            return Ok(Outcome::local(Reason::Malformed));
         }
         let Some(domain) = self.domain(domain_name) else {
             debug!(user, domain = domain_name, "refused: domain not served");
-            return Outcome::local(Reason::UnknownDomain);
+            return Ok(Outcome::local(Reason::UnknownDomain));
         };
         let per_user = domain.validator.asks_about_user().then_some(user);
         let token_key = self.keys.token(domain_name, token.expose(), per_user);
@@ -175,9 +193,31 @@ impl Engine {
         if let Some(v) = self.l1.get(&token_key) {
             if !self.revocations.revokes(&token_key, &v) {
                 metrics::cache_hit(Source::L1);
-                return decided(v.decide(&user_key), Source::L1);
+                return Ok(decided(v.decide(&user_key), Source::L1));
             }
         }
+        Err(Pending {
+            domain,
+            token_key,
+            user_key,
+        })
+    }
+
+    async fn auth(
+        &self,
+        user: &str,
+        domain_name: &str,
+        token: &Secret,
+        deadline: Instant,
+    ) -> Outcome {
+        let Pending {
+            domain,
+            token_key,
+            user_key,
+        } = match self.auth_now(user, domain_name, token) {
+            Ok(outcome) => return outcome,
+            Err(pending) => pending,
+        };
         let ask = Ask {
             token_key,
             check: TokenCheck {

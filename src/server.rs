@@ -3,11 +3,12 @@
 //! after its handshake is decided in [`crate::admission`].
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
@@ -175,11 +176,19 @@ impl Connection {
         let (tx, mut rx) = mpsc::channel::<Response>(RESPONSE_QUEUE);
         let writer = tokio::spawn(async move {
             while let Some(response) = rx.recv().await {
-                let Ok(frame) = encode_body(&ServerMsg::Response(response)) else {
-                    continue;
-                };
-                if sink.send(frame).await.is_err() {
-                    break;
+                // Every answer already queued goes out with this one: one flush (one write) per
+                // burst rather than per answer.
+                let mut batch = Some(response);
+                while let Some(response) = batch.take().or_else(|| rx.try_recv().ok()) {
+                    let Ok(frame) = encode_body(&ServerMsg::Response(response)) else {
+                        continue;
+                    };
+                    if sink.feed(frame).await.is_err() {
+                        return;
+                    }
+                }
+                if SinkExt::<Bytes>::flush(&mut sink).await.is_err() {
+                    return;
                 }
             }
         });
@@ -311,9 +320,28 @@ impl RequestReader<'_> {
     fn dispatch(&mut self, body: BytesMut, marks: (OwnedSemaphorePermit, InFlight)) {
         match wire::decode::<ClientMsg>(&body) {
             Ok(ClientMsg::Request(request)) => {
+                // A cached verdict is answered here: a task per request costs more than the
+                // lookup (its future holds the engine's whole state machine).
+                let started = Instant::now();
+                if let Some(outcome) = self.connection.engine.answer_now(&request.command) {
+                    let response = counted(&request, outcome, started);
+                    match self.tx.try_send(response) {
+                        // A full queue: the writer is behind, so this answer waits in a task
+                        // rather than stopping the reader.
+                        Err(TrySendError::Full(response)) => {
+                            let tx = self.tx.clone();
+                            self.requests.spawn(async move {
+                                let _ = tx.send(response).await;
+                                drop(marks);
+                            });
+                        }
+                        Ok(()) | Err(TrySendError::Closed(_)) => drop(marks),
+                    }
+                    return;
+                }
                 let (engine, tx) = (self.connection.engine.clone(), self.tx.clone());
                 self.requests.spawn(async move {
-                    let _ = tx.send(answer(&engine, request).await).await;
+                    let _ = tx.send(answer(&engine, request, started).await).await;
                     drop(marks);
                 });
             }
@@ -328,8 +356,7 @@ impl RequestReader<'_> {
 }
 
 /// Decides one request within its deadline, and counts it.
-async fn answer(engine: &Engine, request: Request) -> Response {
-    let started = std::time::Instant::now();
+async fn answer(engine: &Engine, request: Request, started: Instant) -> Response {
     let deadline = Duration::from_millis(request.deadline_ms.into());
     let until = started + deadline;
     let outcome = match tokio::time::timeout(deadline, engine.handle(&request.command, until)).await
@@ -341,6 +368,11 @@ async fn answer(engine: &Engine, request: Request) -> Response {
             source: Source::Local,
         },
     };
+    counted(&request, outcome, started)
+}
+
+/// The response to `request`, counted in the metrics with the time since `started`.
+fn counted(request: &Request, outcome: Outcome, started: Instant) -> Response {
     metrics::request(
         request.command.name(),
         outcome.ok,
