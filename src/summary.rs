@@ -80,6 +80,13 @@ pub fn summary(config: &Config) -> String {
         },
     );
     line(
+        "on revoke",
+        match &config.kick {
+            Some(kick) => format!("kick the user's sessions: {}", kick.describe()),
+            None => "revoke only (open sessions stay open; see on_revoke.kick)".into(),
+        },
+    );
+    line(
         "log",
         format!(
             "{}, {}",
