@@ -142,7 +142,9 @@ impl KickConfig {
         match self {
             KickConfig::HttpApi(c) => {
                 if c.bearer_file.is_some() && c.basic_user.is_some() {
-                    return Err("on_revoke.kick: bearer_file and basic_user exclude each other".into());
+                    return Err(
+                        "on_revoke.kick: bearer_file and basic_user exclude each other".into(),
+                    );
                 }
                 if c.basic_user.is_some() != c.basic_password_file.is_some() {
                     return Err(
@@ -375,7 +377,17 @@ async fn http_kick(
             status.as_u16()
         )));
     }
-    Ok(text.trim().parse().ok())
+    Ok(sessions(&text))
+}
+
+/// The number of sessions ejabberd reports: `1` (ejabberdctl, recent `mod_http_api`) or an
+/// object with one number such as `{"num_resources": 1}` (older `mod_http_api`).
+fn sessions(text: &str) -> Option<u64> {
+    match serde_json::from_str::<serde_json::Value>(text.trim()).ok()? {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::Object(o) if o.len() == 1 => o.values().next()?.as_u64(),
+        _ => None,
+    }
 }
 
 /// Runs `argv` with `{user}`/`{host}` filled in, killed (with its process group) at `timeout`;
@@ -431,7 +443,7 @@ async fn command_kick(
             said.trim()
         )));
     }
-    Ok(stdout.trim().parse().ok())
+    Ok(sessions(&stdout))
 }
 
 /// At most [`QUOTED`] characters of what ejabberd said, control characters replaced, for a
@@ -502,7 +514,10 @@ mod tests {
         )
         .unwrap();
         let shown = kick.describe();
-        assert!(!shown.contains("s3cret") && shown.contains(":***@"), "{shown}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains(":***@"),
+            "{shown}"
+        );
         assert!(!format!("{kick:?}").contains("s3cret"));
     }
 
@@ -529,7 +544,16 @@ mod tests {
             count.kick("a", "h").await,
             KickReport::Kicked { sessions: Some(2) }
         );
-        let fails = kicker(&["/bin/sh", "-c", "echo no such user >&2; exit 3", "{user}", "{host}"], 5.0);
+        let fails = kicker(
+            &[
+                "/bin/sh",
+                "-c",
+                "echo no such user >&2; exit 3",
+                "{user}",
+                "{host}",
+            ],
+            5.0,
+        );
         match fails.kick("a", "h").await {
             KickReport::Failed(why) => assert!(why.contains("no such user"), "{why}"),
             other => panic!("{other:?}"),
