@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::ejabberd::{xmpp_login, Cluster, XmppSession, DOMAIN};
+use common::ejabberd::{sasl_mechanisms, xmpp_login, Cluster, XmppSession, DOMAIN};
 use common::services::{
     broker_bin, free_port, now_s, printed, shim_bin, token, Broker, BrokerSpec, Provider, Redis,
 };
@@ -79,6 +79,13 @@ fn revoking_a_user_with_the_kick_hook_ends_their_open_session() {
             shim.display()
         )
     });
+    // docs/ejabberd.md: disable_sasl_mechanisms keeps clients off X-OAUTH2, which never reaches
+    // extauth (the harness's ejabberd.yml sets it).
+    let mechanisms = sasl_mechanisms(cluster.c2s_port(1), DOMAIN).unwrap();
+    assert!(
+        mechanisms.iter().any(|m| m == "PLAIN") && !mechanisms.iter().any(|m| m == "X-OAUTH2"),
+        "{mechanisms:?}"
+    );
     let diagnostics = |what: &str| {
         format!(
             "{what}\n{}\n{}\n--- broker ---\n{}",

@@ -553,6 +553,11 @@ auth_method: external
 extauth_program: {program}
 extauth_pool_size: {pool}
 auth_use_cache: false
+# As docs/ejabberd.md recommends; checks that ejabberd 23.01 accepts both forms.
+disable_sasl_mechanisms: ["X-OAUTH2"]
+host_config:
+  localhost:
+    auth_use_cache: false
 acl:
   local: {{user_regexp: ""}}
 access_rules:
@@ -867,6 +872,36 @@ pub fn xmpp_login(port: u16, user: &str, domain: &str, password: &str) -> Result
         Ok(code) => Err(format!("xmpp client exited with {code:?}: {}", text.trim())),
         Err(e) => Err(format!("xmpp client: {e}: {}", text.trim())),
     }
+}
+
+/// The SASL mechanisms node `port` offers a new client stream to `domain` (before STARTTLS),
+/// e.g. `["PLAIN", "SCRAM-SHA-1"]`, read from its `<stream:features/>` over a raw socket.
+pub fn sasl_mechanisms(port: u16, domain: &str) -> Result<Vec<String>, String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "<?xml version='1.0'?><stream:stream to='{domain}' xmlns='jabber:client' \
+         xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("</stream:features>") {
+        let n = stream.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 || seen.len() > 65536 {
+            return Err(format!("no features: {}", String::from_utf8_lossy(&seen)));
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&seen);
+    Ok(text
+        .split("<mechanism>")
+        .skip(1)
+        .filter_map(|m| m.split_once("</mechanism>").map(|(m, _)| m.to_owned()))
+        .collect())
 }
 
 /// The real XMPP client running (`tests/xmpp_login.py`), its output going to a file.
