@@ -366,14 +366,17 @@ async fn http_kick(
         Auth::Bearer(token) => request.bearer_auth(token.expose()),
         Auth::Basic(name, password) => request.basic_auth(name, Some(password.expose())),
     };
-    let response = client.send(request).await.map_err(KickError)?;
+    let shown = redact_url(url.expose());
+    let response = client
+        .send(request)
+        .await
+        .map_err(|e| KickError(format!("{shown}: {e}")))?;
     let status = response.status();
     let body = client.body(response).await.unwrap_or_default();
     let text = quoted(&body);
     if !status.is_success() {
         return Err(KickError(format!(
-            "{} answered HTTP {}: {text:?}",
-            redact_url(url.expose()),
+            "{shown} answered HTTP {}: {text:?}",
             status.as_u16()
         )));
     }

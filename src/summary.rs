@@ -133,6 +133,18 @@ pub fn warnings(config: &Config) -> Vec<String> {
             }
         }
     }
+    if let Some(kick) = &config.kick {
+        let answer_within = config.admin_limits.request_timeout;
+        if config.admin_secret.is_some() && kick.timeout() >= answer_within {
+            warnings.push(format!(
+                "on_revoke.kick.timeout ({} s) is not under the admin endpoint's request timeout \
+                 ({} s): a slow kick turns POST /revoke's answer into a 503 that cannot say \
+                 whether the sessions were ended (the revocation itself is done first)",
+                kick.timeout().as_secs_f64(),
+                answer_within.as_secs()
+            ));
+        }
+    }
     warnings
 }
 

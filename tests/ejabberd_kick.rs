@@ -79,6 +79,7 @@ fn revoking_a_user_with_the_kick_hook_ends_their_open_session() {
             shim.display()
         )
     });
+    let t_test = std::time::Instant::now();
     // docs/ejabberd.md: disable_sasl_mechanisms keeps clients off X-OAUTH2, which never reaches
     // extauth (the harness's ejabberd.yml sets it).
     let mechanisms = sasl_mechanisms(cluster.c2s_port(1), DOMAIN).unwrap();
@@ -128,7 +129,9 @@ fn revoking_a_user_with_the_kick_hook_ends_their_open_session() {
             cluster.api_port(1)
         ),
     );
+    let t0 = std::time::Instant::now();
     let out = revoke(&http, cluster.dir(), "alice", &[]);
+    let revoked_in = t0.elapsed();
     assert!(out.status.success(), "{}", diagnostics(&printed(&out)));
     assert!(
         printed(&out).contains("ended 1 session(s) of alice@localhost"),
@@ -136,7 +139,11 @@ fn revoking_a_user_with_the_kick_hook_ends_their_open_session() {
         printed(&out)
     );
     match alice.wait_end(Duration::from_secs(10)) {
-        Some((Some(3), _)) => {}
+        Some((Some(3), _)) => eprintln!(
+            "alice: revoke + kick (mod_http_api) {:.0} ms, client saw the end {:.0} ms after the revoke started",
+            revoked_in.as_secs_f64() * 1000.0,
+            t0.elapsed().as_secs_f64() * 1000.0
+        ),
         other => panic!(
             "{}",
             diagnostics(&format!("alice still connected or failed: {other:?}"))
@@ -159,10 +166,16 @@ fn revoking_a_user_with_the_kick_hook_ends_their_open_session() {
                 .join(", ")
         ),
     );
+    let t0 = std::time::Instant::now();
     let out = revoke(&command, cluster.dir(), "carol", &env);
+    let revoked_in = t0.elapsed();
     assert!(out.status.success(), "{}", diagnostics(&printed(&out)));
     match carol.wait_end(Duration::from_secs(10)) {
-        Some((Some(3), _)) => {}
+        Some((Some(3), _)) => eprintln!(
+            "carol: revoke + kick (ejabberdctl) {:.0} ms, client saw the end {:.0} ms after the revoke started",
+            revoked_in.as_secs_f64() * 1000.0,
+            t0.elapsed().as_secs_f64() * 1000.0
+        ),
         other => panic!(
             "{}",
             diagnostics(&format!("carol still connected or failed: {other:?}"))
@@ -197,6 +210,10 @@ fn revoking_a_user_with_the_kick_hook_ends_their_open_session() {
         printed(&out)
     );
     drop(bob);
+    eprintln!(
+        "kick test after the cluster was up: {:.1} s",
+        t_test.elapsed().as_secs_f64()
+    );
     assert!(
         !broker.log().contains(&tokens[0]),
         "no token in the broker's log"
