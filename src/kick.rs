@@ -109,9 +109,12 @@ impl KickConfig {
     pub fn describe(&self) -> String {
         match self {
             KickConfig::HttpApi(c) => {
+                let in_url = reqwest::Url::parse(c.url.expose())
+                    .is_ok_and(|u| !u.username().is_empty() || u.password().is_some());
                 let auth = match (&c.bearer_file, &c.basic_user) {
                     (Some(_), _) => "bearer from file".to_owned(),
                     (None, Some(user)) => format!("basic as {user}"),
+                    (None, None) if in_url => "basic from the URL".to_owned(),
                     (None, None) => "no credentials".to_owned(),
                 };
                 format!(

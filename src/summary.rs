@@ -294,6 +294,19 @@ mod tests {
     }
 
     #[test]
+    fn the_kick_hook_is_shown_without_its_credentials() {
+        let shown = summary(&config(
+            "[on_revoke]\nkick = { kind = \"http_api\", url = \"http://admin:PASSWORD123@127.0.0.1:5281/api/kick_user\", timeout = 3 }\n",
+        ));
+        assert!(
+            shown.contains("on revoke:        kick the user's sessions: POST http://admin:***@127.0.0.1:5281/api/kick_user (mod_http_api, basic from the URL), timeout 3 s"),
+            "{shown}"
+        );
+        assert!(!shown.contains("PASSWORD123"), "{shown}");
+        assert!(summary(&config("")).contains("on revoke:        revoke only"));
+    }
+
+    #[test]
     fn domains_sharing_a_provider_without_domain_binding_are_warned_about() {
         let shared = config("[domains.\"a.example\"]\n[domains.\"b.example\"]\n");
         assert_eq!(warnings(&shared).len(), 1, "{:?}", warnings(&shared));
