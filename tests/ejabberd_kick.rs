@@ -2,7 +2,9 @@
 //! open with its token; `extauth-broker revoke --user` with `[on_revoke] kick` configured ends
 //! that session through ejabberd (`mod_http_api`'s `kick_user`, and `ejabberdctl kick_user`),
 //! and the same token no longer logs in. A control user revoked without the hook stays
-//! connected: a revocation alone never ends an open session.
+//! connected: a revocation alone never ends an open session. A hook that cannot reach ejabberd
+//! makes `revoke` exit 1 with the reason; a token revocation says it cannot kick, and does not.
+//! Also checks the cluster offers PLAIN and not X-OAUTH2 (`disable_sasl_mechanisms`).
 //!
 //! Skips loudly without an ejabberd install, unless `EXTAUTH_REQUIRE_EJABBERD=1` (CI).
 
@@ -208,6 +210,28 @@ fn revoking_a_user_with_the_kick_hook_ends_their_open_session() {
         printed(&out).contains("the revocation stands, but ending bob@localhost's sessions"),
         "{}",
         printed(&out)
+    );
+    // One token: revoked, and the command says why nobody was kicked.
+    let token_file = dir.path().join("bob.token");
+    std::fs::write(&token_file, &tokens[1]).unwrap();
+    let out = Command::new(broker_bin())
+        .arg("revoke")
+        .arg("--config")
+        .arg(&http)
+        .args(["--domain", DOMAIN, "--user", "bob", "--token-file"])
+        .arg(&token_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", printed(&out));
+    assert!(
+        printed(&out).contains("cannot end sessions for one token"),
+        "{}",
+        printed(&out)
+    );
+    assert!(
+        bob.wait_end(Duration::from_millis(500)).is_none(),
+        "a token revocation kicks nobody: {}",
+        bob.output()
     );
     drop(bob);
     eprintln!(
