@@ -1,7 +1,7 @@
 //! The revoke hook against a real two-node ejabberd cluster: a real XMPP client holds a session
 //! open with its token; `extauth-broker revoke --user` with `[on_revoke] kick` configured ends
 //! that session through ejabberd (`mod_http_api`'s `kick_user`, and `ejabberdctl kick_user`),
-//! and the same token no longer logs in. A control user revoked without the hook stays
+//! and the same token no longer logs in; so does `POST /revoke` on a broker running the hook. A control user revoked without the hook stays
 //! connected: a revocation alone never ends an open session. A hook that cannot reach ejabberd
 //! makes `revoke` exit 1 with the reason; a token revocation says it cannot kick, and does not.
 //! Also checks the cluster offers PLAIN and not X-OAUTH2 (`disable_sasl_mechanisms`).
@@ -16,6 +16,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::ejabberd::{sasl_mechanisms, xmpp_login, Cluster, XmppSession, DOMAIN};
+use common::faults::http as http_request;
 use common::services::{
     broker_bin, free_port, now_s, printed, shim_bin, token, Broker, BrokerSpec, Provider, Redis,
 };
@@ -67,7 +68,7 @@ fn revoking_a_user_with_the_kick_hook_ends_their_open_session() {
     let mut spec = BrokerSpec::new(&provider).with_redis(&redis);
     spec.extra = vec!["--listen".into(), format!("tcp:127.0.0.1:{port}")];
     let broker = Broker::start(&spec);
-    let users = ["alice", "bob", "carol"];
+    let users = ["alice", "bob", "carol", "dave"];
     let tokens: Vec<String> = users.iter().map(|u| token(u)).collect();
     for (user, t) in users.iter().zip(&tokens) {
         provider.insert(t, json!({"username": user, "exp": now_s() + 3600}));
@@ -103,7 +104,8 @@ fn revoking_a_user_with_the_kick_hook_ends_their_open_session() {
     };
     // alice on node 2 (kicked through node 1's API: kick_user acts cluster-wide), bob and
     // carol on node 1.
-    let (mut alice, mut bob, mut carol) = (open(2, 0), open(1, 1), open(1, 2));
+    let (mut alice, mut bob, mut carol, mut dave) =
+        (open(2, 0), open(1, 1), open(1, 2), open(2, 3));
     // The provider revokes every token; the broker's cached verdicts still vouch for them.
     for t in &tokens {
         provider.insert(t, json!({"active": false}));
@@ -184,8 +186,50 @@ fn revoking_a_user_with_the_kick_hook_ends_their_open_session() {
         ),
     }
 
+    // dave: the daemon's path. A broker sharing Redis, with the hook and the admin endpoint,
+    // revokes and kicks on POST /revoke.
+    let admin_port = free_port();
+    let secret = dir.path().join("admin.secret");
+    std::fs::write(&secret, "admin-secret-kick\n").unwrap();
+    let mut admin_spec = BrokerSpec::new(&provider).with_redis(&redis);
+    admin_spec.config = Some(http.clone());
+    admin_spec.extra = vec![
+        "--admin-listen".into(),
+        format!("127.0.0.1:{admin_port}"),
+        "--admin-secret-file".into(),
+        secret.display().to_string(),
+    ];
+    let admin_broker = Broker::start(&admin_spec);
+    let body = format!(r#"{{"domain": "{DOMAIN}", "user": "dave"}}"#);
+    let (status, answer) = http_request(
+        admin_port,
+        "POST",
+        "/revoke",
+        Some("admin-secret-kick"),
+        &body,
+    );
+    assert_eq!(
+        (
+            status,
+            answer.contains(r#""kick":{"outcome":"kicked","sessions":1}"#)
+        ),
+        (200, true),
+        "{}",
+        diagnostics(&format!(
+            "{answer}\n--- admin broker ---\n{}",
+            admin_broker.log()
+        ))
+    );
+    match dave.wait_end(Duration::from_secs(10)) {
+        Some((Some(3), _)) => {}
+        other => panic!(
+            "{}",
+            diagnostics(&format!("dave still connected or failed: {other:?}"))
+        ),
+    }
+
     // The same tokens no longer log in (ejabberd's own cache is off; the broker asks again).
-    for (node, i) in [(1, 0), (2, 2)] {
+    for (node, i) in [(1, 0), (2, 2), (1, 3)] {
         assert_eq!(
             xmpp_login(cluster.c2s_port(node), users[i], DOMAIN, &tokens[i]),
             Ok(false),
