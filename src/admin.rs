@@ -68,7 +68,6 @@ pub fn body_limit(max_token_len: usize) -> usize {
 /// Serves the admin routes on `listener` within `limits` until `shutdown` is cancelled; bodies
 /// are limited to [`body_limit`]`(max_token_len)` bytes. `kicker`, when set, ends a revoked
 /// user's sessions through ejabberd after each user revocation.
-#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     engine: Arc<Engine>,
@@ -132,16 +131,12 @@ async fn revoke(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Res
             } else {
                 "user"
             };
-            let kick = kick_after(&admin, &target).await;
-            let status = match kick {
-                KickReport::Failed(_) => StatusCode::BAD_GATEWAY,
-                _ => StatusCode::OK,
-            };
+            let (status, kick) = kick_after(&admin, &target).await;
             let answer = json!({
                 "revoked": revoked,
                 "at_ms": done.at_ms,
                 "dropped": done.dropped,
-                "kick": kick_json(&kick, &target),
+                "kick": kick,
             });
             (status, Json(answer)).into_response()
         }
@@ -159,26 +154,30 @@ async fn revoke(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Res
     }
 }
 
-/// Runs the revoke hook for a revocation that succeeded (so the JID parts are valid).
-async fn kick_after(admin: &Admin, target: &Target<'_>) -> KickReport {
+/// Runs the revoke hook after a revocation that succeeded (so the JID parts are valid): the
+/// answer's status (502 when the kick failed) and its `"kick"` member.
+async fn kick_after(admin: &Admin, target: &Target<'_>) -> (StatusCode, serde_json::Value) {
     let Ok((user, domain)) = crate::revoke::normalise(target) else {
-        return KickReport::Off;
+        return (
+            StatusCode::OK,
+            json!({"outcome": KickReport::Off.outcome()}),
+        );
     };
     let kicker = admin.kicker.as_deref();
-    crate::kick::after_revoke(kicker, &user, &domain, target.token.is_some()).await
-}
-
-/// The `"kick"` member of an answer.
-fn kick_json(kick: &KickReport, target: &Target<'_>) -> serde_json::Value {
+    let kick = crate::kick::after_revoke(kicker, &user, &domain, target.token.is_some()).await;
     let mut shown = json!({"outcome": kick.outcome()});
-    match kick {
+    match &kick {
         KickReport::Kicked { sessions: Some(n) } => shown["sessions"] = json!(n),
         KickReport::Failed(_) | KickReport::NotForToken => {
-            shown["message"] = json!(kick.describe(target.user, target.domain));
+            shown["message"] = json!(kick.describe(&user, &domain));
         }
         _ => {}
     }
-    shown
+    let status = match kick {
+        KickReport::Failed(_) => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::OK,
+    };
+    (status, shown)
 }
 
 fn authorised(headers: &HeaderMap, secret: &Secret) -> bool {
