@@ -34,12 +34,15 @@ use tracing::{info, warn};
 use crate::endpoint::{self, EndpointLimits};
 use crate::engine::Engine;
 use crate::extauth::Secret;
+use crate::kick::{KickReport, Kicker};
 use crate::revoke::{RevokeError, Target};
 
 /// Shared state of the admin routes.
 struct Admin {
     engine: Arc<Engine>,
     secret: Secret,
+    /// The revoke hook: this broker kicks for the revocations it is asked to perform.
+    kicker: Option<Arc<Kicker>>,
 }
 
 /// A `POST /revoke` body.
@@ -63,11 +66,13 @@ pub fn body_limit(max_token_len: usize) -> usize {
 }
 
 /// Serves the admin routes on `listener` within `limits` until `shutdown` is cancelled; bodies
-/// are limited to [`body_limit`]`(max_token_len)` bytes.
+/// are limited to [`body_limit`]`(max_token_len)` bytes. `kicker`, when set, ends a revoked
+/// user's sessions through ejabberd after each user revocation.
 pub async fn serve(
     listener: TcpListener,
     engine: Arc<Engine>,
     secret: Secret,
+    kicker: Option<Arc<Kicker>>,
     limits: EndpointLimits,
     max_token_len: usize,
     shutdown: CancellationToken,
@@ -75,7 +80,11 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         info!(listen = %addr, max_connections = limits.max_connections, "admin endpoint listening (POST /revoke)");
     }
-    let admin = Arc::new(Admin { engine, secret });
+    let admin = Arc::new(Admin {
+        engine,
+        secret,
+        kicker,
+    });
     // Layers run outermost (last added) first: the bearer check, then the body limit.
     let app = Router::new()
         .route("/revoke", post(revoke))
@@ -122,8 +131,14 @@ async fn revoke(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Res
             } else {
                 "user"
             };
-            Json(json!({"revoked": revoked, "at_ms": done.at_ms, "dropped": done.dropped}))
-                .into_response()
+            let (status, kick) = kick_after(&admin, &target).await;
+            let answer = json!({
+                "revoked": revoked,
+                "at_ms": done.at_ms,
+                "dropped": done.dropped,
+                "kick": kick,
+            });
+            (status, Json(answer)).into_response()
         }
         Err(RevokeError::BadJid) => error(
             StatusCode::BAD_REQUEST,
@@ -137,6 +152,32 @@ async fn revoke(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Res
             )
         }
     }
+}
+
+/// Runs the revoke hook after a revocation that succeeded (so the JID parts are valid): the
+/// answer's status (502 when the kick failed) and its `"kick"` member.
+async fn kick_after(admin: &Admin, target: &Target<'_>) -> (StatusCode, serde_json::Value) {
+    let Ok((user, domain)) = crate::revoke::normalise(target) else {
+        return (
+            StatusCode::OK,
+            json!({"outcome": KickReport::Off.outcome()}),
+        );
+    };
+    let kicker = admin.kicker.as_deref();
+    let kick = crate::kick::after_revoke(kicker, &user, &domain, target.token.is_some()).await;
+    let mut shown = json!({"outcome": kick.outcome()});
+    match &kick {
+        KickReport::Kicked { sessions: Some(n) } => shown["sessions"] = json!(n),
+        KickReport::Failed(_) | KickReport::NotForToken => {
+            shown["message"] = json!(kick.describe(&user, &domain));
+        }
+        _ => {}
+    }
+    let status = match kick {
+        KickReport::Failed(_) => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::OK,
+    };
+    (status, shown)
 }
 
 fn authorised(headers: &HeaderMap, secret: &Secret) -> bool {

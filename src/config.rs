@@ -23,6 +23,7 @@ use crate::binding::{BindingRules, Folding, Subject};
 use crate::directory::DirectoryConfig;
 use crate::endpoint::{self, EndpointLimits};
 use crate::extauth::Secret;
+use crate::kick::{KickConfig, OnRevoke};
 use crate::secrets::{read_secret, ConfigUrl};
 use crate::store::{RedisConfig, RedisMode};
 use crate::validate::breaker::BreakerConfig;
@@ -260,6 +261,12 @@ pub struct RunArgs {
     #[arg(skip)]
     #[serde(default)]
     pub domains: BTreeMap<String, DomainFile>,
+
+    /// What a revocation this process performs does besides revoking (file only):
+    /// `[on_revoke] kick = {...}` ends the user's sessions through ejabberd (`crate::kick`).
+    #[arg(skip)]
+    #[serde(default)]
+    pub on_revoke: OnRevoke,
 }
 
 /// One `[defaults]` or `[domains."..."]` table; every key optional.
@@ -340,6 +347,9 @@ pub struct RevokeArgs {
     /// Revoke only the token in this file (first line); without it, every verdict of the user.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Do not run the file's `[on_revoke] kick` hook: revoke only, leave open sessions open.
+    #[arg(long)]
+    pub no_kick: bool,
 }
 
 /// Where the broker listens.
@@ -434,6 +444,9 @@ pub struct Config {
     pub peers: PeerPolicy,
     /// TCP transport security.
     pub tcp: TcpSecurity,
+    /// The revoke hook ending a revoked user's sessions through ejabberd (checked; its secret
+    /// files are read when the hook is built).
+    pub kick: Option<KickConfig>,
 }
 
 /// Limits on what shims may hold (see `crate::admission`).
@@ -546,6 +559,7 @@ impl RunArgs {
         }
         self.defaults = file.defaults;
         self.domains = file.domains;
+        self.on_revoke = file.on_revoke;
         self
     }
 
@@ -689,11 +703,24 @@ impl RunArgs {
                 tls: self.tls()?,
                 insecure: self.insecure_tcp.unwrap_or(false),
             },
+            kick: self.kick()?,
         })
     }
 
-    /// The rules for every provider call.
-    fn provider_policy(&self) -> Result<ProviderPolicy> {
+    /// The `[on_revoke] kick` hook, checked.
+    fn kick(&self) -> Result<Option<KickConfig>> {
+        let Some(kick) = &self.on_revoke.kick else {
+            return Ok(None);
+        };
+        kick.check().map_err(anyhow::Error::msg)?;
+        Ok(Some(kick.clone()))
+    }
+
+    /// The rules for every provider call (and the kick hook's HTTP call).
+    ///
+    /// # Errors
+    /// `provider_max_response_bytes` out of range.
+    pub fn provider_policy(&self) -> Result<ProviderPolicy> {
         let max = self
             .provider_max_response_bytes
             .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);

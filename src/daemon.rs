@@ -114,10 +114,18 @@ pub async fn run(config: Config, context: RunContext, shutdown: CancellationToke
             .admin_secret
             .clone()
             .context("an admin socket needs --admin-secret-file")?;
+        let kicker = config
+            .kick
+            .as_ref()
+            .map(|kick| crate::kick::Kicker::new(kick, &config.provider))
+            .transpose()
+            .context("[on_revoke] kick")?
+            .map(Arc::new);
         tokio::spawn(crate::admin::serve(
             listener,
             engine.clone(),
             secret,
+            kicker,
             config.admin_limits,
             config.max_token_len,
             shutdown.clone(),
@@ -351,6 +359,10 @@ fn warn_unreloadable(running: &Config, new: &Config) {
                 || running.admin_limits != new.admin_limits,
         ),
         ("limits", running.limits != new.limits),
+        (
+            "on_revoke",
+            running.kick.as_ref().map(|k| k.describe()) != new.kick.as_ref().map(|k| k.describe()),
+        ),
     ];
     for (name, _) in changed.iter().filter(|(_, c)| *c) {
         warn!("SIGHUP: {name} changed; it takes effect at the next restart");

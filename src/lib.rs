@@ -41,6 +41,8 @@ pub mod flight;
 #[cfg(feature = "broker")]
 pub mod keys;
 #[cfg(feature = "broker")]
+pub mod kick;
+#[cfg(feature = "broker")]
 pub mod listener;
 #[cfg(feature = "broker")]
 pub mod load;

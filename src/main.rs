@@ -108,6 +108,10 @@ fn serve(args: RunArgs) -> Result<()> {
 /// `check-config`: resolve everything (reading secret files), build every validator, print.
 fn check_config(args: RunArgs) -> Result<()> {
     let config = args.resolve()?;
+    if let Some(kick) = &config.kick {
+        // Reads the hook's secret files and checks its URL, as the broker does at start-up.
+        extauth_broker::kick::Kicker::new(kick, &config.provider)?;
+    }
     let discovered = runtime()?.block_on(async {
         let domains = extauth_broker::domain::Domains::build(&config)?;
         anyhow::Ok(domains.discover().await)

@@ -16,6 +16,7 @@
 //! | `extauth_redis_errors_total` | counter | `op` |
 //! | `extauth_redis_rejected_total` | counter | `kind` (`entry`, `user_mark`, `token_mark`, `seen`, `hint`, `index`) |
 //! | `extauth_revocation_hints_total` | counter | `outcome` (`applied`) |
+//! | `extauth_kicks_total` | counter | `outcome` (`kicked`, `failed`): the revoke hook's calls to ejabberd's `kick_user` |
 //! | `extauth_unbound_tokens_total` | counter | `reason` (`no_user`, `non_canonical_claim`, `wrong_domain`) |
 //! | `extauth_provider_clock_skew_seconds` | gauge | `validator` |
 //! | `extauth_redis_up` | gauge | `op` (`connection`, `read`, `write`; 0 during an outage, set on changes) |
@@ -120,6 +121,11 @@ pub fn redis_rejected(kind: &'static str) {
 /// hints carry their mark).
 pub fn hint_applied() {
     counter!("extauth_revocation_hints_total", "outcome" => "applied").increment(1);
+}
+
+/// Counts a call of the revoke hook (the kick module) by outcome (`kicked`, `failed`).
+pub fn kick(outcome: &'static str) {
+    counter!("extauth_kicks_total", "outcome" => outcome).increment(1);
 }
 
 /// Counts a valid token that names no user of its domain, by reason (`no_user`,

@@ -288,7 +288,10 @@ pub async fn revoke(
 }
 
 /// The localpart and domain as ejabberd would send them (nodeprep, nameprep).
-fn normalise(target: &Target<'_>) -> Result<(String, String), RevokeError> {
+///
+/// # Errors
+/// [`RevokeError::BadJid`] when either cannot be a JID part.
+pub fn normalise(target: &Target<'_>) -> Result<(String, String), RevokeError> {
     let user = stringprep::nodeprep(target.user).map_err(|_| RevokeError::BadJid)?;
     let domain = stringprep::nameprep(target.domain).map_err(|_| RevokeError::BadJid)?;
     if user.is_empty() || domain.is_empty() {
@@ -352,10 +355,12 @@ fn apply(hint: Hint, revocations: &Revocations, l1: &L1) {
 }
 
 /// `extauth-broker revoke`: revokes through the shared Redis, so every broker drops the
-/// verdicts within a second. Prints what was revoked.
+/// verdicts within a second. Prints what was revoked, then runs the file's `[on_revoke] kick`
+/// hook (unless `--no-kick`) for a user revocation and prints what it did.
 ///
 /// # Errors
-/// No Redis configured, a missing cache secret, an unreadable token file, a Redis failure.
+/// No Redis configured, a missing cache secret, an unreadable token file or kick secret, a
+/// Redis failure, or a kick that failed (the revocation stands; the message says so).
 pub async fn run_cli(args: crate::config::RevokeArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     let file = crate::config::RunArgs {
@@ -373,12 +378,19 @@ pub async fn run_cli(args: crate::config::RevokeArgs) -> anyhow::Result<()> {
     )?;
     let secret_file = file
         .cache_secret_file
+        .clone()
         .context("--cache-secret-file is required (the brokers' cache key secret)")?;
     let secret = crate::secrets::read_secret(&secret_file, "--cache-secret-file")?;
     let token = args
         .token_file
         .map(|p| crate::secrets::read_secret(&p, "--token-file"))
         .transpose()?;
+    // Built (secret files read) before revoking, so a broken hook is reported before anything
+    // changes.
+    let kicker = match (&file.on_revoke.kick, args.no_kick) {
+        (Some(kick), false) => Some(crate::kick::Kicker::new(kick, &file.provider_policy()?)?),
+        _ => None,
+    };
     let redis = Redis::new(&store, crate::seal::Sealer::new(&secret))
         .await
         .context("--redis")?;
@@ -394,6 +406,14 @@ pub async fn run_cli(args: crate::config::RevokeArgs) -> anyhow::Result<()> {
             "revoked every verdict of {}@{} ({} deleted from Redis)",
             args.user, args.domain, revoked.dropped
         ),
+    }
+    let (user, domain) = normalise(&target)?;
+    let report = crate::kick::after_revoke(kicker.as_ref(), &user, &domain, token.is_some()).await;
+    let said = report.describe(&user, &domain);
+    match report {
+        crate::kick::KickReport::Failed(_) => anyhow::bail!(said),
+        crate::kick::KickReport::Off => {}
+        _ => println!("{said}"),
     }
     Ok(())
 }

@@ -80,6 +80,13 @@ pub fn summary(config: &Config) -> String {
         },
     );
     line(
+        "on revoke",
+        match &config.kick {
+            Some(kick) => format!("kick the user's sessions: {}", kick.describe()),
+            None => "revoke only (open sessions stay open; see on_revoke.kick)".into(),
+        },
+    );
+    line(
         "log",
         format!(
             "{}, {}",
@@ -124,6 +131,18 @@ pub fn warnings(config: &Config) -> Vec<String> {
                     da.validator.endpoint()
                 ));
             }
+        }
+    }
+    if let Some(kick) = &config.kick {
+        let answer_within = config.admin_limits.request_timeout;
+        if config.admin_secret.is_some() && kick.timeout() >= answer_within {
+            warnings.push(format!(
+                "on_revoke.kick.timeout ({} s) is not under the admin endpoint's request timeout \
+                 ({} s): a slow kick turns POST /revoke's answer into a 503 that cannot say \
+                 whether the sessions were ended (the revocation itself is done first)",
+                kick.timeout().as_secs_f64(),
+                answer_within.as_secs()
+            ));
         }
     }
     warnings
@@ -272,6 +291,19 @@ mod tests {
         assert!(shown.contains("https://u:***@idp/i"), "{shown}");
         assert!(!shown.contains("PASSWORD123"), "{shown}");
         assert!(shown.contains("claim_folding exact"), "{shown}");
+    }
+
+    #[test]
+    fn the_kick_hook_is_shown_without_its_credentials() {
+        let shown = summary(&config(
+            "[on_revoke]\nkick = { kind = \"http_api\", url = \"http://admin:PASSWORD123@127.0.0.1:5281/api/kick_user\", timeout = 3 }\n",
+        ));
+        assert!(
+            shown.contains("on revoke:        kick the user's sessions: POST http://admin:***@127.0.0.1:5281/api/kick_user (mod_http_api, basic from the URL), timeout 3 s"),
+            "{shown}"
+        );
+        assert!(!shown.contains("PASSWORD123"), "{shown}");
+        assert!(summary(&config("")).contains("on revoke:        revoke only"));
     }
 
     #[test]

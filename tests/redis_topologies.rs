@@ -142,7 +142,7 @@ fn sentinel(dir: &std::path::Path, master_port: u16) -> (Child, u16) {
         ),
     )
     .unwrap();
-    let child = Command::new("redis-server")
+    let child = Command::new(common::services::redis_server_bin())
         .arg(&conf)
         .arg("--sentinel")
         .stdout(Stdio::null())

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::faults::http;
+use common::faults::{http, Metrics};
 use std::time::Duration;
 
 use common::services::{
@@ -236,4 +236,163 @@ fn numsub(redis: &Redis) -> u64 {
         .last()
         .and_then(|n| n.strip_prefix(':')?.parse().ok())
         .unwrap_or(u64::MAX)
+}
+
+/// A stand-in for ejabberd's `mod_http_api` on loopback: answers every request with `status`
+/// and body `1`, and keeps each request (head and body) for the test to read.
+struct FakeApi {
+    port: u16,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeApi {
+    fn start(status: u16) -> FakeApi {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(stream);
+                let (mut head, mut length) = (String::new(), 0usize);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    head.push_str(&line);
+                }
+                let mut body = vec![0; length];
+                let _ = reader.read_exact(&mut body);
+                kept.lock()
+                    .unwrap()
+                    .push(format!("{head}\r\n{}", String::from_utf8_lossy(&body)));
+                let _ = write!(
+                    reader.get_mut(),
+                    "HTTP/1.1 {status} X\r\nContent-Length: 1\r\nConnection: close\r\n\r\n1"
+                );
+            }
+        });
+        FakeApi { port, requests }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// A broker with the admin and metrics endpoints and `[on_revoke] kick` posting to `url`.
+fn broker_with_kick(provider: &Provider, dir: &std::path::Path, url: &str) -> (Broker, u16, u16) {
+    let config = dir.join("broker.toml");
+    std::fs::write(
+        &config,
+        format!("[on_revoke]\nkick = {{ kind = \"http_api\", url = \"{url}\", timeout = 2 }}\n"),
+    )
+    .unwrap();
+    let secret_file = dir.join("admin.secret");
+    std::fs::write(&secret_file, "admin-secret-7d1c\n").unwrap();
+    let (admin, metrics) = (free_port(), free_port());
+    let mut spec = BrokerSpec::new(provider);
+    spec.config = Some(config);
+    spec.extra = vec![
+        "--admin-listen".into(),
+        format!("127.0.0.1:{admin}"),
+        "--admin-secret-file".into(),
+        secret_file.display().to_string(),
+        "--metrics-listen".into(),
+        format!("127.0.0.1:{metrics}"),
+    ];
+    (Broker::start(&spec), admin, metrics)
+}
+
+/// `POST /revoke` on a broker with the kick hook: a user revocation kicks once through the API
+/// (credentials from the URL sent as HTTP Basic, never logged), a token revocation says it
+/// cannot kick, and a failing API turns the answer into 502 while the revocation stands; both
+/// outcomes are counted.
+#[test]
+fn the_admin_endpoint_kicks_a_revoked_user_and_reports_a_failed_kick() {
+    let provider = Provider::start();
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::start(200);
+    let url = format!(
+        "http://admin%40example.com:kick-pw-93b1@127.0.0.1:{}/api/kick_user",
+        api.port
+    );
+    let (broker, admin, metrics) = broker_with_kick(&provider, dir.path(), &url);
+    let user_body = r#"{"domain": "example.com", "user": "Alice"}"#;
+    let (status, answer) = http(
+        admin,
+        "POST",
+        "/revoke",
+        Some("admin-secret-7d1c"),
+        user_body,
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer.contains(r#""kick":{"outcome":"kicked","sessions":1}"#),
+        "{answer}"
+    );
+    let requests = api.requests();
+    assert_eq!(requests.len(), 1, "one kick per revocation: {requests:?}");
+    let request = &requests[0];
+    assert!(
+        request.starts_with("POST /api/kick_user HTTP/1.1"),
+        "{request}"
+    );
+    assert!(
+        request.ends_with(r#"{"host":"example.com","user":"alice"}"#),
+        "the normalised JID: {request}"
+    );
+    // admin@example.com:kick-pw-93b1, base64.
+    assert!(
+        request.contains("authorization: Basic YWRtaW5AZXhhbXBsZS5jb206a2ljay1wdy05M2Ix"),
+        "{request}"
+    );
+
+    let token_body = r#"{"domain": "example.com", "user": "alice", "token": "t-1"}"#;
+    let (status, answer) = http(
+        admin,
+        "POST",
+        "/revoke",
+        Some("admin-secret-7d1c"),
+        token_body,
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains(r#""outcome":"not_for_token""#), "{answer}");
+    assert_eq!(api.requests().len(), 1, "a token revocation kicks nobody");
+
+    let scrape = Metrics::scrape(metrics);
+    assert_eq!(scrape.sum(r#"extauth_kicks_total{outcome="kicked"}"#), 1.0);
+    assert!(
+        !broker.log().contains("kick-pw-93b1"),
+        "no password in the log"
+    );
+
+    // ejabberd refuses (403): revoked all the same, reported as a failed kick.
+    let refusing = FakeApi::start(403);
+    let dir2 = tempfile::tempdir().unwrap();
+    let url = format!("http://127.0.0.1:{}/api/kick_user", refusing.port);
+    let (broker2, admin2, metrics2) = broker_with_kick(&provider, dir2.path(), &url);
+    let (status, answer) = http(
+        admin2,
+        "POST",
+        "/revoke",
+        Some("admin-secret-7d1c"),
+        user_body,
+    );
+    assert_eq!(status, 502, "{answer}");
+    assert!(
+        answer.contains(r#""revoked":"user""#)
+            && answer.contains(r#""outcome":"failed""#)
+            && answer.contains("the revocation stands")
+            && answer.contains("HTTP 403"),
+        "{answer}"
+    );
+    let scrape = Metrics::scrape(metrics2);
+    assert_eq!(scrape.sum(r#"extauth_kicks_total{outcome="failed"}"#), 1.0);
+    assert!(broker2.log().contains("kick_user failed"));
 }

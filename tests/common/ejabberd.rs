@@ -67,6 +67,8 @@ struct Node {
     name: String,
     dir: PathBuf,
     c2s_port: u16,
+    /// Loopback port of the node's `ejabberd_http` listener serving `mod_http_api` under `/api`.
+    api_port: u16,
     /// The node's beam.smp, from `EJABBERD_PID_PATH` (or, before that exists, from its cmdline).
     pid: Option<u32>,
 }
@@ -139,7 +141,7 @@ impl Cluster {
 
         let seq = CLUSTER_SEQ.fetch_add(1, Ordering::SeqCst);
         let tag = format!("{}_{}", std::process::id(), seq);
-        let ports = free_ports(3);
+        let ports = free_ports(5);
         let cookie = random_hex(16);
 
         let mut cluster = Cluster {
@@ -154,6 +156,7 @@ impl Cluster {
                     name: format!("ejabberd{i}_{tag}@localhost"),
                     dir: path.join(format!("node{i}")),
                     c2s_port: ports[i],
+                    api_port: ports[2 + i],
                     pid: None,
                 })
                 .collect(),
@@ -244,6 +247,32 @@ impl Cluster {
     /// The loopback c2s port of node 1 or 2.
     pub fn c2s_port(&self, node: usize) -> u16 {
         self.node(node).c2s_port
+    }
+
+    /// The loopback port of node 1's or 2's HTTP API (`mod_http_api` at `/api`; loopback
+    /// callers may run `kick_user` without credentials, see `api_permissions`).
+    pub fn api_port(&self, node: usize) -> u16 {
+        self.node(node).api_port
+    }
+
+    /// The argv and environment that run `ejabberdctl ARGS…` against node 1 or 2 from another
+    /// process (e.g. a kick hook's command); run it with [`Cluster::dir`] as working directory.
+    pub fn ctl_argv(&self, node: usize, args: &[&str]) -> (Vec<String>, Vec<(String, String)>) {
+        let cmd = self.ctl_command(node, args);
+        let argv = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let env = cmd
+            .get_envs()
+            .filter_map(|(k, v)| {
+                Some((
+                    k.to_string_lossy().into_owned(),
+                    v?.to_string_lossy().into_owned(),
+                ))
+            })
+            .collect();
+        (argv, env)
     }
 
     /// Erlang node name of node 1 or 2 (e.g. `ejabberd1_4242_0@localhost`).
@@ -515,10 +544,20 @@ listen:
     starttls: true
     starttls_required: false
     backlog: 1024
+  - port: {api_port}
+    ip: "127.0.0.1"
+    module: ejabberd_http
+    request_handlers:
+      /api: mod_http_api
 auth_method: external
 extauth_program: {program}
 extauth_pool_size: {pool}
 auth_use_cache: false
+# As docs/ejabberd.md recommends; checks that ejabberd 23.01 accepts both forms.
+disable_sasl_mechanisms: ["X-OAUTH2"]
+host_config:
+  localhost:
+    auth_use_cache: false
 acl:
   local: {{user_regexp: ""}}
 access_rules:
@@ -526,6 +565,7 @@ access_rules:
   c2s: {{allow: all}}
 api_permissions:
   "console commands": {{from: [ejabberd_ctl], who: all, what: "*"}}
+  "kick from loopback": {{from: [mod_http_api], who: {{ip: "127.0.0.1/8"}}, what: [kick_user]}}
 shaper_rules:
   max_user_sessions: 10
   c2s_shaper: none
@@ -538,6 +578,7 @@ modules:
 "#,
             cert = yaml_quote(&self.path.join("cert.pem").to_string_lossy()),
             port = n.c2s_port,
+            api_port = n.api_port,
             program = yaml_quote(&program),
             pool = EXTAUTH_POOL_SIZE,
         );
@@ -821,42 +862,163 @@ pub fn runnable(test: &str, missing: &[String]) -> bool {
 /// rejected the credentials; Err: anything else (connection, protocol, timeout), with the
 /// client's stderr. The password goes through a 0600 file in a private temp dir, never argv.
 pub fn xmpp_login(port: u16, user: &str, domain: &str, password: &str) -> Result<bool, String> {
-    let python = xmpp_python();
-    let script = xmpp_script();
-    let private = tempfile::Builder::new()
-        .prefix("extauth-xmpp-")
-        .tempdir()
-        .map_err(|e| format!("temp dir: {e}"))?;
-    let pw_file = private.path().join("password");
-    {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&pw_file)
-            .map_err(|e| format!("password file: {e}"))?;
-        f.write_all(password.as_bytes())
-            .map_err(|e| format!("password file: {e}"))?;
-    }
-    let out = private.path().join("client.out");
-    let mut cmd = Command::new(&python);
-    cmd.arg(&script)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .arg("--jid")
-        .arg(format!("{user}@{domain}"))
-        .arg("--password-file")
-        .arg(&pw_file)
-        .args(["--timeout", "15"]);
-    let child = spawn_logged(&mut cmd, &out)
-        .map_err(|e| format!("run {} {}: {e}", python.display(), script.display()))?;
-    let res = wait_bounded(child, Duration::from_secs(30));
-    let text = read_lossy(&out);
-    // `private` (password file included) is removed when it goes out of scope.
+    let client = XmppClient::spawn(port, user, domain, password, &[])?;
+    let res = wait_bounded(client.child, Duration::from_secs(30));
+    let text = read_lossy(&client.out);
+    // `client.private` (password file included) is removed when it goes out of scope.
     match res {
         Ok(Some(0)) => Ok(true),
         Ok(Some(1)) => Ok(false),
         Ok(code) => Err(format!("xmpp client exited with {code:?}: {}", text.trim())),
         Err(e) => Err(format!("xmpp client: {e}: {}", text.trim())),
+    }
+}
+
+/// The SASL mechanisms node `port` offers a new client stream to `domain` (before STARTTLS),
+/// e.g. `["PLAIN", "SCRAM-SHA-1"]`, read from its `<stream:features/>` over a raw socket.
+pub fn sasl_mechanisms(port: u16, domain: &str) -> Result<Vec<String>, String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "<?xml version='1.0'?><stream:stream to='{domain}' xmlns='jabber:client' \
+         xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("</stream:features>") {
+        let n = stream.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 || seen.len() > 65536 {
+            return Err(format!("no features: {}", String::from_utf8_lossy(&seen)));
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&seen);
+    Ok(text
+        .split("<mechanism>")
+        .skip(1)
+        .filter_map(|m| m.split_once("</mechanism>").map(|(m, _)| m.to_owned()))
+        .collect())
+}
+
+/// The real XMPP client running (`tests/xmpp_login.py`), its output going to a file.
+struct XmppClient {
+    child: Child,
+    out: PathBuf,
+    /// Holds the password file and the output; removed on drop.
+    private: tempfile::TempDir,
+}
+
+impl XmppClient {
+    fn spawn(
+        port: u16,
+        user: &str,
+        domain: &str,
+        password: &str,
+        extra: &[&str],
+    ) -> Result<XmppClient, String> {
+        let python = xmpp_python();
+        let script = xmpp_script();
+        let private = tempfile::Builder::new()
+            .prefix("extauth-xmpp-")
+            .tempdir()
+            .map_err(|e| format!("temp dir: {e}"))?;
+        let pw_file = private.path().join("password");
+        {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&pw_file)
+                .map_err(|e| format!("password file: {e}"))?;
+            f.write_all(password.as_bytes())
+                .map_err(|e| format!("password file: {e}"))?;
+        }
+        let out = private.path().join("client.out");
+        let mut cmd = Command::new(&python);
+        cmd.arg(&script)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--jid")
+            .arg(format!("{user}@{domain}"))
+            .arg("--password-file")
+            .arg(&pw_file)
+            .args(["--timeout", "15"])
+            .args(extra);
+        let child = spawn_logged(&mut cmd, &out)
+            .map_err(|e| format!("run {} {}: {e}", python.display(), script.display()))?;
+        Ok(XmppClient {
+            child,
+            out,
+            private,
+        })
+    }
+}
+
+/// A real XMPP client holding a session open (`tests/xmpp_login.py --hold`), so a test can see
+/// the server end it. Killed on drop.
+pub struct XmppSession {
+    client: XmppClient,
+}
+
+impl XmppSession {
+    /// Logs `user@domain` in and returns once the session is up; Err (with the client's output)
+    /// if the login failed or took more than 30 s. The client keeps the session for at most
+    /// `hold`.
+    pub fn open(
+        port: u16,
+        user: &str,
+        domain: &str,
+        password: &str,
+        hold: Duration,
+    ) -> Result<XmppSession, String> {
+        let hold = format!("{:.1}", hold.as_secs_f64());
+        let mut client = XmppClient::spawn(port, user, domain, password, &["--hold", &hold])?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = read_lossy(&client.out);
+            if text.lines().any(|l| l == "session started") {
+                return Ok(XmppSession { client });
+            }
+            let exited = client.child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                return Err(format!(
+                    "no session (client exit {exited:?}): {}",
+                    text.trim()
+                ));
+            }
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits up to `within` for the session to end. None: still open; Some((exit code, client
+    /// output)): it ended (exit 3 = ended by the server, see `tests/xmpp_login.py`).
+    pub fn wait_end(&mut self, within: Duration) -> Option<(Option<i32>, String)> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.client.child.try_wait() {
+                return Some((status.code(), read_lossy(&self.client.out)));
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The client's output so far.
+    pub fn output(&self) -> String {
+        read_lossy(&self.client.out)
+    }
+}
+
+impl Drop for XmppSession {
+    fn drop(&mut self) {
+        kill_group(self.client.child.id());
+        let _ = self.client.child.kill();
+        let _ = self.client.child.wait();
     }
 }
 

@@ -160,7 +160,16 @@ pub fn now_s() -> u64 {
         .as_secs()
 }
 
-/// A throwaway redis-server on a free loopback port, killed on drop.
+/// The Redis server program the tests start: `$EXTAUTH_REDIS_SERVER` when set (tests/run sets
+/// `/usr/bin/valkey-server` to repeat the Redis tests against Valkey), else `redis-server`.
+pub fn redis_server_bin() -> PathBuf {
+    std::env::var_os("EXTAUTH_REDIS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("redis-server"))
+}
+
+/// A throwaway redis-server (or `$EXTAUTH_REDIS_SERVER`) on a free loopback port, killed on
+/// drop.
 pub struct Redis {
     child: Child,
     pub port: u16,
@@ -191,7 +200,7 @@ impl Redis {
     }
 
     fn spawn(port: u16, dir: &Path, extra: &[String]) -> Child {
-        Command::new("redis-server")
+        Command::new(redis_server_bin())
             .args([
                 "--port",
                 &port.to_string(),
@@ -207,7 +216,12 @@ impl Redis {
             .args(extra)
             .stdout(Stdio::null())
             .spawn()
-            .expect("redis-server must be installed (apt-get install redis-server)")
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{} must be installed (apt-get install redis-server): {e}",
+                    redis_server_bin().display()
+                )
+            })
     }
 
     fn wait_ready(&self) {
