@@ -179,14 +179,6 @@ async fn sockets(config: &Config, inherited: Vec<(Role, Inherited)>) -> Result<S
             Role::Admin => sockets.admin = Some(tcp(socket, "admin")?),
         }
     }
-    for addr in &config.listen {
-        sockets
-            .shims
-            .push(Listener::bind(addr, config.socket_mode, &config.tcp).await?);
-    }
-    if sockets.shims.is_empty() {
-        bail!("no listener: give --listen unix:/path or --listen tcp:HOST:PORT, or start under systemd socket activation");
-    }
     if let (None, Some(addr)) = (&sockets.metrics, &config.metrics_listen) {
         sockets.metrics = Some(
             TcpListener::bind(addr)
@@ -200,6 +192,16 @@ async fn sockets(config: &Config, inherited: Vec<(Role, Inherited)>) -> Result<S
                 .await
                 .with_context(|| format!("binding --admin-listen {addr}"))?,
         );
+    }
+    // The shims' sockets last: once a shim (or a test, or a readiness check) sees one, every
+    // endpoint is bound.
+    for addr in &config.listen {
+        sockets
+            .shims
+            .push(Listener::bind(addr, config.socket_mode, &config.tcp).await?);
+    }
+    if sockets.shims.is_empty() {
+        bail!("no listener: give --listen unix:/path or --listen tcp:HOST:PORT, or start under systemd socket activation");
     }
     Ok(sockets)
 }
