@@ -2,7 +2,7 @@
 //! this user. See `docs/architecture.md` for the rules and their sources.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tracing::{debug, info, warn};
@@ -40,6 +40,25 @@ impl Outcome {
             ok: false,
             reason,
             source: Source::Local,
+        }
+    }
+}
+
+/// Where a request came in: the `front` label of the request metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Front {
+    /// A shim (ejabberd's or Prosody's external auth program) over the wire protocol.
+    Shim,
+    /// The HTTP check front (`--http-listen`).
+    Http,
+}
+
+impl Front {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Front::Shim => "shim",
+            Front::Http => "http",
         }
     }
 }
@@ -120,6 +139,23 @@ impl Engine {
                 self.l1.clone(),
             ));
         }
+    }
+
+    /// Answers `command` within `deadline` (a request over it is refused as
+    /// `deadline_exceeded`) and counts it under `front`: the one entry point of every front, so
+    /// all share the cache, the flights, the revocations and the metrics.
+    pub async fn answer(&self, command: &Command, deadline: Duration, front: Front) -> Outcome {
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(deadline, self.handle(command, started + deadline))
+            .await
+            .unwrap_or(Outcome::local(Reason::DeadlineExceeded));
+        metrics::request(
+            command.name(),
+            front.as_str(),
+            (outcome.ok, outcome.reason, outcome.source),
+            started.elapsed(),
+        );
+        outcome
     }
 
     /// Answers one extauth command. `auth` and `isuser` are decided; every command that would

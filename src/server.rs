@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::admission::{Handshake, Handshakes, InFlight, Slot, Slots};
 use crate::config::{Limits, PeerPolicy};
-use crate::engine::{Engine, Outcome};
+use crate::engine::{Engine, Front};
 use crate::listener::{Incoming, Listener};
 use crate::metrics::{self, HandshakeFailure};
 use crate::wire::{
@@ -327,27 +327,10 @@ impl RequestReader<'_> {
     }
 }
 
-/// Decides one request within its deadline, and counts it.
+/// Decides one request within its deadline (counted with `front="shim"`).
 async fn answer(engine: &Engine, request: Request) -> Response {
-    let started = std::time::Instant::now();
     let deadline = Duration::from_millis(request.deadline_ms.into());
-    let until = started + deadline;
-    let outcome = match tokio::time::timeout(deadline, engine.handle(&request.command, until)).await
-    {
-        Ok(o) => o,
-        Err(_) => Outcome {
-            ok: false,
-            reason: Reason::DeadlineExceeded,
-            source: Source::Local,
-        },
-    };
-    metrics::request(
-        request.command.name(),
-        outcome.ok,
-        outcome.reason,
-        outcome.source,
-        started.elapsed(),
-    );
+    let outcome = engine.answer(&request.command, deadline, Front::Shim).await;
     Response {
         id: request.id,
         ok: outcome.ok,

@@ -79,6 +79,7 @@ pub fn summary(config: &Config) -> String {
             None => endpoint(&config.admin_listen, &config.admin_limits),
         },
     );
+    line("http front", http_front(config));
     line(
         "log",
         format!(
@@ -105,6 +106,41 @@ pub fn summary(config: &Config) -> String {
         let _ = writeln!(out, "warning: {warning}");
     }
     out
+}
+
+/// The HTTP check front: address, transport, caller authentication, allow list, limits.
+fn http_front(config: &Config) -> String {
+    let Some(front) = &config.http else {
+        return "off".into();
+    };
+    let transport = match (&front.tls, front.mtls) {
+        (Some(_), true) => "TLS, callers by client certificate (mTLS)",
+        (Some(_), false) => "TLS",
+        (None, _) => "plaintext",
+    };
+    let secret = if front.secret.is_some() {
+        ", caller secret set"
+    } else {
+        ""
+    };
+    let allow = match front.allow.is_empty() {
+        true => "any peer".to_owned(),
+        false => front
+            .allow
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    let limits = &front.limits;
+    format!(
+        "{}, {transport}{secret}; allowed: {allow}; at most {} connections, header/idle/request timeouts {}/{}/{} s",
+        front.listen,
+        limits.max_connections,
+        limits.header_timeout.as_secs(),
+        limits.idle_timeout.as_secs(),
+        limits.request_timeout.as_secs()
+    )
 }
 
 /// Settings that work but are probably not what was meant (also logged at start-up).
