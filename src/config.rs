@@ -22,8 +22,8 @@ use serde::Deserialize;
 use crate::binding::{BindingRules, Folding, Subject};
 use crate::directory::DirectoryConfig;
 use crate::endpoint::{self, EndpointLimits, IpRange};
-use crate::http_front::HttpFrontConfig;
 use crate::extauth::Secret;
+use crate::http_front::HttpFrontConfig;
 use crate::store::{RedisConfig, RedisMode};
 use crate::validate::breaker::BreakerConfig;
 use crate::validate::gate;
@@ -765,7 +765,10 @@ impl RunArgs {
     }
 
     /// The HTTP front's settings, when `--http-listen` is given.
-    fn http_front(&self, tls: &Option<Arc<rustls::ServerConfig>>) -> Result<Option<HttpFrontConfig>> {
+    fn http_front(
+        &self,
+        tls: &Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Option<HttpFrontConfig>> {
         let Some(listen) = &self.http_listen else {
             return Ok(None);
         };
@@ -789,7 +792,11 @@ impl RunArgs {
         let allow = self
             .http_allow
             .iter()
-            .map(|s| s.trim().parse().map_err(|e| anyhow::anyhow!("--http-allow: {e}")))
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--http-allow: {e}"))
+            })
             .collect::<Result<Vec<IpRange>>>()?;
         Ok(Some(HttpFrontConfig {
             listen: listen.clone(),

@@ -236,7 +236,10 @@ fn reserve_fds(config: &Config, sockets: &Sockets) -> Result<()> {
         (sockets.admin.is_some(), config.admin_limits),
         (
             sockets.http.is_some(),
-            config.http.as_ref().map_or(config.admin_limits, |h| h.limits),
+            config
+                .http
+                .as_ref()
+                .map_or(config.admin_limits, |h| h.limits),
         ),
     ]
     .iter()

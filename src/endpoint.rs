@@ -43,9 +43,9 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -132,7 +132,12 @@ impl Access {
     ///
     /// # Errors
     /// A non-loopback `local` address without TLS and without `insecure`, naming `flag`.
-    pub fn check_exposure(&self, local: std::net::SocketAddr, insecure: bool, flag: &str) -> Result<(), String> {
+    pub fn check_exposure(
+        &self,
+        local: std::net::SocketAddr,
+        insecure: bool,
+        flag: &str,
+    ) -> Result<(), String> {
         if self.tls.is_none() && !insecure && !local.ip().is_loopback() {
             return Err(format!(
                 "{flag} {local} is not a loopback address: tokens would cross the network in clear. \
@@ -221,7 +226,12 @@ pub async fn require_caller(
     request: Request<Body>,
     next: axum::middleware::Next,
 ) -> Response<Body> {
-    if callers.mtls || callers.secret.as_ref().is_some_and(|s| presented(request.headers(), s)) {
+    if callers.mtls
+        || callers
+            .secret
+            .as_ref()
+            .is_some_and(|s| presented(request.headers(), s))
+    {
         return next.run(request).await;
     }
     (
@@ -283,7 +293,10 @@ impl Endpoint {
             let stream = match accepted {
                 Ok((_, peer)) if !self.access.admits(peer.ip()) => {
                     metrics::endpoint_refused(self.name);
-                    debug!("{} endpoint: refused {peer}: not in the allow list", self.name);
+                    debug!(
+                        "{} endpoint: refused {peer}: not in the allow list",
+                        self.name
+                    );
                     continue;
                 }
                 Ok((stream, _)) => stream,
@@ -321,23 +334,29 @@ impl Endpoint {
     }
 
     /// Serves one connection until the peer closes it, a timeout expires, or shutdown.
-    async fn connection(self: Arc<Self>, stream: tokio::net::TcpStream, slot: OwnedSemaphorePermit) {
+    async fn connection(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        slot: OwnedSemaphorePermit,
+    ) {
         let _open = Open::new(self.name, slot);
         let clock = Arc::new(Clock::new(&self.limits));
         let stream: Box<dyn Io> = match &self.access.tls {
             None => Box::new(stream),
             // The handshake is part of the first head: it gets the header timeout.
-            Some(tls) => match tokio::time::timeout(self.limits.header_timeout, tls.accept(stream)).await {
-                Ok(Ok(tls)) => Box::new(tls),
-                Ok(Err(e)) => {
-                    debug!("{} endpoint: TLS handshake failed: {e}", self.name);
-                    return;
+            Some(tls) => {
+                match tokio::time::timeout(self.limits.header_timeout, tls.accept(stream)).await {
+                    Ok(Ok(tls)) => Box::new(tls),
+                    Ok(Err(e)) => {
+                        debug!("{} endpoint: TLS handshake failed: {e}", self.name);
+                        return;
+                    }
+                    Err(_) => {
+                        metrics::endpoint_timeout(self.name, Phase::Head.as_str());
+                        return;
+                    }
                 }
-                Err(_) => {
-                    metrics::endpoint_timeout(self.name, Phase::Head.as_str());
-                    return;
-                }
-            },
+            }
         };
         let io = TokioIo::new(Watched {
             stream,
@@ -630,17 +649,26 @@ mod tests {
         let secret = Secret::new("s3cret".into());
         let with = |name: &str, value: &str| {
             let mut h = HeaderMap::new();
-            h.insert(axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+            h.insert(
+                axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
             h
         };
         assert!(presented(&with("authorization", "Bearer s3cret"), &secret));
         // base64("mongooseim:s3cret")
-        assert!(presented(&with("authorization", "Basic bW9uZ29vc2VpbTpzM2NyZXQ="), &secret));
+        assert!(presented(
+            &with("authorization", "Basic bW9uZ29vc2VpbTpzM2NyZXQ="),
+            &secret
+        ));
         assert!(presented(&with(CALLER_HEADER, "s3cret"), &secret));
         assert!(presented(&with(CALLER_HEADER, "Bearer s3cret"), &secret));
         assert!(!presented(&with("authorization", "Bearer s3cre"), &secret));
         // base64("s3cret"): no colon, no password.
-        assert!(!presented(&with("authorization", "Basic czNjcmV0"), &secret));
+        assert!(!presented(
+            &with("authorization", "Basic czNjcmV0"),
+            &secret
+        ));
         assert!(!presented(&HeaderMap::new(), &secret));
         // The caller header wins: a user's bearer token in Authorization is no caller secret.
         let mut both = with(CALLER_HEADER, "wrong");

@@ -286,7 +286,9 @@ async fn auth_request(
         path.user.or_else(|| header(USER_HEADER)),
         path.domain.or_else(|| header(DOMAIN_HEADER)),
     ) else {
-        return bad_request("name the user and domain in the path or in X-Extauth-User and X-Extauth-Domain");
+        return bad_request(
+            "name the user and domain in the path or in X-Extauth-User and X-Extauth-Domain",
+        );
     };
     let Some(token) = bearer(&headers) else {
         return unauthorized("invalid_request", Reason::Malformed);
@@ -303,11 +305,15 @@ async fn auth_request(
             let mut response = StatusCode::NO_CONTENT.into_response();
             let headers = response.headers_mut();
             // Both came in as header values or path segments, so they are valid header values.
-            if let (Ok(user), Ok(jid)) = (HeaderValue::from_str(&user), HeaderValue::from_str(&jid)) {
+            if let (Ok(user), Ok(jid)) = (HeaderValue::from_str(&user), HeaderValue::from_str(&jid))
+            {
                 headers.insert(USER_HEADER, user);
                 headers.insert(JID_HEADER, jid);
             }
-            headers.insert(REASON_HEADER, HeaderValue::from_static(outcome.reason.as_str()));
+            headers.insert(
+                REASON_HEADER,
+                HeaderValue::from_static(outcome.reason.as_str()),
+            );
             response
         }
         Reason::UnknownDomain => with_reason(StatusCode::FORBIDDEN, outcome.reason),
@@ -327,7 +333,9 @@ fn bearer(headers: &HeaderMap) -> Option<Secret> {
 
 impl Checker {
     async fn answer(&self, command: &Command) -> Outcome {
-        self.engine.answer(command, self.deadline, Front::Http).await
+        self.engine
+            .answer(command, self.deadline, Front::Http)
+            .await
     }
 }
 

@@ -307,5 +307,6 @@ pub async fn serve(
         limits,
         endpoint::Access::default(),
         shutdown,
-    ).await;
+    )
+    .await;
 }

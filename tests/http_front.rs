@@ -98,7 +98,8 @@ fn http(port: u16, method: &str, target: &str, headers: &[(&str, &str)], body: &
     stream
         .set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
-    let mut request = format!("{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    let mut request =
+        format!("{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -173,25 +174,48 @@ fn the_xmpp_server_contracts_answer_from_the_same_engine_as_the_shim() {
     // MongooseIM and ejabberd-contrib: GET with the query, 200 and the body `true`/`false`.
     let yes = check("alice", "example.com", &alice);
     assert_eq!((yes.status, yes.body.as_str()), (200, "true"), "{yes:?}");
-    assert_eq!(check("alice", "example.com", &bob).body, "false", "bob's token for alice");
+    assert_eq!(
+        check("alice", "example.com", &bob).body,
+        "false",
+        "bob's token for alice"
+    );
     assert_eq!(check("alice", "example.com", "never-issued").body, "false");
     let unknown = check("alice", "other.example", &alice);
     assert_eq!((unknown.status, unknown.body.as_str()), (200, "false"));
     assert_eq!(unknown.header("x-extauth-reason"), Some("unknown_domain"));
-    assert_eq!(provider.calls(), 3, "one call per token: alice's, bob's, never-issued");
+    assert_eq!(
+        provider.calls(),
+        3,
+        "one call per token: alice's, bob's, never-issued"
+    );
 
     // The shim path shares the verdict: no provider call for alice's token.
     let mut shim = Shim::spawn(&front.broker.addr(), 5.0, &[]);
     assert!(shim.ask(&format!("auth:alice:example.com:{alice}")));
-    assert_eq!(provider.calls(), 3, "the shim was answered from the front's verdict");
+    assert_eq!(
+        provider.calls(),
+        3,
+        "the shim was answered from the front's verdict"
+    );
 
     // Prosody mod_auth_http: POST form to <url>/check_password; user_exists.
-    let body = form(&[("user", "alice"), ("server", "example.com"), ("pass", &alice)]);
+    let body = form(&[
+        ("user", "alice"),
+        ("server", "example.com"),
+        ("pass", &alice),
+    ]);
     let posted = front.post("/check_password", &[auth[0], FORM], body.as_bytes());
-    assert_eq!((posted.status, posted.body.as_str()), (200, "true"), "{posted:?}");
+    assert_eq!(
+        (posted.status, posted.body.as_str()),
+        (200, "true"),
+        "{posted:?}"
+    );
     let exists = |user: &str| {
         front
-            .get(&format!("/user_exists?user={user}&server=example.com"), &auth)
+            .get(
+                &format!("/user_exists?user={user}&server=example.com"),
+                &auth,
+            )
             .body
     };
     assert_eq!(exists("alice"), "true", "alice logged in: seen");
@@ -200,7 +224,11 @@ fn the_xmpp_server_contracts_answer_from_the_same_engine_as_the_shim() {
     // Prosody mod_auth_custom_http: JSON POST, body exactly `true`; LuaSocket labels it a form.
     let custom = |user: &str, password: &str| {
         let body = json!({"username": user, "password": password}).to_string();
-        front.post("/custom_http/example.com", &[auth[0], FORM], body.as_bytes())
+        front.post(
+            "/custom_http/example.com",
+            &[auth[0], FORM],
+            body.as_bytes(),
+        )
     };
     let ok = custom("alice", &alice);
     assert_eq!((ok.status, ok.body.as_str()), (200, "true"), "{ok:?}");
@@ -215,22 +243,35 @@ fn the_xmpp_server_contracts_answer_from_the_same_engine_as_the_shim() {
     assert_eq!(front.get("/check_password?user=alice", &auth).status, 400);
     assert_eq!(
         front
-            .post("/custom_http/example.com", &auth, br#"{"username": "alice", "pass"#)
+            .post(
+                "/custom_http/example.com",
+                &auth,
+                br#"{"username": "alice", "pass"#
+            )
             .status,
         400
     );
     let huge = vec![b'a'; 200 * 1024];
-    assert_eq!(front.post("/custom_http/example.com", &auth, &huge).status, 413);
+    assert_eq!(
+        front.post("/custom_http/example.com", &auth, &huge).status,
+        413
+    );
     assert_eq!(front.get("/nothing", &auth).status, 404);
 
     // Revocation reaches this front too: the provider now says inactive, and the cached
     // verdict is dropped (without the revocation it would be served until its TTL).
     provider.insert(&alice, json!({"active": false, "username": "alice"}));
-    assert_eq!(check("alice", "example.com", &alice).body, "true", "still cached");
+    assert_eq!(
+        check("alice", "example.com", &alice).body,
+        "true",
+        "still cached"
+    );
     revoke_cli(&redis, &front.broker, "alice", None);
-    wait_until(Duration::from_secs(3), "alice's revocation on the front", || {
-        check("alice", "example.com", &alice).body == "false"
-    });
+    wait_until(
+        Duration::from_secs(3),
+        "alice's revocation on the front",
+        || check("alice", "example.com", &alice).body == "false",
+    );
 
     // Metrics carry the front; neither the token nor the caller secret is logged.
     let metrics = Metrics::scrape(front.metrics);
@@ -248,7 +289,12 @@ fn the_xmpp_server_contracts_answer_from_the_same_engine_as_the_shim() {
         metrics.0
     );
     let log = front.broker.log();
-    for secret in [alice.clone(), bob.clone(), percent(&alice), CALLER_SECRET.to_owned()] {
+    for secret in [
+        alice.clone(),
+        bob.clone(),
+        percent(&alice),
+        CALLER_SECRET.to_owned(),
+    ] {
         assert!(!log.contains(&secret), "the log holds a secret");
     }
     assert!(log.contains("http front request"), "debug access log lines");
@@ -278,7 +324,11 @@ fn callers_need_the_secret_or_a_client_certificate_and_listeners_follow_the_rule
     ] {
         assert_eq!(front.get(&target, &headers).body, "true", "{headers:?}");
     }
-    assert_eq!(provider.calls(), 1, "refused callers never reached the provider");
+    assert_eq!(
+        provider.calls(),
+        1,
+        "refused callers never reached the provider"
+    );
 
     // A peer outside the allow list is closed before it is served.
     let fenced = Front::start(&provider, None, &["--http-allow", "10.0.0.0/8"]);
@@ -290,7 +340,12 @@ fn callers_need_the_secret_or_a_client_certificate_and_listeners_follow_the_rule
     let secret = dir.path().join("http.secret");
     std::fs::write(&secret, CALLER_SECRET).unwrap();
     let out = Command::new(broker_bin())
-        .args(["--listen", "tcp:127.0.0.1:0", "--introspection-url", &provider.url()])
+        .args([
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--introspection-url",
+            &provider.url(),
+        ])
         .args(["--client-id", CLIENT_ID])
         .env("EXTAUTH_CLIENT_SECRET", "x")
         .args(["--http-listen", &format!("0.0.0.0:{}", free_port())])
@@ -336,17 +391,29 @@ fn mtls_authenticates_callers(provider: &Provider, alice: &str) {
     wait_until(Duration::from_secs(10), "the TLS front", || {
         TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
-    let url = format!("https://localhost:{port}/check_password?user=alice&server=example.com&pass={alice}");
+    let url = format!(
+        "https://localhost:{port}/check_password?user=alice&server=example.com&pass={alice}"
+    );
     let curl = |client_cert: bool| {
         let mut cmd = Command::new("curl");
         cmd.args(["-sS", "--max-time", "10", "--cacert", &pki.path("ca.pem")]);
         if client_cert {
-            cmd.args(["--cert", &pki.path("client.pem"), "--key", &pki.path("client.key")]);
+            cmd.args([
+                "--cert",
+                &pki.path("client.pem"),
+                "--key",
+                &pki.path("client.key"),
+            ]);
         }
         cmd.arg(&url).output().unwrap()
     };
     let with = curl(true);
-    assert_eq!(String::from_utf8_lossy(&with.stdout), "true", "{}", printed(&with));
+    assert_eq!(
+        String::from_utf8_lossy(&with.stdout),
+        "true",
+        "{}",
+        printed(&with)
+    );
     let without = curl(false);
     assert!(
         !without.status.success() || String::from_utf8_lossy(&without.stdout) != "true",
@@ -375,7 +442,11 @@ fn nginx_auth_request_lets_only_valid_tokens_reach_the_upstream_with_the_user() 
         true => vec![],
         false => vec!["/usr/sbin/nginx (Debian package nginx)".to_owned()],
     };
-    if !skip_or_require("EXTAUTH_REQUIRE_NGINX", "the nginx auth_request test", &missing) {
+    if !skip_or_require(
+        "EXTAUTH_REQUIRE_NGINX",
+        "the nginx auth_request test",
+        &missing,
+    ) {
         return;
     }
     let provider = Provider::start();
@@ -409,7 +480,11 @@ fn nginx_auth_request_lets_only_valid_tokens_reach_the_upstream_with_the_user() 
         let answer = ask(token, user, domain);
         assert_eq!(answer.status, status, "{user}@{domain}: {answer:?}");
     }
-    assert_eq!(upstream.requests(), seen_before, "no refused request reached the upstream");
+    assert_eq!(
+        upstream.requests(),
+        seen_before,
+        "no refused request reached the upstream"
+    );
     // The path form: the user and domain in the auth location's URL.
     let by_path = http(
         proxy.port,
@@ -420,7 +495,10 @@ fn nginx_auth_request_lets_only_valid_tokens_reach_the_upstream_with_the_user() 
     );
     assert_eq!(by_path.status, 200, "{by_path:?}\n{}", proxy.log());
     assert!(by_path.body.contains("x-jid: alice@example.com"));
-    assert!(!front.broker.log().contains(&alice), "the log holds a token");
+    assert!(
+        !front.broker.log().contains(&alice),
+        "the log holds a token"
+    );
 }
 
 /// nginx as an unprivileged user with its own prefix, config and temp paths in a temp dir.
@@ -486,9 +564,16 @@ http {{
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
         let mut cmd = Command::new("/usr/sbin/nginx");
-        cmd.args(["-p", &prefix, "-c", &format!("{prefix}/nginx.conf"), "-e", &format!("{prefix}/error.log")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "-p",
+            &prefix,
+            "-c",
+            &format!("{prefix}/nginx.conf"),
+            "-e",
+            &format!("{prefix}/error.log"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         if nix::unistd::Uid::effective().is_root() {
             // Never root: the unprivileged nobody owns the prefix and runs nginx.
             let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();

@@ -66,7 +66,10 @@ fn the_http_front_lane_answers_the_same_scenario_from_the_same_cache() {
     ]);
     assert_correct(&report);
     assert_eq!(num(&report, "answered"), 600);
-    assert!(report["counts"]["rejects"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        report["counts"]["rejects"].as_u64().unwrap() > 0,
+        "{report}"
+    );
 }
 
 #[test]

@@ -217,7 +217,9 @@ impl Services {
         let secret = self.dir.path().join("http.secret");
         std::fs::write(&secret, &self.http_secret)?;
         // The port is free now; the broker binds it a moment later.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let addr = format!("127.0.0.1:{port}");
         self.http_fronts.push(addr.clone());
         Ok(vec![
