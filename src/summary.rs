@@ -311,6 +311,42 @@ mod tests {
     }
 
     #[test]
+    fn the_http_front_is_shown_with_its_rules_and_never_its_secret() {
+        assert!(summary(&config("")).contains("http front:       off"));
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("http.secret");
+        std::fs::write(&secret, "PASSWORD123\n").unwrap();
+        let shown = summary(&config(&format!(
+            "http_listen = \"127.0.0.1:9102\"\nhttp_secret_file = {:?}\nhttp_allow = [\"10.0.0.0/8\", \"::1\"]\n",
+            secret.display().to_string()
+        )));
+        assert!(
+            shown.contains("http front:       127.0.0.1:9102, plaintext, caller secret set; allowed: 10.0.0.0/8, ::1/128; at most 256 connections"),
+            "{shown}"
+        );
+        assert!(!shown.contains("PASSWORD123"), "{shown}");
+    }
+
+    #[test]
+    fn the_http_front_needs_a_caller_credential_and_tls_files() {
+        let args = |extra: &str| {
+            let file: RunArgs = toml::from_str(extra).unwrap();
+            RunArgs {
+                listen: vec!["unix:/run/x.sock".into()],
+                introspection_url: Some("https://idp/i".into()),
+                client_id: Some("broker".into()),
+                ..file
+            }
+        };
+        let no_secret = args("http_listen = \"127.0.0.1:9102\"\n").into_config();
+        let message = format!("{:#}", no_secret.err().expect("refused"));
+        assert!(message.contains("--http-secret-file"), "{message}");
+        let no_tls = args("http_listen = \"127.0.0.1:9102\"\nhttp_tls = true\n").into_config();
+        let message = format!("{:#}", no_tls.err().expect("refused"));
+        assert!(message.contains("--http-tls needs --tls-cert"), "{message}");
+    }
+
+    #[test]
     fn domains_sharing_a_provider_without_domain_binding_are_warned_about() {
         let shared = config("[domains.\"a.example\"]\n[domains.\"b.example\"]\n");
         assert_eq!(warnings(&shared).len(), 1, "{:?}", warnings(&shared));
