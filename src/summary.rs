@@ -339,10 +339,10 @@ mod tests {
             }
         };
         let no_secret = args("http_listen = \"127.0.0.1:9102\"\n").into_config();
-        let message = format!("{:#}", no_secret.err().expect("refused"));
+        let message = format!("{:#}", no_secret.expect_err("refused"));
         assert!(message.contains("--http-secret-file"), "{message}");
         let no_tls = args("http_listen = \"127.0.0.1:9102\"\nhttp_tls = true\n").into_config();
-        let message = format!("{:#}", no_tls.err().expect("refused"));
+        let message = format!("{:#}", no_tls.expect_err("refused"));
         assert!(message.contains("--http-tls needs --tls-cert"), "{message}");
     }
 
