@@ -665,3 +665,40 @@ fn answer_with_head(mut stream: TcpStream) {
         body.len()
     );
 }
+
+#[test]
+fn silent_connections_are_closed_and_the_cap_holds() {
+    let provider = Provider::start();
+    let alice = token("alice");
+    provider.insert(&alice, json!({"username": "alice"}));
+    let front = Front::start(
+        &provider,
+        None,
+        &[
+            "--http-max-connections",
+            "2",
+            "--endpoint-header-timeout",
+            "1",
+        ],
+    );
+    // Let the start-up probe's connection go first.
+    std::thread::sleep(Duration::from_millis(300));
+    let silent: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(("127.0.0.1", front.port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // Over the cap: closed as soon as accepted.
+    let over = front.get(
+        "/user_exists?user=alice&server=example.com",
+        &[("Authorization", BASIC)],
+    );
+    assert_eq!(over.status, 0, "{over:?}\n{}", front.broker.log());
+    // The silent ones are closed at the header timeout, and the front serves again.
+    for mut s in silent {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "closed by the broker");
+    }
+    let target = format!("/check_password?user=alice&server=example.com&pass={alice}");
+    assert_eq!(front.get(&target, &[("Authorization", BASIC)]).body, "true");
+}
