@@ -291,7 +291,7 @@ async fn auth_request(
         );
     };
     let Some(token) = bearer(&headers) else {
-        return unauthorized("invalid_request", Reason::Malformed);
+        return unauthorized(Reason::Malformed, false);
     };
     let jid = format!("{user}@{domain}");
     let command = Command::Auth {
@@ -320,7 +320,7 @@ async fn auth_request(
         Reason::UpstreamUnavailable | Reason::DeadlineExceeded => {
             with_reason(StatusCode::SERVICE_UNAVAILABLE, outcome.reason)
         }
-        reason => unauthorized("invalid_token", reason),
+        reason => unauthorized(reason, true),
     }
 }
 
@@ -359,11 +359,12 @@ fn with_reason(status: StatusCode, reason: Reason) -> Response {
     (status, [(REASON_HEADER, reason.as_str())]).into_response()
 }
 
-/// 401 with the RFC 6750 section 3 challenge.
-fn unauthorized(error: &'static str, reason: Reason) -> Response {
-    let challenge = match error {
-        "invalid_token" => "Bearer error=\"invalid_token\"",
-        _ => "Bearer",
+/// 401 with the RFC 6750 section 3 challenge: `invalid_token` when a token was presented and
+/// refused, a bare `Bearer` when none was.
+fn unauthorized(reason: Reason, token_presented: bool) -> Response {
+    let challenge = match token_presented {
+        true => "Bearer error=\"invalid_token\"",
+        false => "Bearer",
     };
     (
         StatusCode::UNAUTHORIZED,
