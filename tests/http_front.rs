@@ -257,6 +257,15 @@ fn the_xmpp_server_contracts_answer_from_the_same_engine_as_the_shim() {
         413
     );
     assert_eq!(front.get("/nothing", &auth).status, 404);
+    for garbage in [&b"\x00\xff\r\n\r\n"[..], b"GET / HTTP/9.9\r\n\r\n", b"GET /check_password?user=%ZZ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer caller-secret-7d2a90c4\r\nConnection: close\r\n\r\n"] {
+        let mut stream = TcpStream::connect(("127.0.0.1", front.port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.write_all(garbage).unwrap();
+        let mut raw = Vec::new();
+        let _ = stream.read_to_end(&mut raw);
+        let answer = parse(&String::from_utf8_lossy(&raw));
+        assert!(matches!(answer.status, 400 | 505), "{garbage:?}: {answer:?}");
+    }
 
     // Revocation reaches this front too: the provider now says inactive, and the cached
     // verdict is dropped (without the revocation it would be served until its TTL).
