@@ -1,7 +1,8 @@
 //! The admin HTTP endpoint: `POST /revoke`, for an identity provider's webhook or an operator.
 //!
 //! Authenticated with `Authorization: Bearer <admin secret>` (RFC 6750 section 2.1), the secret
-//! read from `--admin-secret-file` and compared in constant time. Body (JSON):
+//! read from `--admin-secret-file` and compared in constant time by the gate every endpoint
+//! shares ([`endpoint::require_caller`], which also takes it as a Basic password). Body (JSON):
 //! `{"domain": "example.com", "user": "alice"}` revokes every verdict of the user;
 //! adding `"token": "..."` revokes that token's verdict only.
 //!
@@ -17,21 +18,20 @@
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::middleware::{self, Next};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::limit::RequestBodyLimitLayer;
 use tracing::{info, warn};
 
-use crate::endpoint::{self, EndpointLimits};
+use crate::endpoint::{self, Access, Callers, EndpointLimits};
 use crate::engine::Engine;
 use crate::extauth::Secret;
 use crate::kick::{KickReport, Kicker};
@@ -40,7 +40,6 @@ use crate::revoke::{RevokeError, Target};
 /// Shared state of the admin routes.
 struct Admin {
     engine: Arc<Engine>,
-    secret: Secret,
     /// The revoke hook: this broker kicks for the revocations it is asked to perform.
     kicker: Option<Arc<Kicker>>,
 }
@@ -80,35 +79,22 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         info!(listen = %addr, max_connections = limits.max_connections, "admin endpoint listening (POST /revoke)");
     }
-    let admin = Arc::new(Admin {
-        engine,
-        secret,
-        kicker,
+    let callers = Arc::new(Callers {
+        secret: Some(secret),
+        mtls: false,
     });
+    let admin = Arc::new(Admin { engine, kicker });
     // Layers run outermost (last added) first: the bearer check, then the body limit.
     let app = Router::new()
         .route("/revoke", post(revoke))
         .layer(DefaultBodyLimit::disable())
         .layer(RequestBodyLimitLayer::new(body_limit(max_token_len)))
         .layer(middleware::from_fn_with_state(
-            admin.clone(),
-            require_bearer,
+            callers,
+            endpoint::require_caller,
         ))
         .with_state(admin);
-    endpoint::serve("admin", listener, app, limits, shutdown).await;
-}
-
-/// 401 unless the request carries the admin bearer secret; runs before anything reads the body.
-async fn require_bearer(State(admin): State<Arc<Admin>>, request: Request, next: Next) -> Response {
-    if !authorised(request.headers(), &admin.secret) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            [("www-authenticate", "Bearer")],
-            Json(json!({"error": "unauthorized"})),
-        )
-            .into_response();
-    }
-    next.run(request).await
+    endpoint::serve("admin", listener, app, limits, Access::default(), shutdown).await;
 }
 
 async fn revoke(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Response {
@@ -178,14 +164,6 @@ async fn kick_after(admin: &Admin, target: &Target<'_>) -> (StatusCode, serde_js
         _ => StatusCode::OK,
     };
     (status, shown)
-}
-
-fn authorised(headers: &HeaderMap, secret: &Secret) -> bool {
-    let presented = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(secret.expose().as_bytes())))
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

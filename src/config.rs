@@ -21,7 +21,7 @@ use serde::Deserialize;
 
 use crate::binding::{BindingRules, Folding, Subject};
 use crate::directory::DirectoryConfig;
-use crate::endpoint::{self, EndpointLimits};
+use crate::endpoint::{self, EndpointLimits, HttpFrontConfig, IpRange};
 use crate::extauth::Secret;
 use crate::kick::{KickConfig, OnRevoke};
 use crate::secrets::{read_secret, ConfigUrl};
@@ -147,6 +147,32 @@ pub struct RunArgs {
     /// File holding the admin bearer secret (first line); required with --admin-listen.
     #[arg(long, env = "EXTAUTH_ADMIN_SECRET_FILE")]
     pub admin_secret_file: Option<PathBuf>,
+
+    /// Serve the HTTP check front (MongooseIM, ejabberd-contrib and Prosody HTTP auth, nginx
+    /// `auth_request`) on this `HOST:PORT`: loopback, or TLS with --http-tls, or --insecure-tcp.
+    #[arg(long, env = "EXTAUTH_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+
+    /// File holding the secret callers of the HTTP front present (first line); required with
+    /// --http-listen unless --http-tls with --client-ca authenticates them by certificate.
+    #[arg(long, env = "EXTAUTH_HTTP_SECRET_FILE")]
+    pub http_secret_file: Option<PathBuf>,
+
+    /// Serve the HTTP front over TLS with --tls-cert and --tls-key; with --client-ca callers
+    /// must present a client certificate (mTLS).
+    #[arg(long, env = "EXTAUTH_HTTP_TLS", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
+    pub http_tls: Option<bool>,
+
+    /// Peer addresses allowed on the HTTP front (an address or CIDR range; repeatable; env:
+    /// comma-separated). Without: any address that reaches the listener.
+    #[arg(long, env = "EXTAUTH_HTTP_ALLOW", value_delimiter = ',')]
+    #[serde(default)]
+    pub http_allow: Vec<String>,
+
+    /// Most connections the HTTP front serves at once; more are closed as soon as they are
+    /// accepted [default: 256].
+    #[arg(long, env = "EXTAUTH_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<usize>,
 
     /// Serve `/metrics`, `/healthz` and `/readyz` on this `HOST:PORT`.
     #[arg(long, env = "EXTAUTH_METRICS_LISTEN")]
@@ -426,6 +452,8 @@ pub struct Config {
     pub admin_listen: Option<String>,
     /// The admin endpoint's bearer secret.
     pub admin_secret: Option<Secret>,
+    /// The HTTP check front, when `--http-listen` is given.
+    pub http: Option<HttpFrontConfig>,
     /// The metrics endpoint's `HOST:PORT`.
     pub metrics_listen: Option<String>,
     /// The metrics endpoint's connection cap and timeouts.
@@ -521,6 +549,10 @@ impl RunArgs {
             max_token_len,
             admin_listen,
             admin_secret_file,
+            http_listen,
+            http_secret_file,
+            http_tls,
+            http_max_connections,
             metrics_listen,
             metrics_max_connections,
             admin_max_connections,
@@ -553,6 +585,9 @@ impl RunArgs {
         }
         if self.listen.is_empty() {
             self.listen = file.listen;
+        }
+        if self.http_allow.is_empty() {
+            self.http_allow = file.http_allow;
         }
         if self.domain_names.is_empty() {
             self.domain_names = file.domain_names;
@@ -627,6 +662,8 @@ impl RunArgs {
             .as_deref()
             .map(|p| read_secret(p, "--admin-secret-file"))
             .transpose()?;
+        let tls = self.tls()?;
+        let http = self.http_front(&tls)?;
         let defaults = self.flag_defaults();
         let mut domains = BTreeMap::new();
         for name in &self.domain_names {
@@ -662,6 +699,7 @@ impl RunArgs {
             provider: self.provider_policy()?,
             admin_listen: self.admin_listen.clone(),
             admin_secret,
+            http,
             metrics_listen: self.metrics_listen.clone(),
             metrics_limits: self.endpoint_limits(
                 self.metrics_max_connections,
@@ -700,7 +738,7 @@ impl RunArgs {
                 gids: ids(&self.allow_gid, "--allow-gid", group_id)?,
             },
             tcp: TcpSecurity {
-                tls: self.tls()?,
+                tls,
                 insecure: self.insecure_tcp.unwrap_or(false),
             },
             kick: self.kick()?,
@@ -751,6 +789,53 @@ impl RunArgs {
                 endpoint::DEFAULT_REQUEST_TIMEOUT,
             ),
         }
+    }
+
+    /// The HTTP front's settings, when `--http-listen` is given.
+    fn http_front(
+        &self,
+        tls: &Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Option<HttpFrontConfig>> {
+        let Some(listen) = &self.http_listen else {
+            return Ok(None);
+        };
+        let tls = match (self.http_tls.unwrap_or(false), tls) {
+            (true, Some(tls)) => Some(tls.clone()),
+            (true, None) => bail!("--http-tls needs --tls-cert and --tls-key"),
+            (false, _) => None,
+        };
+        let mtls = tls.is_some() && self.client_ca.is_some();
+        let secret = self
+            .http_secret_file
+            .as_deref()
+            .map(|p| read_secret(p, "--http-secret-file"))
+            .transpose()?;
+        if secret.is_none() && !mtls {
+            bail!(
+                "--http-listen needs --http-secret-file (the secret callers present), or --http-tls \
+                 with --client-ca (callers present a client certificate)"
+            );
+        }
+        let allow = self
+            .http_allow
+            .iter()
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--http-allow: {e}"))
+            })
+            .collect::<Result<Vec<IpRange>>>()?;
+        Ok(Some(HttpFrontConfig {
+            listen: listen.clone(),
+            secret,
+            tls,
+            mtls,
+            allow,
+            limits: self.endpoint_limits(
+                self.http_max_connections,
+                endpoint::DEFAULT_HTTP_CONNECTIONS,
+            ),
+        }))
     }
 
     /// The TLS server settings, when `--tls-cert` is given.

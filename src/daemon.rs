@@ -73,6 +73,7 @@ struct Sockets {
     shims: Vec<Listener>,
     metrics: Option<TcpListener>,
     admin: Option<TcpListener>,
+    http: Option<TcpListener>,
 }
 
 /// Binds (or takes from systemd) every socket, drops privileges, then serves until `shutdown`
@@ -131,6 +132,15 @@ pub async fn run(config: Config, context: RunContext, shutdown: CancellationToke
             shutdown.clone(),
         ));
     }
+    if let (Some(listener), Some(front)) = (sockets.http, &config.http) {
+        tokio::spawn(crate::http_front::serve(
+            listener,
+            engine.clone(),
+            front.clone(),
+            config.max_token_len,
+            shutdown.clone(),
+        ));
+    }
     for warning in crate::summary::warnings(&config) {
         warn!("{warning}");
     }
@@ -169,6 +179,7 @@ async fn sockets(config: &Config, inherited: Vec<(Role, Inherited)>) -> Result<S
         shims: Vec::new(),
         metrics: None,
         admin: None,
+        http: None,
     };
     for (role, socket) in inherited {
         match role {
@@ -185,6 +196,19 @@ async fn sockets(config: &Config, inherited: Vec<(Role, Inherited)>) -> Result<S
                 .await
                 .with_context(|| format!("binding --metrics-listen {addr}"))?,
         );
+    }
+    if let Some(front) = &config.http {
+        let listener = TcpListener::bind(&front.listen)
+            .await
+            .with_context(|| format!("binding --http-listen {}", front.listen))?;
+        let access = crate::endpoint::Access {
+            tls: front.tls.clone().map(tokio_rustls::TlsAcceptor::from),
+            allow: front.allow.clone(),
+        };
+        access
+            .check_exposure(listener.local_addr()?, config.tcp.insecure, "--http-listen")
+            .map_err(anyhow::Error::msg)?;
+        sockets.http = Some(listener);
     }
     if let (None, Some(addr)) = (&sockets.admin, &config.admin_listen) {
         sockets.admin = Some(
@@ -215,6 +239,13 @@ fn reserve_fds(config: &Config, sockets: &Sockets) -> Result<()> {
     let endpoints: u64 = [
         (sockets.metrics.is_some(), config.metrics_limits),
         (sockets.admin.is_some(), config.admin_limits),
+        (
+            sockets.http.is_some(),
+            config
+                .http
+                .as_ref()
+                .map_or(config.admin_limits, |h| h.limits),
+        ),
     ]
     .iter()
     .filter(|(served, _)| *served)
@@ -231,7 +262,7 @@ fn reserve_fds(config: &Config, sockets: &Sockets) -> Result<()> {
         }
     };
     let left = budget.reserve(endpoints).map_err(|e| {
-        anyhow!("{e}: lower --metrics-max-connections or --admin-max-connections, or raise the limit (LimitNOFILE= under systemd)")
+        anyhow!("{e}: lower --metrics-max-connections, --admin-max-connections or --http-max-connections, or raise the limit (LimitNOFILE= under systemd)")
     })?;
     let shims = config.limits.max_connections as u64;
     if left < shims {
@@ -355,6 +386,10 @@ fn warn_unreloadable(running: &Config, new: &Config) {
             running.metrics_listen != new.metrics_listen,
         ),
         ("admin_listen", running.admin_listen != new.admin_listen),
+        (
+            "http front",
+            format!("{:?}", running.http) != format!("{:?}", new.http),
+        ),
         (
             "endpoint limits",
             running.metrics_limits != new.metrics_limits

@@ -13,6 +13,11 @@
 //! - request: from a complete head to the response (the handler reads the body within it);
 //!   a request over it is answered 503 and the connection closed.
 //!
+//! Who may come in is checked by an [`Access`] before a connection holds a slot (its peer
+//! address against an allow list), then its TLS handshake (when the endpoint has TLS) must
+//! finish within the header timeout; [`require_caller`] checks the caller's secret before any
+//! body byte is read (a completed mTLS handshake stands for it).
+//!
 //! `axum::serve` sets none of these, so this module runs hyper's HTTP/1 connection itself (the
 //! accept loop is ours, the HTTP is hyper's). hyper's own `header_read_timeout` is not used: its
 //! clock starts whenever hyper waits for a head, which on a kept-alive connection includes the
@@ -37,12 +42,14 @@ use hyper::service::Service as _;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::extauth::Secret;
 use crate::metrics;
 
 /// Default cap of the metrics endpoint (connections): a Prometheus server or two, `stats`, and
@@ -51,6 +58,11 @@ pub const DEFAULT_METRICS_CONNECTIONS: usize = 64;
 /// Default cap of the admin endpoint (connections): an identity provider's webhook and an
 /// operator.
 pub const DEFAULT_ADMIN_CONNECTIONS: usize = 16;
+
+/// Default connection cap of the HTTP check front: a few XMPP servers' or proxies' connection pools
+/// (MongooseIM's `connection_pool_size` defaults to 10 per host).
+pub const DEFAULT_HTTP_CONNECTIONS: usize = 256;
+
 /// Default header timeout: a client on the same network sends its head in one packet.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default idle timeout: keeps a Prometheus connection across 15 s scrapes.
@@ -88,22 +100,179 @@ impl EndpointLimits {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled. `name` (`metrics` or `admin`)
-/// is the `endpoint` label of the metrics and the word the log lines use.
+/// Serves `router` on `listener` until `shutdown` is cancelled, admitting peers by `access`.
+/// `name` (`metrics`, `admin` or `http`) is the `endpoint` label of the metrics and the word
+/// the log lines use.
 pub async fn serve(
     name: &'static str,
     listener: TcpListener,
     router: Router,
     limits: EndpointLimits,
+    access: Access,
     shutdown: CancellationToken,
 ) {
     let endpoint = Arc::new(Endpoint {
         name,
         router,
         limits,
+        access,
         shutdown,
     });
     endpoint.accept_loop(listener).await;
+}
+
+/// Who may open a connection to an endpoint, and how it must speak.
+#[derive(Clone, Default)]
+pub struct Access {
+    /// TLS every connection must complete first (with client certificates when its
+    /// configuration requires them: mTLS).
+    pub tls: Option<TlsAcceptor>,
+    /// Peer addresses allowed in; empty allows every address.
+    pub allow: Vec<IpRange>,
+}
+
+impl Access {
+    /// Checks the listener rule shared with the shim listeners: plaintext only on a loopback
+    /// address, unless `insecure` (callers' tokens would otherwise cross the network in clear).
+    ///
+    /// # Errors
+    /// A non-loopback `local` address without TLS and without `insecure`, naming `flag`.
+    pub fn check_exposure(
+        &self,
+        local: std::net::SocketAddr,
+        insecure: bool,
+        flag: &str,
+    ) -> Result<(), String> {
+        if self.tls.is_none() && !insecure && !local.ip().is_loopback() {
+            return Err(format!(
+                "{flag} {local} is not a loopback address: tokens would cross the network in clear. \
+                 Serve it over TLS (--http-tls with --tls-cert and --tls-key), or give --insecure-tcp"
+            ));
+        }
+        Ok(())
+    }
+
+    fn admits(&self, peer: std::net::IpAddr) -> bool {
+        self.allow.is_empty() || self.allow.iter().any(|range| range.contains(peer))
+    }
+}
+
+/// An address range in CIDR notation (`10.0.0.0/8`, `::1/128`; a bare address is a /32 or
+/// /128), for peer allow lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpRange {
+    base: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl IpRange {
+    /// True when `addr` lies in the range (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, addr: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let addr = match addr {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+            v4 => v4,
+        };
+        let (base, addr, bits) = match (self.base, addr) {
+            (IpAddr::V4(b), IpAddr::V4(a)) => (u32::from(b) as u128, u32::from(a) as u128, 32),
+            (IpAddr::V6(b), IpAddr::V6(a)) => (u128::from(b), u128::from(a), 128),
+            _ => return false,
+        };
+        let host_bits = bits - u32::from(self.prefix);
+        host_bits >= bits || (base >> host_bits) == (addr >> host_bits)
+    }
+}
+
+impl std::str::FromStr for IpRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<IpRange, String> {
+        let bad = || format!("{s:?} is not an address or CIDR range like 10.0.0.0/8");
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| bad())?)),
+            None => (s, None),
+        };
+        let base: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if base.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(IpRange { base, prefix })
+    }
+}
+
+impl std::fmt::Display for IpRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix)
+    }
+}
+
+/// Who may call an endpoint's routes: the caller secret, or a completed mTLS handshake.
+pub struct Callers {
+    /// The secret callers present; `None` when mTLS alone authenticates them.
+    pub secret: Option<Secret>,
+    /// True when every connection completed mTLS (a client certificate signed by the client CA).
+    pub mtls: bool,
+}
+
+/// The header a caller may carry its secret in when `Authorization` is taken by the request
+/// itself (an nginx `auth_request` passes the user's `Authorization: Bearer` through).
+pub const CALLER_HEADER: &str = "x-extauth-caller";
+
+/// Middleware: 401 unless the caller is authenticated, before anything reads the body.
+///
+/// The secret is accepted, compared in constant time, from `X-Extauth-Caller: <secret>` (or
+/// `Bearer <secret>`), else from `Authorization: Bearer <secret>` (RFC 6750 section 2.1) or
+/// the password of `Authorization: Basic` (RFC 7617: MongooseIM's `basic_auth`, Prosody's
+/// `http_auth_credentials`, a `user:secret@` in a LuaSocket URL). With mTLS no secret is asked.
+pub async fn require_caller(
+    axum::extract::State(callers): axum::extract::State<Arc<Callers>>,
+    request: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response<Body> {
+    if callers.mtls
+        || callers
+            .secret
+            .as_ref()
+            .is_some_and(|s| presented(request.headers(), s))
+    {
+        return next.run(request).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        axum::Json(serde_json::json!({"error": "unauthorized"})),
+    )
+        .into_response()
+}
+
+/// True when `headers` carry `secret` in one of the places [`require_caller`] names.
+fn presented(headers: &axum::http::HeaderMap, secret: &Secret) -> bool {
+    use base64::Engine as _;
+    use subtle::ConstantTimeEq;
+    let same = |p: &[u8]| bool::from(p.ct_eq(secret.expose().as_bytes()));
+    if let Some(v) = headers.get(CALLER_HEADER) {
+        let v = v.as_bytes();
+        return same(v.strip_prefix(b"Bearer ").unwrap_or(v));
+    }
+    let Some(v) = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()) else {
+        return false;
+    };
+    if let Some(bearer) = v.strip_prefix(b"Bearer ") {
+        return same(bearer);
+    }
+    let Some(basic) = v.strip_prefix(b"Basic ") else {
+        return false;
+    };
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(basic) else {
+        return false;
+    };
+    // The user part names the caller only; the password is the secret.
+    match decoded.iter().position(|b| *b == b':') {
+        Some(colon) => same(&decoded[colon + 1..]),
+        None => false,
+    }
 }
 
 /// One endpoint's accept loop and connections.
@@ -111,6 +280,7 @@ struct Endpoint {
     name: &'static str,
     router: Router,
     limits: EndpointLimits,
+    access: Access,
     shutdown: CancellationToken,
 }
 
@@ -126,6 +296,14 @@ impl Endpoint {
                 a = listener.accept() => a,
             };
             let stream = match accepted {
+                Ok((_, peer)) if !self.access.admits(peer.ip()) => {
+                    metrics::endpoint_refused(self.name);
+                    debug!(
+                        "{} endpoint: refused {peer}: not in the allow list",
+                        self.name
+                    );
+                    continue;
+                }
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     warn!("{} endpoint: accept failed: {e}", self.name);
@@ -161,9 +339,30 @@ impl Endpoint {
     }
 
     /// Serves one connection until the peer closes it, a timeout expires, or shutdown.
-    async fn connection(self: Arc<Self>, stream: TcpStream, slot: OwnedSemaphorePermit) {
+    async fn connection(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        slot: OwnedSemaphorePermit,
+    ) {
         let _open = Open::new(self.name, slot);
         let clock = Arc::new(Clock::new(&self.limits));
+        let stream: Box<dyn Io> = match &self.access.tls {
+            None => Box::new(stream),
+            // The handshake is part of the first head: it gets the header timeout.
+            Some(tls) => {
+                match tokio::time::timeout(self.limits.header_timeout, tls.accept(stream)).await {
+                    Ok(Ok(tls)) => Box::new(tls),
+                    Ok(Err(e)) => {
+                        debug!("{} endpoint: TLS handshake failed: {e}", self.name);
+                        return;
+                    }
+                    Err(_) => {
+                        metrics::endpoint_timeout(self.name, Phase::Head.as_str());
+                        return;
+                    }
+                }
+            }
+        };
         let io = TokioIo::new(Watched {
             stream,
             clock: clock.clone(),
@@ -363,9 +562,14 @@ impl Clock {
     }
 }
 
+/// A connection's byte stream: plain TCP or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
 /// A connection's stream, telling its [`Clock`] when bytes arrive.
 struct Watched {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     clock: Arc<Clock>,
 }
 
@@ -415,6 +619,36 @@ impl AsyncWrite for Watched {
     }
 }
 
+/// Settings of the HTTP check front (`--http-listen`; served by the http_front module).
+#[derive(Clone)]
+pub struct HttpFrontConfig {
+    /// `HOST:PORT` to listen on.
+    pub listen: String,
+    /// The caller secret; `None` only with mTLS.
+    pub secret: Option<Secret>,
+    /// Serve over TLS (the broker's `--tls-cert`/`--tls-key`; mTLS with `--client-ca`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// True when TLS requires client certificates (they then authenticate callers).
+    pub mtls: bool,
+    /// Peer addresses allowed in (empty: any).
+    pub allow: Vec<IpRange>,
+    /// Connection cap and timeouts.
+    pub limits: EndpointLimits,
+}
+
+impl std::fmt::Debug for HttpFrontConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpFrontConfig")
+            .field("listen", &self.listen)
+            .field("secret", &self.secret.is_some())
+            .field("tls", &self.tls.is_some())
+            .field("mtls", &self.mtls)
+            .field("allow", &self.allow)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,6 +660,55 @@ mod tests {
             idle_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
         }
+    }
+
+    #[test]
+    fn ip_ranges_parse_and_match() {
+        let net: IpRange = "10.1.0.0/16".parse().unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()));
+        let one: IpRange = "::1".parse().unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.1".parse().unwrap()));
+        let all: IpRange = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("192.0.2.1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "nope", "10.0.0.0/x", ""] {
+            assert!(bad.parse::<IpRange>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn callers_present_the_secret_as_bearer_basic_or_the_caller_header() {
+        use axum::http::HeaderMap;
+        let secret = Secret::new("s3cret".into());
+        let with = |name: &str, value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+            h
+        };
+        assert!(presented(&with("authorization", "Bearer s3cret"), &secret));
+        // base64("mongooseim:s3cret")
+        assert!(presented(
+            &with("authorization", "Basic bW9uZ29vc2VpbTpzM2NyZXQ="),
+            &secret
+        ));
+        assert!(presented(&with(CALLER_HEADER, "s3cret"), &secret));
+        assert!(presented(&with(CALLER_HEADER, "Bearer s3cret"), &secret));
+        assert!(!presented(&with("authorization", "Bearer s3cre"), &secret));
+        // base64("s3cret"): no colon, no password.
+        assert!(!presented(
+            &with("authorization", "Basic czNjcmV0"),
+            &secret
+        ));
+        assert!(!presented(&HeaderMap::new(), &secret));
+        // The caller header wins: a user's bearer token in Authorization is no caller secret.
+        let mut both = with(CALLER_HEADER, "wrong");
+        both.insert("authorization", "Bearer s3cret".parse().unwrap());
+        assert!(!presented(&both, &secret));
     }
 
     #[tokio::test(start_paused = true)]

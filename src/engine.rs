@@ -2,7 +2,7 @@
 //! this user. See `docs/architecture.md` for the rules and their sources.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tracing::{debug, info, warn};
@@ -47,6 +47,25 @@ impl Outcome {
             ok: false,
             reason,
             source: Source::Local,
+        }
+    }
+}
+
+/// Where a request came in: the `front` label of the request metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Front {
+    /// A shim (ejabberd's or Prosody's external auth program) over the wire protocol.
+    Shim,
+    /// The HTTP check front (`--http-listen`).
+    Http,
+}
+
+impl Front {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Front::Shim => "shim",
+            Front::Http => "http",
         }
     }
 }
@@ -129,6 +148,23 @@ impl Engine {
         }
     }
 
+    /// Answers `command` within `deadline` (a request over it is refused as
+    /// `deadline_exceeded`) and counts it under `front`: the one entry point of every front, so
+    /// all share the cache, the flights, the revocations and the metrics.
+    pub async fn answer(&self, command: &Command, deadline: Duration, front: Front) -> Outcome {
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(deadline, self.handle(command, started + deadline))
+            .await
+            .unwrap_or(Outcome::local(Reason::DeadlineExceeded));
+        metrics::request(
+            command.name(),
+            front.as_str(),
+            (outcome.ok, outcome.reason, outcome.source),
+            started.elapsed(),
+        );
+        outcome
+    }
+
     /// Answers one extauth command. `auth` and `isuser` are decided; every command that would
     /// change an account is refused at once and logged, and nothing is changed.
     ///
@@ -156,16 +192,24 @@ impl Engine {
     /// The answer to `command` when it needs no waiting: a refusal decided from the request
     /// alone, or a verdict in this process's cache (L1). `None` when answering needs Redis, the
     /// provider or the directory: [`Engine::handle`] decides it then. Synchronous, so a cached
-    /// hit is answered where the request is read, without a task.
-    pub fn answer_now(&self, command: &Command) -> Option<Outcome> {
-        match command {
+    /// hit is answered where the request is read, without a task. Counted under `front` like [`Engine::answer`].
+    pub fn answer_now(&self, command: &Command, front: Front) -> Option<Outcome> {
+        let started = Instant::now();
+        let outcome = match command {
             Command::Auth {
                 user,
                 server,
                 password,
-            } => self.auth_now(user, server, password).ok(),
-            _ => None,
-        }
+            } => self.auth_now(user, server, password).ok()?,
+            _ => return None,
+        };
+        metrics::request(
+            command.name(),
+            front.as_str(),
+            (outcome.ok, outcome.reason, outcome.source),
+            started.elapsed(),
+        );
+        Some(outcome)
     }
 
     /// Decides an auth request from the request alone or from L1; otherwise hands back what a

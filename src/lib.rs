@@ -39,6 +39,8 @@ pub mod fds;
 #[cfg(feature = "broker")]
 pub mod flight;
 #[cfg(feature = "broker")]
+pub mod http_front;
+#[cfg(feature = "broker")]
 pub mod keys;
 #[cfg(feature = "broker")]
 pub mod kick;

@@ -7,8 +7,8 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `extauth_requests_total` | counter | `command`, `result` (`accepted`/`refused`), `reason`, `source` |
-//! | `extauth_request_duration_seconds` | histogram | `command` |
+//! | `extauth_requests_total` | counter | `command`, `result` (`accepted`/`refused`), `reason`, `source`, `front` (`shim`, `http`) |
+//! | `extauth_request_duration_seconds` | histogram | `command`, `front` |
 //! | `extauth_cache_hits_total` | counter | `layer` (`l1`, `redis`) |
 //! | `extauth_coalesced_waiters_total` | counter | |
 //! | `extauth_provider_calls_total` | counter | `validator`, `outcome` (`valid`, `invalid`, `unavailable`) |
@@ -27,7 +27,7 @@
 //! | `extauth_peers_refused_total` | counter | |
 //! | `extauth_circuit_open` | gauge | `validator` (1 open, 0 closed) |
 //! | `extauth_provider_calls_queued` | gauge | `validator` (calls waiting for a `provider_concurrency` slot) |
-//! | `extauth_endpoint_connections_open` | gauge | `endpoint` (`metrics`, `admin`) |
+//! | `extauth_endpoint_connections_open` | gauge | `endpoint` (`metrics`, `admin`, `http`) |
 //! | `extauth_endpoint_connections_refused_total` | counter | `endpoint` |
 //! | `extauth_endpoint_timeouts_total` | counter | `endpoint`, `phase` (`header`, `idle`, `request`) |
 
@@ -78,11 +78,17 @@ pub async fn upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
     }
 }
 
-/// Counts and times one answered request.
-pub fn request(command: &'static str, ok: bool, reason: Reason, source: Source, elapsed: Duration) {
+/// Counts and times one answered request; `front` is where it came in (`shim` or `http`).
+pub fn request(
+    command: &'static str,
+    front: &'static str,
+    outcome: (bool, Reason, Source),
+    elapsed: Duration,
+) {
+    let (ok, reason, source) = outcome;
     let result = if ok { "accepted" } else { "refused" };
-    counter!("extauth_requests_total", "command" => command, "result" => result, "reason" => reason.as_str(), "source" => source.as_str()).increment(1);
-    histogram!("extauth_request_duration_seconds", "command" => command)
+    counter!("extauth_requests_total", "command" => command, "result" => result, "reason" => reason.as_str(), "source" => source.as_str(), "front" => front).increment(1);
+    histogram!("extauth_request_duration_seconds", "command" => command, "front" => front)
         .record(elapsed.as_secs_f64());
 }
 

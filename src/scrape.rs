@@ -63,5 +63,13 @@ pub async fn serve(
             ),
         )
         .with_state((handle, ready));
-    endpoint::serve("metrics", listener, app, limits, shutdown).await;
+    endpoint::serve(
+        "metrics",
+        listener,
+        app,
+        limits,
+        endpoint::Access::default(),
+        shutdown,
+    )
+    .await;
 }

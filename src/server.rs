@@ -3,7 +3,7 @@
 //! after its handshake is decided in [`crate::admission`].
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::admission::{Handshake, Handshakes, InFlight, Slot, Slots};
 use crate::config::{Limits, PeerPolicy};
-use crate::engine::{Engine, Outcome};
+use crate::engine::{Engine, Front, Outcome};
 use crate::listener::{Incoming, Listener};
 use crate::metrics::{self, HandshakeFailure};
 use crate::wire::{
@@ -322,9 +322,12 @@ impl RequestReader<'_> {
             Ok(ClientMsg::Request(request)) => {
                 // A cached verdict is answered here: a task per request costs more than the
                 // lookup (its future holds the engine's whole state machine).
-                let started = Instant::now();
-                if let Some(outcome) = self.connection.engine.answer_now(&request.command) {
-                    let response = counted(&request, outcome, started);
+                if let Some(outcome) = self
+                    .connection
+                    .engine
+                    .answer_now(&request.command, Front::Shim)
+                {
+                    let response = response(request.id, outcome);
                     match self.tx.try_send(response) {
                         // A full queue: the writer is behind, so this answer waits in a task
                         // rather than stopping the reader.
@@ -341,7 +344,7 @@ impl RequestReader<'_> {
                 }
                 let (engine, tx) = (self.connection.engine.clone(), self.tx.clone());
                 self.requests.spawn(async move {
-                    let _ = tx.send(answer(&engine, request, started).await).await;
+                    let _ = tx.send(answer(&engine, request).await).await;
                     drop(marks);
                 });
             }
@@ -355,33 +358,17 @@ impl RequestReader<'_> {
     }
 }
 
-/// Decides one request within its deadline, and counts it.
-async fn answer(engine: &Engine, request: Request, started: Instant) -> Response {
+/// Decides one request within its deadline (counted with `front="shim"`).
+async fn answer(engine: &Engine, request: Request) -> Response {
     let deadline = Duration::from_millis(request.deadline_ms.into());
-    let until = started + deadline;
-    let outcome = match tokio::time::timeout(deadline, engine.handle(&request.command, until)).await
-    {
-        Ok(o) => o,
-        Err(_) => Outcome {
-            ok: false,
-            reason: Reason::DeadlineExceeded,
-            source: Source::Local,
-        },
-    };
-    counted(&request, outcome, started)
+    let outcome = engine.answer(&request.command, deadline, Front::Shim).await;
+    response(request.id, outcome)
 }
 
-/// The response to `request`, counted in the metrics with the time since `started`.
-fn counted(request: &Request, outcome: Outcome, started: Instant) -> Response {
-    metrics::request(
-        request.command.name(),
-        outcome.ok,
-        outcome.reason,
-        outcome.source,
-        started.elapsed(),
-    );
+/// The wire response to request `id`.
+fn response(id: u64, outcome: Outcome) -> Response {
     Response {
-        id: request.id,
+        id,
         ok: outcome.ok,
         reason: outcome.reason,
         source: outcome.source,

@@ -79,6 +79,7 @@ pub fn summary(config: &Config) -> String {
             None => endpoint(&config.admin_listen, &config.admin_limits),
         },
     );
+    line("http front", http_front(config));
     line(
         "on revoke",
         match &config.kick {
@@ -112,6 +113,41 @@ pub fn summary(config: &Config) -> String {
         let _ = writeln!(out, "warning: {warning}");
     }
     out
+}
+
+/// The HTTP check front: address, transport, caller authentication, allow list, limits.
+fn http_front(config: &Config) -> String {
+    let Some(front) = &config.http else {
+        return "off".into();
+    };
+    let transport = match (&front.tls, front.mtls) {
+        (Some(_), true) => "TLS, callers by client certificate (mTLS)",
+        (Some(_), false) => "TLS",
+        (None, _) => "plaintext",
+    };
+    let secret = if front.secret.is_some() {
+        ", caller secret set"
+    } else {
+        ""
+    };
+    let allow = match front.allow.is_empty() {
+        true => "any peer".to_owned(),
+        false => front
+            .allow
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    let limits = &front.limits;
+    format!(
+        "{}, {transport}{secret}; allowed: {allow}; at most {} connections, header/idle/request timeouts {}/{}/{} s",
+        front.listen,
+        limits.max_connections,
+        limits.header_timeout.as_secs(),
+        limits.idle_timeout.as_secs(),
+        limits.request_timeout.as_secs()
+    )
 }
 
 /// Settings that work but are probably not what was meant (also logged at start-up).
@@ -304,6 +340,42 @@ mod tests {
         );
         assert!(!shown.contains("PASSWORD123"), "{shown}");
         assert!(summary(&config("")).contains("on revoke:        revoke only"));
+    }
+
+    #[test]
+    fn the_http_front_is_shown_with_its_rules_and_never_its_secret() {
+        assert!(summary(&config("")).contains("http front:       off"));
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("http.secret");
+        std::fs::write(&secret, "PASSWORD123\n").unwrap();
+        let shown = summary(&config(&format!(
+            "http_listen = \"127.0.0.1:9102\"\nhttp_secret_file = {:?}\nhttp_allow = [\"10.0.0.0/8\", \"::1\"]\n",
+            secret.display().to_string()
+        )));
+        assert!(
+            shown.contains("http front:       127.0.0.1:9102, plaintext, caller secret set; allowed: 10.0.0.0/8, ::1/128; at most 256 connections"),
+            "{shown}"
+        );
+        assert!(!shown.contains("PASSWORD123"), "{shown}");
+    }
+
+    #[test]
+    fn the_http_front_needs_a_caller_credential_and_tls_files() {
+        let args = |extra: &str| {
+            let file: RunArgs = toml::from_str(extra).unwrap();
+            RunArgs {
+                listen: vec!["unix:/run/x.sock".into()],
+                introspection_url: Some("https://idp/i".into()),
+                client_id: Some("broker".into()),
+                ..file
+            }
+        };
+        let no_secret = args("http_listen = \"127.0.0.1:9102\"\n").into_config();
+        let message = format!("{:#}", no_secret.expect_err("refused"));
+        assert!(message.contains("--http-secret-file"), "{message}");
+        let no_tls = args("http_listen = \"127.0.0.1:9102\"\nhttp_tls = true\n").into_config();
+        let message = format!("{:#}", no_tls.expect_err("refused"));
+        assert!(message.contains("--http-tls needs --tls-cert"), "{message}");
     }
 
     #[test]

@@ -364,8 +364,8 @@ fn metrics_health_and_the_operator_commands() {
             .unwrap_or_else(|| panic!("no {prefix} in\n{body}"))
             .to_owned()
     };
-    assert!(line("extauth_requests_total{command=\"auth\",result=\"accepted\",reason=\"accepted\",source=\"provider\"}").ends_with(" 1"));
-    assert!(line("extauth_requests_total{command=\"auth\",result=\"accepted\",reason=\"accepted\",source=\"l1\"}").ends_with(" 1"));
+    assert!(line("extauth_requests_total{command=\"auth\",result=\"accepted\",reason=\"accepted\",source=\"provider\",front=\"shim\"}").ends_with(" 1"));
+    assert!(line("extauth_requests_total{command=\"auth\",result=\"accepted\",reason=\"accepted\",source=\"l1\",front=\"shim\"}").ends_with(" 1"));
     assert!(
         line("extauth_requests_total{command=\"auth\",result=\"refused\",reason=\"inactive\"")
             .ends_with(" 1")
@@ -376,7 +376,7 @@ fn metrics_health_and_the_operator_commands() {
     );
     assert!(line("extauth_cache_hits_total{layer=\"l1\"}").ends_with(" 1"));
     assert!(
-        body.contains("extauth_request_duration_seconds_bucket{command=\"auth\",le=\"0.0001\"}"),
+        body.contains("extauth_request_duration_seconds_bucket{command=\"auth\",front=\"shim\",le=\"0.0001\"}"),
         "real histogram buckets"
     );
     assert!(line("extauth_connections_open").ends_with(" 1"));

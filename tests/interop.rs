@@ -1353,13 +1353,16 @@ fn splice(signed: &str, claims_from: &str) -> String {
 // The documentation shows the tested files
 // ---------------------------------------------------------------------------------------------
 
-/// Every TOML block of docs/configuration.md is a file of `deploy/examples/`, named on the line
-/// before it, and equal to it; every file there is in the docs and in [`EXAMPLES`]; and every
-/// one, substituted as the tests do, passes `extauth-broker check-config`.
+/// Every TOML block of docs/configuration.md is either a file of `deploy/examples/`, named on
+/// the line before it and equal to it, or a fragment (a few settings), which passes
+/// `extauth-broker check-config` put ahead of `dot-introspection.toml`; every file there is in
+/// the docs and in [`EXAMPLES`]; and every one, substituted as the tests do, passes
+/// `check-config`.
 #[test]
 fn configuration_examples_are_the_tested_files() {
     let docs = std::fs::read_to_string(root().join("docs/configuration.md")).expect("docs");
     let mut shown = Vec::new();
+    let mut fragments = Vec::new();
     let mut previous = "";
     let mut lines = docs.lines();
     while let Some(line) = lines.next() {
@@ -1368,10 +1371,7 @@ fn configuration_examples_are_the_tested_files() {
                 .split("deploy/examples/")
                 .nth(1)
                 .and_then(|rest| rest.split(".toml").next())
-                .map(|stem| format!("{stem}.toml"))
-                .unwrap_or_else(|| {
-                    panic!("docs/configuration.md: the TOML block after {previous:?} names no deploy/examples/ file")
-                });
+                .map(|stem| format!("{stem}.toml"));
             let mut block = String::new();
             for body in lines.by_ref() {
                 if body.trim_start().starts_with("```") {
@@ -1380,6 +1380,10 @@ fn configuration_examples_are_the_tested_files() {
                 block.push_str(body);
                 block.push('\n');
             }
+            let Some(name) = name else {
+                fragments.push((previous.to_owned(), block));
+                continue;
+            };
             let file = std::fs::read_to_string(root().join("deploy/examples").join(&name))
                 .unwrap_or_else(|e| panic!("deploy/examples/{name}: {e}"));
             assert_eq!(
@@ -1422,5 +1426,35 @@ fn configuration_examples_are_the_tested_files() {
             .output()
             .expect("running check-config");
         assert!(out.status.success(), "{name}:\n{}", printed(&out));
+    }
+
+    // Fragments: ahead of a whole example (top-level keys must precede its first table), with
+    // every secret file they name present.
+    assert!(
+        !fragments.is_empty(),
+        "the docs show settings fragments too"
+    );
+    let base = std::fs::read_to_string(ex.path("dot-introspection.toml")).expect("base example");
+    for (i, (after, fragment)) in fragments.iter().enumerate() {
+        let fragment = substitute(fragment, "http://127.0.0.1:9", ex.dir.path());
+        for word in fragment.split(|c: char| c == '"' || c.is_whitespace()) {
+            if word.starts_with(&*ex.dir.path().to_string_lossy()) {
+                std::fs::write(word, "a-secret-of-sixteen-bytes-or-more\n").expect("secret file");
+            }
+        }
+        let path = ex.write(
+            &format!("fragment-{i}.toml"),
+            &format!("{fragment}\n{base}"),
+        );
+        let out = Command::new(broker_bin())
+            .args(["check-config", "--listen", "tcp:127.0.0.1:9", "--config"])
+            .arg(&path)
+            .output()
+            .expect("running check-config");
+        assert!(
+            out.status.success(),
+            "docs/configuration.md, the TOML block after {after:?}:\n{}",
+            printed(&out)
+        );
     }
 }

@@ -1,5 +1,5 @@
-//! CI smoke of `extauth-load`: every scenario briefly, through real shims, the wire protocol and
-//! the seed-style baseline, against brokers it starts with its mock provider. Asserts
+//! CI smoke of `extauth-load`: every scenario briefly, through real shims, the wire protocol,
+//! the broker's HTTP front and the seed-style baseline, against brokers it starts with its mock provider. Asserts
 //! correctness only (no wrong verdict, the expected provider calls), never timings: performance
 //! figures live in docs/benchmarks.md.
 
@@ -41,6 +41,35 @@ fn hot_costs_one_provider_call_per_token() {
     assert_eq!(num(&report, "provider_calls"), 40);
     assert_eq!(num(&report, "answered"), 600);
     assert_eq!(report["counts"]["accepts"], 600);
+}
+
+#[test]
+fn the_http_front_lane_answers_the_same_scenario_from_the_same_cache() {
+    // Mixed verdicts through the broker's HTTP check front: refusals are `false`, never errors.
+    let report = load(&[
+        "--via",
+        "http",
+        "--scenario",
+        "mixed",
+        "--tokens",
+        "40",
+        "--invalid-pct",
+        "10",
+        "--foreign-pct",
+        "10",
+        "--nodes",
+        "2",
+        "--pool-size",
+        "4",
+        "--requests",
+        "600",
+    ]);
+    assert_correct(&report);
+    assert_eq!(num(&report, "answered"), 600);
+    assert!(
+        report["counts"]["rejects"].as_u64().unwrap() > 0,
+        "{report}"
+    );
 }
 
 #[test]

@@ -45,6 +45,9 @@ pub enum Via {
     Wire,
     /// Any extauth program over stdio (run with `sh -c`), `--nodes` x `--pool-size` copies.
     Program(String),
+    /// The started brokers' HTTP check front (`--http-listen`): `--nodes` x `--pool-size`
+    /// kept-alive connections posting `check_password` forms, as an XMPP server's pool does.
+    Http,
 }
 
 /// Options of a load run.
@@ -54,8 +57,9 @@ pub struct LoadArgs {
     #[arg(long, value_enum, default_value = "hot")]
     pub scenario: ScenarioKind,
 
-    /// `shim`, `wire`, or `program 'CMD ...'` (any extauth program, started with `sh -c`; it gets
-    /// EXTAUTH_INTROSPECTION_URL, EXTAUTH_CLIENT_ID, EXTAUTH_CLIENT_SECRET and EXTAUTH_BROKER).
+    /// `shim`, `wire`, `http` (the started brokers' HTTP check front), or `program 'CMD ...'`
+    /// (any extauth program, started with `sh -c`; it gets EXTAUTH_INTROSPECTION_URL,
+    /// EXTAUTH_CLIENT_ID, EXTAUTH_CLIENT_SECRET and EXTAUTH_BROKER).
     #[arg(long, num_args = 1..=2, value_names = ["KIND", "CMD"], default_values = ["shim"])]
     pub via: Vec<String>,
 
@@ -237,13 +241,14 @@ impl LoadArgs {
         match self.via.as_slice() {
             [kind] if kind == "shim" => Ok(Via::Shim),
             [kind] if kind == "wire" => Ok(Via::Wire),
+            [kind] if kind == "http" => Ok(Via::Http),
             [kind, cmd] if kind == "program" && !cmd.trim().is_empty() => {
                 Ok(Via::Program(cmd.clone()))
             }
             [kind] if kind == "program" => {
                 bail!("--via program needs the command: --via program 'CMD ARGS'")
             }
-            other => bail!("--via {other:?}: want shim, wire, or program 'CMD ...'"),
+            other => bail!("--via {other:?}: want shim, wire, http, or program 'CMD ...'"),
         }
     }
 
@@ -251,7 +256,7 @@ impl LoadArgs {
     pub fn lanes(&self, via: &Via) -> usize {
         match via {
             Via::Wire => self.connections.saturating_mul(self.depth),
-            Via::Shim | Via::Program(_) => self.nodes.saturating_mul(self.pool_size),
+            Via::Shim | Via::Program(_) | Via::Http => self.nodes.saturating_mul(self.pool_size),
         }
     }
 
@@ -321,6 +326,9 @@ impl LoadArgs {
         }
         if self.validator == MockValidator::Jwt && self.provider_error_rate > 0.0 {
             bail!("--provider-error-rate with --validator jwt would only fail key fetches");
+        }
+        if *via == Via::Http && (self.floor || !self.broker.is_empty()) {
+            bail!("--via http drives the HTTP front of brokers it starts: not with --floor or --broker");
         }
         if !self.broker.is_empty() && (self.floor || self.redis.is_some()) {
             bail!(

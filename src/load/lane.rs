@@ -1,5 +1,6 @@
-//! Lanes: one request in flight each. A lane is either an extauth program on stdio (a real
-//! extauth-shim, or any other program) or a slot on a pipelined wire-protocol connection.
+//! Lanes: one request in flight each. A lane is an extauth program on stdio (a real
+//! extauth-shim, or any other program), a slot on a pipelined wire-protocol connection, or a
+//! kept-alive connection to the broker's HTTP check front.
 
 use std::collections::HashMap;
 use std::io;
@@ -40,6 +41,8 @@ pub enum Lane {
     Program(Box<ProgramLane>),
     /// A slot on a shared wire connection.
     Wire(Arc<WireConn>),
+    /// A connection to the HTTP check front.
+    Http(Box<HttpLane>),
 }
 
 impl Lane {
@@ -47,7 +50,7 @@ impl Lane {
     pub fn peak_rss_kib(&self) -> Option<u64> {
         match self {
             Lane::Program(p) => p.child.id().and_then(Rss::of).map(|r| r.peak_kib),
-            Lane::Wire(_) => None,
+            Lane::Wire(_) | Lane::Http(_) => None,
         }
     }
 
@@ -69,6 +72,13 @@ impl Lane {
                 };
                 w.ask(command).await
             }
+            Lane::Http(h) => {
+                h.ask(
+                    "/check_password",
+                    &[("user", user), ("server", domain), ("pass", token)],
+                )
+                .await
+            }
         }
     }
 
@@ -85,6 +95,10 @@ impl Lane {
                     server: domain.to_owned(),
                 })
                 .await
+            }
+            Lane::Http(h) => {
+                h.ask("/user_exists", &[("user", user), ("server", domain)])
+                    .await
             }
         }
     }
@@ -322,4 +336,98 @@ async fn read_answers(
         }
     }
     pending.lock().expect("pending").take();
+}
+
+/// Longest response head an HTTP lane reads (bytes): the front's heads are a few hundred.
+const MAX_HTTP_HEAD: usize = 8 * 1024;
+
+/// One kept-alive HTTP/1.1 connection to the broker's HTTP check front, as a MongooseIM or
+/// Prosody connection pool holds: `POST /check_password` and `POST /user_exists` with a form
+/// body (no token in the URL), one request in flight.
+pub struct HttpLane {
+    stream: tokio::io::BufReader<tokio::net::TcpStream>,
+    /// The `Host` and `Authorization` header lines, the same for every request.
+    fixed: String,
+}
+
+impl HttpLane {
+    /// Connects to the front at `addr` (`HOST:PORT`); callers authenticate with `secret`.
+    ///
+    /// # Errors
+    /// When the connection fails.
+    pub async fn connect(addr: &str, secret: &str) -> Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to the HTTP front {addr}"))?;
+        stream.set_nodelay(true)?;
+        Ok(HttpLane {
+            stream: tokio::io::BufReader::new(stream),
+            fixed: format!("Host: {addr}\r\nAuthorization: Bearer {secret}\r\n"),
+        })
+    }
+
+    async fn ask(&mut self, path: &str, fields: &[(&str, &str)]) -> io::Result<Answer> {
+        let body = fields
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{k}={}",
+                    percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("&");
+        let request = format!(
+            "POST {path} HTTP/1.1\r\n{}Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            self.fixed,
+            body.len()
+        );
+        self.stream.get_mut().write_all(request.as_bytes()).await?;
+        let (status, reason, length) = self.read_head().await?;
+        let mut body = vec![0u8; length];
+        self.stream.read_exact(&mut body).await?;
+        match (status, body.as_slice()) {
+            (200, b"true") => Ok(Answer { ok: true, reason }),
+            (200, b"false") => Ok(Answer { ok: false, reason }),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("HTTP front answered {status} with {length} bytes"),
+            )),
+        }
+    }
+
+    /// Reads a response head: its status, `X-Extauth-Reason` and `Content-Length`.
+    async fn read_head(&mut self) -> io::Result<(u16, Option<Reason>, usize)> {
+        use tokio::io::AsyncBufReadExt;
+        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+        let (mut status, mut reason, mut length, mut read) = (None, None, 0usize, 0usize);
+        loop {
+            let mut line = String::new();
+            let n = self.stream.read_line(&mut line).await?;
+            read += n;
+            if n == 0 || read > MAX_HTTP_HEAD {
+                return Err(bad("the HTTP front closed or sent an oversized head"));
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if status.is_none() {
+                status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+                continue;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                let value = value.trim();
+                match name.to_ascii_lowercase().as_str() {
+                    "content-length" => length = value.parse().map_err(|_| bad("bad length"))?,
+                    "x-extauth-reason" => reason = Reason::from_name(value),
+                    _ => {}
+                }
+            }
+        }
+        if length > MAX_HTTP_HEAD {
+            return Err(bad("oversized body"));
+        }
+        Ok((status.ok_or_else(|| bad("no status line"))?, reason, length))
+    }
 }

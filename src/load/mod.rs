@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::chaos::{Chaos, ChaosReport, KillLog};
 use self::cli::{LoadArgs, MockValidator, ScenarioKind, Via};
-use self::lane::{Answer, Lane, ProgramLane, ProgramSpec, WireConn};
+use self::lane::{Answer, HttpLane, Lane, ProgramLane, ProgramSpec, WireConn};
 use self::report::{Report, RunFacts};
 use self::scenario::{Judgement, Workload};
 use self::schedule::{LaneSchedule, Pace, Plan, Schedule};
@@ -240,6 +240,7 @@ fn describe(args: &LoadArgs, via: &Via) -> String {
         Via::Shim => format!("shim {}x{}", args.nodes, args.pool_size),
         Via::Wire => format!("wire {}x{}", args.connections, args.depth),
         Via::Program(cmd) => format!("program {}x{} `{cmd}`", args.nodes, args.pool_size),
+        Via::Http => format!("http {}x{}", args.nodes, args.pool_size),
     }
 }
 
@@ -283,6 +284,16 @@ async fn open_lanes(args: &LoadArgs, via: &Via, services: &Services) -> Result<V
             Ok((0..count)
                 .map(|i| Lane::Wire(conns[i % conns.len()].clone()))
                 .collect())
+        }
+        Via::Http => {
+            let fronts = &services.http_fronts;
+            let secret = services.http_secret();
+            let lanes = try_join_all((0..count).map(|i| {
+                let front = &fronts[i % fronts.len()];
+                async move { HttpLane::connect(front, secret).await }
+            }))
+            .await?;
+            Ok(lanes.into_iter().map(|l| Lane::Http(Box::new(l))).collect())
         }
         Via::Shim | Via::Program(_) => (0..count)
             .map(|i| Ok(Lane::Program(Box::new(ProgramLane::spawn(&spec(i)?)?))))
@@ -497,7 +508,7 @@ fn progress(
 async fn close(lanes: Vec<Lane>) {
     let programs = lanes.into_iter().filter_map(|l| match l {
         Lane::Program(p) => Some(p.close()),
-        Lane::Wire(_) => None,
+        Lane::Wire(_) | Lane::Http(_) => None,
     });
     futures_util::future::join_all(programs).await;
 }

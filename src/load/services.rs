@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tempfile::TempDir;
 
-use super::cli::{LoadArgs, MockValidator, ProviderArgs};
+use super::cli::{LoadArgs, MockValidator, ProviderArgs, Via};
 use crate::devprovider::{DevProvider, Resolver};
 
 /// OAuth client id the brokers use against the mock provider.
@@ -28,6 +28,10 @@ pub struct Services {
     pub client_secret: String,
     /// Broker addresses (`unix:/path` or `tcp:HOST:PORT`).
     pub brokers: Vec<String>,
+    /// The started brokers' HTTP check fronts (`HOST:PORT`), with `--via http`.
+    pub http_fronts: Vec<String>,
+    /// The caller secret of the HTTP fronts.
+    http_secret: String,
     started: Vec<StartedBroker>,
     dir: TempDir,
 }
@@ -79,6 +83,8 @@ impl Services {
             provider,
             client_secret,
             brokers: args.broker.clone(),
+            http_fronts: Vec::new(),
+            http_secret: hex::encode(rand::random::<[u8; 16]>()),
             started: Vec::new(),
             dir,
         };
@@ -177,7 +183,7 @@ impl Services {
     /// The real broker on `socket`: the mock provider's URL, L1 only unless --redis, a cache
     /// secret shared by every broker of the run (so they derive the same Redis keys), logs at
     /// `warn` to `log`.
-    fn broker_launch(&self, args: &LoadArgs, socket: PathBuf, log: PathBuf) -> Result<Launch> {
+    fn broker_launch(&mut self, args: &LoadArgs, socket: PathBuf, log: PathBuf) -> Result<Launch> {
         let secret_file = self.dir.path().join("cache.key");
         if !secret_file.exists() {
             std::fs::write(&secret_file, hex::encode(rand::random::<[u8; 32]>()))?;
@@ -188,6 +194,9 @@ impl Services {
         flags.push("--cache-secret-file".into());
         flags.push(secret_file.into());
         flags.extend(args.broker_args.iter().map(OsString::from));
+        if args.via()? == Via::Http {
+            flags.extend(self.http_front_flags()?);
+        }
         if let Some(redis) = &args.redis {
             flags.extend(["--redis".into(), redis.into()]);
         }
@@ -201,6 +210,29 @@ impl Services {
             socket,
             log,
         })
+    }
+
+    /// `--http-listen` on a free loopback port (recorded in `http_fronts`) and its secret file.
+    fn http_front_flags(&mut self) -> Result<Vec<OsString>> {
+        let secret = self.dir.path().join("http.secret");
+        std::fs::write(&secret, &self.http_secret)?;
+        // The port is free now; the broker binds it a moment later.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        self.http_fronts.push(addr.clone());
+        Ok(vec![
+            "--http-listen".into(),
+            addr.into(),
+            "--http-secret-file".into(),
+            secret.into(),
+        ])
+    }
+
+    /// The caller secret of the HTTP fronts; the lanes present it as a bearer.
+    pub fn http_secret(&self) -> &str {
+        &self.http_secret
     }
 
     /// How the broker validates: the mock's introspection endpoint, a JWT validator on the

@@ -2,7 +2,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 
 /// A temp dir other users can traverse (tempfile makes 0700 ones).
 pub fn open_dir() -> tempfile::TempDir {
@@ -21,6 +21,11 @@ impl Pki {
         let dir = open_dir();
         let mut ca_params = CertificateParams::new(vec![]).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Distinct names: with rcgen's one default name for every certificate, OpenSSL (curl)
+        // takes a leaf whose issuer equals its subject for self-signed.
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "extauth test CA");
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
         std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
         for (name, sans) in [
@@ -31,10 +36,9 @@ impl Pki {
             ("client", vec!["shim.example".to_owned()]),
         ] {
             let key = KeyPair::generate().unwrap();
-            let cert = CertificateParams::new(sans)
-                .unwrap()
-                .signed_by(&key, &ca)
-                .unwrap();
+            let mut params = CertificateParams::new(sans).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            let cert = params.signed_by(&key, &ca).unwrap();
             std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
             std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
         }
