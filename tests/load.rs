@@ -73,6 +73,64 @@ fn the_http_front_lane_answers_the_same_scenario_from_the_same_cache() {
 }
 
 #[test]
+fn garbage_floods_cost_what_they_must_and_refuse_every_made_up_token() {
+    // One unknown token tried for every user: one provider call in all.
+    let users = load(&[
+        "--scenario",
+        "flood-users",
+        "--tokens",
+        "50",
+        "--nodes",
+        "2",
+        "--pool-size",
+        "4",
+        "--requests",
+        "400",
+    ]);
+    assert_correct(&users);
+    assert_eq!(num(&users, "provider_calls"), 1);
+    assert_eq!(users["counts"]["rejects"], 400);
+    // A new unknown token for one user on every request: one call each, all refused.
+    let tokens = load(&[
+        "--scenario",
+        "flood-tokens",
+        "--via",
+        "wire",
+        "--connections",
+        "2",
+        "--depth",
+        "16",
+        "--requests",
+        "300",
+    ]);
+    assert_correct(&tokens);
+    assert_eq!(num(&tokens, "provider_calls"), 300);
+    assert_eq!(tokens["counts"]["rejects"], 300);
+    // Real users' new logins among the garbage: every one accepted, and timed on their own.
+    let flood = load(&[
+        "--scenario",
+        "flood",
+        "--valid-every",
+        "5",
+        "--nodes",
+        "2",
+        "--pool-size",
+        "4",
+        "--requests",
+        "500",
+    ]);
+    assert_correct(&flood);
+    assert_eq!(flood["counts"]["accepts"], 100, "{flood}");
+    assert_eq!(flood["counts"]["rejects"], 400, "{flood}");
+    assert!(
+        flood["valid_logins_us"]["p50"]
+            .as_f64()
+            .is_some_and(|p50| p50 > 0.0),
+        "{flood}"
+    );
+}
+
+#[test]
 fn cold_costs_one_provider_call_per_request() {
     let report = load(&[
         "--scenario",

@@ -23,6 +23,18 @@ pub enum ScenarioKind {
     Mixed,
     /// `--tokens` tokens whose `exp` passes `--expire-after` seconds into the run.
     Expiry,
+    /// Garbage, as anyone on the internet can make ejabberd send: one token the provider does
+    /// not know, tried for another of `--tokens` users on every request. One provider call in
+    /// all (the verdict describes the token, whoever presents it).
+    #[serde(rename = "flood-users")]
+    FloodUsers,
+    /// Garbage: a new token the provider does not know on every request, all for one user. One
+    /// provider call each, at most the domain's `provider_concurrency` at once.
+    #[serde(rename = "flood-tokens")]
+    FloodTokens,
+    /// New unknown tokens for random users while real users log in with new valid tokens (one
+    /// request in `--valid-every`): the valid logins' latency is reported on its own line.
+    Flood,
 }
 
 /// What the started brokers validate tokens with, against the mock provider.
@@ -105,6 +117,10 @@ pub struct LoadArgs {
     /// Distinct tokens (hot, mixed, expiry); also distinct users for cold and herd.
     #[arg(long, default_value_t = 1000)]
     pub tokens: u64,
+
+    /// Flood: one request in this many is a real user's new valid token, the rest garbage.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub valid_every: u64,
 
     /// Mixed: Zipf exponent of token popularity.
     #[arg(long, default_value_t = 1.0)]

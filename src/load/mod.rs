@@ -368,7 +368,7 @@ async fn drive(
                     took: flight.done - sent,
                     done: flight.done,
                 };
-                tally.answer(reply, counts);
+                tally.answer(reply, counts, job.expect.wants_accept());
             }
             Err(e) => {
                 eprintln!("extauth-load: a lane broke: {e:#}");

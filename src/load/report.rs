@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::chaos::ChaosReport;
@@ -27,6 +28,21 @@ pub struct Latency {
     pub max: f64,
     /// Mean.
     pub mean: f64,
+}
+
+impl Latency {
+    /// The percentiles of `h` (nanoseconds) in microseconds.
+    fn of(h: &Histogram<u64>) -> Latency {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        Latency {
+            p50: us(h.value_at_quantile(0.5)),
+            p90: us(h.value_at_quantile(0.9)),
+            p99: us(h.value_at_quantile(0.99)),
+            p999: us(h.value_at_quantile(0.999)),
+            max: us(h.max()),
+            mean: h.mean() / 1000.0,
+        }
+    }
 }
 
 /// Everything a run measured. Latencies are microseconds, rates per second, memory KiB.
@@ -56,6 +72,9 @@ pub struct Report {
     pub throughput: f64,
     /// Latency of answered requests (open loop: from the intended send time).
     pub latency_us: Latency,
+    /// Latency of the requests whose right answer was "yes", when the run also had others
+    /// (`flood`: the real users' new logins among the garbage; `mixed`).
+    pub valid_logins_us: Option<Latency>,
     /// Verdicts and errors.
     pub counts: Counts,
     /// Whether verdicts were checked.
@@ -181,14 +200,10 @@ impl Report {
                 .scheduled
                 .map_or(0, |s| s.saturating_sub(answered + tally.counts.errors)),
             throughput: answered as f64 / secs,
-            latency_us: Latency {
-                p50: us(h.value_at_quantile(0.5)),
-                p90: us(h.value_at_quantile(0.9)),
-                p99: us(h.value_at_quantile(0.99)),
-                p999: us(h.value_at_quantile(0.999)),
-                max: us(h.max()),
-                mean: h.mean() / 1000.0,
-            },
+            latency_us: Latency::of(h),
+            valid_logins_us: (!tally.valid_latency.is_empty()
+                && tally.valid_latency.len() < h.len())
+            .then(|| Latency::of(&tally.valid_latency)),
             counts: tally.counts,
             verified: facts.verified,
             wrong_verdicts: facts.verified.then(|| tally.counts.wrong()),
@@ -313,12 +328,17 @@ impl Display for Report {
                 "unanswered", self.unanswered
             )?;
         }
-        let l = self.latency_us;
-        writeln!(
-            f,
-            "  {:<18} p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}",
-            "latency (us)", l.p50, l.p90, l.p99, l.p999, l.max, l.mean
-        )?;
+        for (name, l) in [
+            ("latency (us)", Some(self.latency_us)),
+            ("valid logins (us)", self.valid_logins_us),
+        ] {
+            let Some(l) = l else { continue };
+            writeln!(
+                f,
+                "  {:<18} p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}",
+                name, l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+            )?;
+        }
         let c = self.counts;
         let wrong = self
             .wrong_verdicts

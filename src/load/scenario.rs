@@ -111,6 +111,8 @@ pub struct Workload {
     exp_s: u64,
     /// `exp` of `mixed`'s expired tokens (seconds since the epoch, in the past).
     expired_exp_s: u64,
+    /// `flood`: one request in this many is a valid login.
+    valid_every: u64,
 }
 
 impl Workload {
@@ -150,6 +152,7 @@ impl Workload {
             expired_pct: args.expired_pct,
             exp_s,
             expired_exp_s: now_s.saturating_sub(EXPIRED_AGO_S),
+            valid_every: args.valid_every,
         })
     }
 
@@ -188,6 +191,13 @@ impl Workload {
                 self.valid(round % self.tokens, self.tokens + round, round)
             }
             ScenarioKind::Mixed => self.mixed(seq),
+            ScenarioKind::FloodUsers => self.garbage(seq % self.tokens, 0, 0),
+            ScenarioKind::FloodTokens => self.garbage(0, seq, seq),
+            // Keys: even for the valid logins, odd for the garbage.
+            ScenarioKind::Flood if seq % self.valid_every == 0 => {
+                self.valid(seq % self.tokens, self.tokens + seq, 2 * seq)
+            }
+            ScenarioKind::Flood => self.garbage(seq % self.tokens, seq, 2 * seq + 1),
             ScenarioKind::Expiry => {
                 let i = seq % self.tokens;
                 let after = now_ms() >= self.exp_s * 1000;
@@ -208,6 +218,16 @@ impl Workload {
             token,
             expect: Expect::Accept,
             key,
+        }
+    }
+
+    /// A token the provider does not know (nonce `nonce`), presented by user `user`.
+    fn garbage(&self, user: u64, nonce: u64, key: u64) -> Job {
+        Job {
+            token: self.maker.unknown(&self.run, user, self.exp_s, nonce),
+            expect: Expect::Reject,
+            key,
+            ..self.valid(user, user, key)
         }
     }
 

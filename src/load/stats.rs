@@ -70,6 +70,9 @@ impl Counts {
 pub struct Tally {
     /// Latency of every answered measured request, nanoseconds.
     pub latency: Histogram<u64>,
+    /// Latency of the answered measured requests whose right answer was "yes" (in `flood`, the
+    /// real users' logins among the garbage), nanoseconds.
+    pub valid_latency: Histogram<u64>,
     /// Verdict counts of measured requests.
     pub counts: Counts,
     /// Distinct keys sent (warm-up included): the provider calls a correct broker makes.
@@ -86,6 +89,8 @@ impl Tally {
         Tally {
             // 1 ns to 1 hour at 3 significant digits (about 0.1 % error).
             latency: Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
+                .expect("valid histogram bounds"),
+            valid_latency: Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
                 .expect("valid histogram bounds"),
             counts: Counts::default(),
             keys: HashSet::new(),
@@ -147,7 +152,8 @@ impl Shared {
 pub struct LaneTally {
     shared: Shared,
     start: Instant,
-    latencies: Vec<(u64, usize)>,
+    /// (latency ns, timeline bucket, whether "yes" was the right answer).
+    latencies: Vec<(u64, usize, bool)>,
     keys: Vec<u64>,
     counts: Counts,
     slowest: Duration,
@@ -170,12 +176,13 @@ impl LaneTally {
         self.flush_if_full();
     }
 
-    /// Records one answered request and how it was judged.
-    pub fn answer(&mut self, reply: Reply, counts: Counts) {
+    /// Records one answered request and how it was judged; `wanted_accept`: "yes" was the right
+    /// answer (a valid login).
+    pub fn answer(&mut self, reply: Reply, counts: Counts, wanted_accept: bool) {
         let bucket = (reply.done.saturating_duration_since(self.start).as_nanos()
             / BUCKET.as_nanos()) as usize;
         self.latencies
-            .push((reply.latency.as_nanos() as u64, bucket));
+            .push((reply.latency.as_nanos() as u64, bucket, wanted_accept));
         self.slowest = self.slowest.max(reply.took);
         self.count(counts);
         self.shared.answered.fetch_add(1, Ordering::Relaxed);
@@ -195,8 +202,11 @@ impl LaneTally {
 
     fn flush(&mut self) {
         let mut tally = self.shared.tally.lock().expect("tally");
-        for &(ns, bucket) in &self.latencies {
+        for &(ns, bucket, wanted_accept) in &self.latencies {
             tally.latency.saturating_record(ns.max(1));
+            if wanted_accept {
+                tally.valid_latency.saturating_record(ns.max(1));
+            }
             if tally.timeline.len() <= bucket {
                 tally.timeline.resize(bucket + 1, 0);
             }
