@@ -536,3 +536,23 @@ fn started_as_root_it_binds_then_drops_to_the_given_user() {
         "serving after the drop"
     );
 }
+
+/// The README's first command: `extauth-broker demo` runs the whole request path with nothing
+/// external (the bundled provider, the broker, a real shim) and every verdict comes out right.
+#[test]
+fn the_demo_in_the_readme_runs_end_to_end() {
+    let shim = common::services::shim_bin();
+    let out = Command::new(broker_bin())
+        .arg("demo")
+        .arg("--shim")
+        .arg(&shim)
+        .output()
+        .expect("running extauth-broker demo");
+    let printed = common::services::printed(&out);
+    assert!(out.status.success(), "{printed}");
+    assert!(
+        printed.contains("provider calls in total: 6 for 12 requests"),
+        "{printed}"
+    );
+    assert!(printed.contains("every verdict as expected"), "{printed}");
+}
