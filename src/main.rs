@@ -12,7 +12,7 @@ use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
 use extauth_broker::config::{RevokeArgs, RunArgs};
 use extauth_broker::daemon::{self, RunContext};
-use extauth_broker::{demo, ops, revoke, systemd};
+use extauth_broker::{demo, ops, systemd};
 
 /// Validates ejabberd extauth logins whose password is an OAuth access token, once for the
 /// whole cluster. Without a subcommand, `run` is assumed.
@@ -61,7 +61,7 @@ fn main() -> ExitCode {
         Some(Command::Demo(args)) => with_runtime("warn", demo::run(args)),
         Some(Command::Probe(args)) => ops::probe(&args),
         Some(Command::Stats(args)) => with_runtime("warn", ops::stats(args)),
-        Some(Command::Revoke(args)) => with_runtime("info", revoke::run_cli(args)),
+        Some(Command::Revoke(args)) => with_runtime("info", ops::revoke(args)),
         Some(Command::Completions { shell }) => {
             clap_complete::generate(
                 shell,

@@ -1,5 +1,6 @@
-//! Operator commands that talk to a running broker: `probe` (one request through the wire
-//! protocol, as a shim sends it) and `stats` (a summary of its Prometheus metrics).
+//! Operator commands: `probe` (one request through the wire protocol, as a shim sends it),
+//! `stats` (a summary of a running broker's Prometheus metrics) and `revoke` (through the Redis
+//! the brokers share).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -10,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::config::ListenAddr;
+use crate::config::{ListenAddr, RevokeArgs, RunArgs};
 use crate::extauth::Command;
+use crate::keys::KeyDeriver;
+use crate::revoke::{self, Target};
 use crate::secrets::read_secret;
 use crate::wire::{self, ClientMsg, Hello, Request, ServerMsg};
 
@@ -176,6 +179,69 @@ fn summarise(text: &str) -> String {
         .iter()
         .map(|(series, v)| format!("{v:>14}  {series}\n"))
         .collect()
+}
+
+/// `extauth-broker revoke`: revokes through the shared Redis, so every broker drops the
+/// verdicts within a second. Prints what was revoked, then runs the file's `[on_revoke] kick`
+/// hook (unless `--no-kick`) for a user revocation and prints what it did.
+///
+/// # Errors
+/// No Redis configured, a missing cache secret, an unreadable token file or kick secret, a
+/// Redis failure, or a kick that failed (the revocation stands; the message says so).
+pub async fn revoke(args: RevokeArgs) -> Result<()> {
+    let file = RunArgs {
+        config: args.config,
+        redis: args.redis,
+        redis_mode: args.redis_mode,
+        redis_master: args.redis_master,
+        cache_secret_file: args.cache_secret_file,
+        ..Default::default()
+    }
+    .with_file()?;
+    let store = file.redis_config().context(
+        "revoke works through the Redis the brokers share: give --redis (or --config). A broker without Redis \
+         revokes through its admin endpoint: POST /revoke",
+    )?;
+    let secret_file = file
+        .cache_secret_file
+        .clone()
+        .context("--cache-secret-file is required (the brokers' cache key secret)")?;
+    let secret = read_secret(&secret_file, "--cache-secret-file")?;
+    let token = args
+        .token_file
+        .map(|p| read_secret(&p, "--token-file"))
+        .transpose()?;
+    // Built (secret files read) before revoking, so a broken hook is reported before anything
+    // changes.
+    let kicker = match (&file.on_revoke.kick, args.no_kick) {
+        (Some(kick), false) => Some(crate::kick::Kicker::new(kick, &file.provider_policy()?)?),
+        _ => None,
+    };
+    let redis = crate::store::Redis::new(&store, crate::seal::Sealer::new(&secret))
+        .await
+        .context("--redis")?;
+    let target = Target {
+        domain: &args.domain,
+        user: &args.user,
+        token: token.as_ref(),
+    };
+    let revoked = revoke::revoke(&target, &KeyDeriver::new(&secret), Some(&redis), None).await?;
+    match token {
+        Some(_) => println!("revoked one token of {}@{}", args.user, args.domain),
+        None => println!(
+            "revoked every verdict of {}@{} ({} deleted from Redis)",
+            args.user, args.domain, revoked.dropped
+        ),
+    }
+    let (user, domain) = revoke::normalise(&target)?;
+    let report = crate::kick::after_revoke(kicker.as_ref(), &user, &domain, token.is_some()).await;
+    let said = report.describe(&user, &domain);
+    match report {
+        crate::kick::KickReport::Failed(_) => bail!(said),
+        crate::kick::KickReport::Off => {}
+        _ => println!("{said}"),
+    }
+    Ok(())
 }
 
 #[cfg(test)]
