@@ -33,9 +33,9 @@ use tracing::{info, warn};
 
 use crate::endpoint::{self, Access, Callers, EndpointLimits};
 use crate::engine::Engine;
-use crate::extauth::Secret;
 use crate::kick::{KickReport, Kicker};
 use crate::revoke::{RevokeError, Target};
+use extauth_protocol::extauth::Secret;
 
 /// Shared state of the admin routes.
 struct Admin {

@@ -16,7 +16,7 @@
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::wire::Reason;
+use extauth_protocol::wire::Reason;
 
 /// How a subject claim may differ from the localpart ejabberd sends (TOML `claim_folding`,
 /// flag `--claim-folding`, env `EXTAUTH_CLAIM_FOLDING`: the same names everywhere).

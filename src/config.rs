@@ -22,7 +22,6 @@ use serde::Deserialize;
 use crate::binding::{BindingRules, Folding, Subject};
 use crate::directory::DirectoryConfig;
 use crate::endpoint::{self, EndpointLimits, HttpFrontConfig, IpRange};
-use crate::extauth::Secret;
 use crate::kick::{KickConfig, OnRevoke};
 use crate::secrets::{read_secret, ConfigUrl};
 use crate::store::{RedisConfig, RedisMode};
@@ -32,6 +31,7 @@ use crate::validate::http::{HttpTimeouts, ProviderPolicy, DEFAULT_MAX_RESPONSE_B
 use crate::validate::introspection::IntrospectionConfig;
 use crate::validate::ValidatorConfig;
 use crate::verdict::{Lifetimes, MAX_LIFETIME};
+use extauth_protocol::extauth::Secret;
 
 /// Flags of `extauth-broker run`; every field is optional so the file can fill it in.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -841,7 +841,7 @@ impl RunArgs {
     /// The TLS server settings, when `--tls-cert` is given.
     fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>> {
         match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Ok(Some(crate::tls::server_config(
+            (Some(cert), Some(key)) => Ok(Some(extauth_protocol::tls::server_config(
                 cert,
                 key,
                 self.client_ca.as_deref(),

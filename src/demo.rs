@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, RunArgs};
 use crate::devprovider::DevProvider;
-use crate::extauth::reply;
 use crate::verdict::now_ms;
+use extauth_protocol::extauth::reply;
 
 /// Options of `extauth-broker demo`.
 #[derive(Debug, clap::Args)]

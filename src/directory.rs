@@ -12,10 +12,10 @@ use moka::future::Cache;
 use serde::Deserialize;
 use tracing::warn;
 
-use crate::extauth::Secret;
 use crate::keys::Key;
 use crate::secrets::ConfigUrl;
 use crate::validate::http::{self, HttpTimeouts, ProviderClient, ProviderPolicy};
+use extauth_protocol::extauth::Secret;
 
 /// Settings of a directory (TOML: `directory = { url = "https://api/users/{user}@{domain}" }`).
 #[derive(Debug, Clone, Deserialize)]

@@ -17,7 +17,7 @@ use crate::throttle::Throttle;
 use crate::validate::http::ProviderPolicy;
 use crate::validate::{self, TokenCheck, Validation, Validator};
 use crate::verdict::{now_ms, Answer, Verdict};
-use crate::wire::Reason;
+use extauth_protocol::wire::Reason;
 
 /// A provider whose `exp` is this far in the past while it says the token is active has a
 /// clock or time-zone problem worth a warning (s).
@@ -231,9 +231,9 @@ impl Domain {
 mod tests {
     use super::*;
     use crate::binding::{BindingRules, Folding, Subject};
-    use crate::extauth::Secret;
     use crate::validate::introspection::IntrospectionConfig;
     use crate::validate::{Grant, ValidatorConfig};
+    use extauth_protocol::extauth::Secret;
     use serde_json::{json, Value};
 
     fn domain(stale_if_error: u64) -> Domain {

@@ -49,8 +49,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::extauth::Secret;
 use crate::metrics;
+use extauth_protocol::extauth::Secret;
 
 /// Default cap of the metrics endpoint (connections): a Prometheus server or two, `stats`, and
 /// health checks need a handful.

@@ -10,7 +10,6 @@ use tracing::{debug, info, warn};
 use crate::cache::L1;
 use crate::config::IsUserPolicy;
 use crate::domain::{Domain, Domains};
-use crate::extauth::{Command, Secret};
 use crate::flight::{Ask, FlightError, FlightParts, Flights};
 use crate::keys::{Key, KeyDeriver};
 use crate::metrics;
@@ -18,7 +17,8 @@ use crate::revoke::{self, Local, Revocations, RevokeError, Revoked, Target};
 use crate::store::{Op, Redis};
 use crate::validate::TokenCheck;
 use crate::verdict::now_ms;
-use crate::wire::{Reason, Source};
+use extauth_protocol::extauth::{Command, Secret};
+use extauth_protocol::wire::{Reason, Source};
 
 /// Longest user or domain accepted (bytes); RFC 7622 caps each JID part at 1023 bytes.
 const MAX_JID_PART: usize = 1023;

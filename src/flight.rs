@@ -23,7 +23,7 @@ use crate::revoke::{covers, Revocations};
 use crate::store::{Health, Op, Redis};
 use crate::validate::{TokenCheck, Validation};
 use crate::verdict::{now_ms, Answer, Verdict};
-use crate::wire::{Reason, Source};
+use extauth_protocol::wire::{Reason, Source};
 
 /// How long a broker holds the cluster-wide flight lock of a token at most; other brokers wait
 /// for its verdict at most this long (and at most half their request's time left) before

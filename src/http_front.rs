@@ -48,8 +48,8 @@ use tracing::{debug, info};
 
 use crate::endpoint::{self, Access, Callers, HttpFrontConfig};
 use crate::engine::{Engine, Front, Outcome};
-use crate::extauth::{Command, Secret};
-use crate::wire::Reason;
+use extauth_protocol::extauth::{Command, Secret};
+use extauth_protocol::wire::Reason;
 
 /// Header naming the user on `/auth_request` when the path does not.
 pub const USER_HEADER: &str = "x-extauth-user";

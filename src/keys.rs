@@ -8,7 +8,7 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::extauth::Secret;
+use extauth_protocol::extauth::Secret;
 
 /// A 32-byte HMAC-SHA256 digest naming a token or a user.
 pub type Key = [u8; 32];

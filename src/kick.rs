@@ -25,10 +25,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use crate::extauth::Secret;
 use crate::metrics;
 use crate::secrets::{read_secret, redact_url, ConfigUrl};
 use crate::validate::http::{HttpTimeouts, ProviderClient, ProviderPolicy};
+use extauth_protocol::extauth::Secret;
 
 /// Default of a kick's `timeout`, seconds: well under the admin endpoint's request timeout
 /// (10 s by default), so the admin answer can still report the kick's fate.

@@ -38,7 +38,7 @@ use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::wire::{Reason, Source};
+use extauth_protocol::wire::{Reason, Source};
 
 /// Request latency buckets (seconds): cached answers take microseconds, provider calls up to the
 /// provider timeout.

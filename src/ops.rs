@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::config::{ListenAddr, RevokeArgs, RunArgs};
-use crate::extauth::Command;
 use crate::keys::KeyDeriver;
 use crate::revoke::{self, Target};
 use crate::secrets::read_secret;
-use crate::wire::{self, ClientMsg, Hello, Request, ServerMsg};
+use extauth_protocol::extauth::Command;
+use extauth_protocol::wire::{self, ClientMsg, Hello, Request, ServerMsg};
 
 /// Flags of `extauth-broker probe`.
 #[derive(Debug, clap::Args)]
@@ -141,7 +141,7 @@ pub struct StatsArgs {
 /// # Errors
 /// An unreachable endpoint or a non-200 answer.
 pub async fn stats(args: StatsArgs) -> Result<()> {
-    crate::tls::install_crypto_provider();
+    extauth_protocol::tls::install_crypto_provider();
     // reqwest errors name the URL, which may embed credentials: name it redacted instead.
     let shown = crate::secrets::redact_url(&args.metrics_url);
     let response = reqwest::Client::builder()

@@ -29,11 +29,11 @@ use futures_util::StreamExt;
 use tracing::{debug, info, warn};
 
 use crate::cache::L1;
-use crate::extauth::Secret;
 use crate::keys::{Key, KeyDeriver};
 use crate::metrics;
 use crate::store::{Hint, Redis, HINT_CHANNEL};
 use crate::verdict::{now_ms, Verdict, HORIZON};
+use extauth_protocol::extauth::Secret;
 
 /// Clocks of brokers and Redis may disagree by this much (ms; NTP keeps them far closer): a
 /// verdict issued up to this long after a mark is still taken as revoked by it, which costs a

@@ -14,8 +14,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use crate::extauth::Secret;
 use crate::keys;
+use extauth_protocol::extauth::Secret;
 
 /// Bytes of the HMAC kept as the tag (128 bits, as RFC 2104 section 5 allows).
 const TAG_BYTES: usize = 16;

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::extauth::Secret;
+use extauth_protocol::extauth::Secret;
 
 /// Words that mark a query or fragment parameter as secret, matched case-insensitively inside
 /// its key (`access_token`, `client_secret`, `passwd`, `api_key`, `Authorization`, `sig`, ...).

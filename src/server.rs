@@ -21,7 +21,7 @@ use crate::config::{Limits, PeerPolicy};
 use crate::engine::{Engine, Front, Outcome};
 use crate::listener::{Incoming, Listener};
 use crate::metrics::{self, HandshakeFailure};
-use crate::wire::{
+use extauth_protocol::wire::{
     self, ClientMsg, Reason, Refused, Request, Response, ServerMsg, Source, Welcome,
 };
 

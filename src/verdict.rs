@@ -15,7 +15,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::keys::{self, Key};
-use crate::wire::Reason;
+use extauth_protocol::wire::Reason;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Builds the Debian package (target/debian/extauth-broker_<version>-1_<arch>.deb):
-#   1. release binaries: the shim on its own (without the broker feature, as a plain
-#      `cargo build -p extauth-shim` builds it), then the broker;
+#   1. release binaries of the shim and the broker;
 #   2. the man pages and shell completions, generated from the binaries;
 #   3. `cargo deb --no-build` with [package.metadata.deb] from Cargo.toml.
 # Needs cargo-deb (`cargo install cargo-deb --locked`). Extra arguments go to cargo deb
@@ -17,10 +16,9 @@ fi
 
 target=${CARGO_TARGET_DIR:-target}
 
-# Separate invocations: a single `cargo build` of both would unify features and link the
-# shim against the broker's full library (tokio, redis, reqwest).
-cargo build --release -p extauth-shim --bin extauth-shim
-cargo build --release -p extauth-broker --bin extauth-broker
+# The shim depends on extauth-protocol alone, so building both together links it against
+# neither tokio, redis nor reqwest.
+cargo build --release -p extauth-shim --bin extauth-shim -p extauth-broker --bin extauth-broker
 
 assets="$target/release/deb-assets"
 rm -rf "$assets"

@@ -275,7 +275,7 @@ check_eq() { # WHAT ACTUAL EXPECTED
     [ "$2" = "$3" ] || fail "$1: $2, expected $3"
 }
 
-# ----- the cluster (the same steps as tests/common/ejabberd.rs) -----
+# ----- the cluster (the same steps as tests/kit/src/ejabberd.rs) -----
 
 # ejabberdctl against node N of the current storm. --config-dir, not --config (pitfall 1); our own
 # epmd (pitfall 3); bounded, since an Erlang VM that cannot reach its node may wait a long time.
@@ -522,7 +522,7 @@ broker_counts() {
 # ----- logins -----
 
 # The CSV tsung reads (user;token), one line per login. Tokens are the mock provider's
-# self-describing ones (src/load/scenario.rs): RUN.N.EXP.NONCE is valid for userN until EXP.
+# self-describing ones (tests/load/src/scenario.rs): RUN.N.EXP.NONCE is valid for userN until EXP.
 # userN (N = 1..USERS) gets its own valid token. The BAD logins are spread evenly among them,
 # by users USERS+1.., alternately with a token the provider does not know (RUN.x.J: refused as
 # inactive) and with another user's valid token (refused as wrong_user). Every line is a

@@ -6,7 +6,7 @@
 
 use std::io::{self, BufRead};
 
-use extauth_broker::extauth::MAX_REQUEST_LEN;
+use extauth_protocol::extauth::MAX_REQUEST_LEN;
 use zeroize::Zeroize;
 
 /// The answers, as Prosody reads them.

@@ -18,7 +18,7 @@ use std::io::{self, BufRead, Write};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use extauth_broker::extauth::{self, reply, MAX_REQUEST_LEN};
+use extauth_protocol::extauth::{self, reply, MAX_REQUEST_LEN};
 
 use crate::line::Line;
 use crate::options::{Options, Protocol};

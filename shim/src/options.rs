@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use extauth_broker::tls;
+use extauth_protocol::tls;
 
 /// Printed with `--help` and after a usage error (on stderr: stdout carries replies only).
 pub(crate) const USAGE: &str = "\

@@ -5,8 +5,8 @@ use std::io;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use extauth_broker::extauth::Command;
-use extauth_broker::wire::{self, ClientMsg, Hello, Request, ServerMsg};
+use extauth_protocol::extauth::Command;
+use extauth_protocol::wire::{self, ClientMsg, Hello, Request, ServerMsg};
 
 use crate::options::Options;
 use crate::stream::Stream;

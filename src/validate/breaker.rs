@@ -182,8 +182,8 @@ impl Validator for Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::extauth::Secret;
     use crate::validate::Grant;
+    use extauth_protocol::extauth::Secret;
     use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
 

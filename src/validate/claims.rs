@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::wire::Reason;
+use extauth_protocol::wire::Reason;
 
 /// What a domain requires of a token's claims. TOML, in the validator table:
 /// `require = { scopes = ["xmpp"], audience = "ejabberd", issuer = "https://idp.example.com" }`.

@@ -173,7 +173,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    use crate::extauth::Secret;
+    use extauth_protocol::extauth::Secret;
 
     /// Answers after `delay`, recording how many calls ran at once and in which order users
     /// were served.
@@ -192,7 +192,7 @@ mod tests {
                 self.served.lock().unwrap().push(check.user.to_owned());
                 tokio::time::sleep(self.delay).await;
                 self.running.fetch_sub(1, Ordering::SeqCst);
-                Validation::Invalid(crate::wire::Reason::Inactive)
+                Validation::Invalid(extauth_protocol::wire::Reason::Inactive)
             })
         }
 

@@ -111,7 +111,7 @@ impl ProviderClient {
     ) -> Result<Self, String> {
         check_url(setting, url, policy)?;
         timeouts.check()?;
-        crate::tls::install_crypto_provider();
+        extauth_protocol::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs_f64(
                 timeouts.connect.min(timeouts.total),

@@ -19,7 +19,7 @@ use tracing::warn;
 use super::http::{self, HttpTimeouts, ProviderClient, ProviderPolicy};
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
 use crate::secrets::ConfigUrl;
-use crate::wire::Reason;
+use extauth_protocol::wire::Reason;
 
 /// Where the token travels.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -244,7 +244,7 @@ impl Validator for HttpApi {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::extauth::Secret;
+    use extauth_protocol::extauth::Secret;
     use serde_json::json;
 
     fn config(url: &str) -> HttpApiConfig {

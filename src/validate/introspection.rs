@@ -16,10 +16,10 @@ use super::claims::ClaimRules;
 use super::discovery::{client_and_url, Endpoint, EndpointUrl};
 use super::http::{HttpTimeouts, ProviderClient, ProviderPolicy};
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
-use crate::extauth::Secret;
 use crate::secrets::ConfigUrl;
 use crate::throttle::Throttle;
-use crate::wire::Reason;
+use extauth_protocol::extauth::Secret;
+use extauth_protocol::wire::Reason;
 
 /// How the broker authenticates to the introspection endpoint.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

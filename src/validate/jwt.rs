@@ -43,7 +43,7 @@ use super::http::{HttpTimeouts, ProviderClient, ProviderPolicy};
 use super::introspection::seconds_claim;
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
 use crate::secrets::ConfigUrl;
-use crate::wire::Reason;
+use extauth_protocol::wire::Reason;
 
 /// The algorithms this validator implements (RFC 7518 section 3.1, RFC 8037 section 3.1).
 pub const SUPPORTED: [Algorithm; 4] = [
@@ -692,7 +692,7 @@ fn usable_key(jwk: &Jwk, algorithms: &[Algorithm]) -> Option<Key> {
 }
 
 #[cfg(test)]
-#[path = "../../tests/common/tokens.rs"]
+#[path = "../../tests/kit/src/tokens.rs"]
 #[allow(unreachable_pub)]
 mod tokens;
 

@@ -21,9 +21,9 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::extauth::Secret;
 use crate::secrets::ConfigUrl;
-use crate::wire::Reason;
+use extauth_protocol::extauth::Secret;
+use extauth_protocol::wire::Reason;
 
 /// What a validator is asked: may `token` log in `user@domain`?
 #[derive(Debug, Clone, Copy)]

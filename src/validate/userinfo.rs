@@ -14,9 +14,9 @@ use super::claims::ClaimRules;
 use super::discovery::{client_and_url, Endpoint, EndpointUrl};
 use super::http::{HttpTimeouts, ProviderClient, ProviderPolicy};
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
-use crate::extauth::Secret;
 use crate::secrets::ConfigUrl;
-use crate::wire::Reason;
+use extauth_protocol::extauth::Secret;
+use extauth_protocol::wire::Reason;
 
 /// Settings of a userinfo validator (TOML: `validator = { kind = "userinfo", ... }`).
 #[derive(Debug, Clone, Deserialize)]

@@ -4,8 +4,8 @@
 //! `cargo bench --bench codecs`. Token sizes: 40 bytes (an opaque token) and 1 KiB (a JWT).
 
 use divan::{black_box, Bencher};
-use extauth_broker::extauth::{self, Command, Secret};
-use extauth_broker::wire::{self, ClientMsg, Reason, Request, Response, ServerMsg, Source};
+use extauth_protocol::extauth::{self, Command, Secret};
+use extauth_protocol::wire::{self, ClientMsg, Reason, Request, Response, ServerMsg, Source};
 
 fn main() {
     divan::main();

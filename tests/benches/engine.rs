@@ -12,7 +12,7 @@ use extauth_broker::config::RunArgs;
 use extauth_broker::daemon;
 use extauth_broker::devprovider::DevProvider;
 use extauth_broker::engine::Engine;
-use extauth_broker::extauth::{self, Command};
+use extauth_protocol::extauth::{self, Command};
 use serde_json::json;
 use tokio::runtime::Runtime;
 

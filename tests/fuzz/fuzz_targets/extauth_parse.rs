@@ -1,4 +1,4 @@
-//! ejabberd extauth framing and parsing on arbitrary bytes (src/extauth.rs).
+//! ejabberd extauth framing and parsing on arbitrary bytes (src/protocol/extauth.rs).
 //!
 //! The input is used twice: as one request body for `parse`, and as a byte stream of
 //! `{packet, 2}` frames for `read_request` (each frame's body is parsed too). Invariants:
@@ -10,7 +10,7 @@
 //!   the request's tail, every `:` kept, and user/server never contain `:`).
 #![no_main]
 
-use extauth_broker::extauth::{parse, read_request, Command, ParseError, MAX_REQUEST_LEN};
+use extauth_protocol::extauth::{parse, read_request, Command, ParseError, MAX_REQUEST_LEN};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -83,7 +83,7 @@ fn model_parse(body: &[u8]) -> Result<Command, ParseError> {
     if fields.len() < 4 {
         return Err(ParseError::MissingField);
     }
-    let secret = extauth_broker::extauth::Secret::new(fields[3..].join(":"));
+    let secret = extauth_protocol::extauth::Secret::new(fields[3..].join(":"));
     Ok(match name {
         "auth" => Command::Auth {
             user,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use extauth_broker::store::Hint;
 use extauth_broker::verdict::{parse_ms, Answer, Lifetimes, Verdict};
-use extauth_broker::wire::Reason;
+use extauth_protocol::wire::Reason;
 use libfuzzer_sys::fuzz_target;
 
 /// 2026-01-01T00:00:00Z, ms: clocks the broker can meet, so `now + skew` cannot overflow.

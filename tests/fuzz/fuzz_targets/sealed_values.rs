@@ -12,7 +12,7 @@
 //!   boundary moved (the length prefixes).
 #![no_main]
 
-use extauth_broker::extauth::Secret;
+use extauth_protocol::extauth::Secret;
 use extauth_broker::seal::{Purpose, SealError, Sealer};
 use libfuzzer_sys::fuzz_target;
 

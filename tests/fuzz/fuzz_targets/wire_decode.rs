@@ -1,4 +1,4 @@
-//! The shim <-> broker wire codec on arbitrary bytes (src/wire.rs).
+//! The shim <-> broker wire codec on arbitrary bytes (src/protocol/wire.rs).
 //!
 //! The input is used as a frame body for `decode::<ClientMsg>` and `decode::<ServerMsg>`, and as
 //! a byte stream of length-prefixed frames for `read_msg` (with the default `MAX_FRAME` and with
@@ -17,7 +17,7 @@
 use std::fmt::Debug;
 use std::io::ErrorKind;
 
-use extauth_broker::wire::{decode, encode, read_msg, ClientMsg, ServerMsg, MAX_FRAME};
+use extauth_protocol::wire::{decode, encode, read_msg, ClientMsg, ServerMsg, MAX_FRAME};
 use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
