@@ -15,6 +15,7 @@ use tracing::warn;
 use crate::keys::Key;
 use crate::secrets::ConfigUrl;
 use crate::validate::http::{self, HttpTimeouts, ProviderClient, ProviderPolicy};
+use crate::validate::SetupError;
 use extauth_protocol::extauth::Secret;
 
 /// Settings of a directory (TOML: `directory = { url = "https://api/users/{user}@{domain}" }`).
@@ -59,7 +60,7 @@ impl Directory {
     ///
     /// # Errors
     /// A bad method, URL, timeout or unreadable token file.
-    pub fn new(config: DirectoryConfig, policy: &ProviderPolicy) -> Result<Self, String> {
+    pub fn new(config: DirectoryConfig, policy: &ProviderPolicy) -> Result<Self, SetupError> {
         let http = ProviderClient::new(
             "directory",
             "directory url",
@@ -71,7 +72,7 @@ impl Directory {
         let bearer = match &config.bearer_token_file {
             Some(path) => Some(
                 crate::secrets::read_secret(path, "directory.bearer_token_file")
-                    .map_err(|e| format!("{e:#}"))?,
+                    .map_err(|e| SetupError::SecretFile(format!("{e:#}")))?,
             ),
             None => None,
         };

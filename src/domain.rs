@@ -15,6 +15,7 @@ use crate::keys::KeyDeriver;
 use crate::metrics;
 use crate::throttle::Throttle;
 use crate::validate::http::ProviderPolicy;
+use crate::validate::ProviderError;
 use crate::validate::{self, TokenCheck, Validation, Validator};
 use crate::verdict::{now_ms, Answer, Verdict};
 use extauth_protocol::wire::Reason;
@@ -82,7 +83,7 @@ impl Domains {
 
     /// Discovers now the endpoint of every validator configured with `issuer` alone:
     /// `(domain, what is discovered, the URL or why not)`, for `check-config`.
-    pub async fn discover(&self) -> Vec<(String, String, Result<String, String>)> {
+    pub async fn discover(&self) -> Vec<(String, String, Result<String, ProviderError>)> {
         let mut found = Vec::new();
         for (name, domain) in self.all() {
             if let Some(url) = domain.validator.discovered() {

@@ -21,7 +21,7 @@ use crate::keys::{Key, KeyDeriver};
 use crate::metrics;
 use crate::revoke::{covers, Revocations};
 use crate::store::{Health, Op, Redis};
-use crate::validate::{TokenCheck, Validation};
+use crate::validate::{ProviderError, TokenCheck, Validation};
 use crate::verdict::{now_ms, Answer, Verdict};
 use extauth_protocol::wire::{Reason, Source};
 
@@ -46,9 +46,9 @@ pub struct Fetched {
 /// Why a flight produced no verdict; shared with its waiters, never cached.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FlightError {
-    /// The provider could not answer (a log-safe message).
-    #[error("{0}")]
-    Unavailable(String),
+    /// The provider could not answer.
+    #[error(transparent)]
+    Unavailable(ProviderError),
     /// The deadline of the request running the flight left no time for the provider call.
     #[error("no time left for a provider call")]
     Deadline,

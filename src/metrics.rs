@@ -54,15 +54,13 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 ///
 /// # Errors
 /// When another recorder was installed first.
-pub fn install() -> Result<PrometheusHandle, String> {
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
     if let Some(h) = HANDLE.get() {
         return Ok(h.clone());
     }
     let handle = PrometheusBuilder::new()
-        .set_buckets(REQUEST_BUCKETS)
-        .map_err(|e| e.to_string())?
-        .install_recorder()
-        .map_err(|e| e.to_string())?;
+        .set_buckets(REQUEST_BUCKETS)?
+        .install_recorder()?;
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 

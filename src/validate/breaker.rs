@@ -13,7 +13,7 @@ use std::time::Instant;
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use super::{BoxFuture, TokenCheck, Validation, Validator};
+use super::{BoxFuture, ProviderError, TokenCheck, Validation, Validator};
 
 /// Breaker settings (TOML: `breaker = { threshold = 5, cooldown = 10 }`).
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -125,10 +125,9 @@ impl Breaker {
 
     async fn call(&self, check: TokenCheck<'_>) -> Validation {
         if !self.admit() {
-            return Validation::Unavailable(format!(
-                "{} circuit open: failing fast",
-                self.inner.kind()
-            ));
+            return Validation::Unavailable(ProviderError::CircuitOpen {
+                kind: self.inner.kind(),
+            });
         }
         let mut pending = Pending {
             breaker: self,
@@ -201,7 +200,10 @@ mod tests {
                 if up {
                     Validation::Valid(Grant::default())
                 } else {
-                    Validation::Unavailable("down".into())
+                    Validation::Unavailable(ProviderError::Status {
+                        what: "scripted",
+                        status: 503,
+                    })
                 }
             })
         }

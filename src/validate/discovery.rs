@@ -16,6 +16,7 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use super::http::{check_url, HttpTimeouts, ProviderClient, ProviderPolicy};
+use super::{ProviderError, SetupError};
 use crate::secrets::{redact_url, ConfigUrl};
 
 /// How long a metadata document is used before it is fetched again.
@@ -79,7 +80,7 @@ struct Known {
     /// The last good document and when it was fetched.
     metadata: Option<(Metadata, Instant)>,
     /// The last failure and when it happened.
-    failure: Option<(String, Instant)>,
+    failure: Option<(ProviderError, Instant)>,
 }
 
 /// One issuer's metadata, fetched and kept fresh.
@@ -101,7 +102,7 @@ impl Discovery {
         issuer: &ConfigUrl,
         timeouts: HttpTimeouts,
         policy: &ProviderPolicy,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SetupError> {
         let client = ProviderClient::new(
             "provider metadata",
             "issuer",
@@ -126,16 +127,23 @@ impl Discovery {
     /// The URL of `which`, from the metadata (fetched or refreshed if needed).
     ///
     /// # Errors
-    /// No metadata could be fetched, or it does not list `which`: a log-safe message.
-    pub async fn endpoint(&self, which: Endpoint) -> Result<String, String> {
+    /// [`ProviderError::Discovery`]: no metadata could be fetched, or it does not list `which`.
+    pub async fn endpoint(&self, which: Endpoint) -> Result<String, ProviderError> {
         let metadata = self.metadata().await?;
         metadata.get(which).map(str::to_owned).ok_or_else(|| {
-            format!(
-                "the metadata of {} lists no {}: configure the URL explicitly",
-                self.issuer(),
+            self.failed(format!(
+                "the metadata lists no {}: configure the URL explicitly",
                 which.field()
-            )
+            ))
         })
+    }
+
+    /// [`ProviderError::Discovery`] for this issuer.
+    fn failed(&self, detail: String) -> ProviderError {
+        ProviderError::Discovery {
+            issuer: self.issuer(),
+            detail,
+        }
     }
 
     /// The current metadata: the kept document while it is younger than [`REFRESH`], else a
@@ -144,7 +152,7 @@ impl Discovery {
     /// # Errors
     /// Nothing known and the fetch failed (the same error is returned without a new fetch for
     /// a few seconds).
-    pub async fn metadata(&self) -> Result<Metadata, String> {
+    pub async fn metadata(&self) -> Result<Metadata, ProviderError> {
         if let Some(kept) = self.kept() {
             return kept;
         }
@@ -180,7 +188,7 @@ impl Discovery {
 
     /// The answer without a fetch: a document younger than [`REFRESH`]; the old document, or
     /// the error, while the last fetch failed less than [`RETRY_AFTER`] ago; else `None`.
-    fn kept(&self) -> Option<Result<Metadata, String>> {
+    fn kept(&self) -> Option<Result<Metadata, ProviderError>> {
         let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
         let recent_failure = known
             .failure
@@ -195,26 +203,25 @@ impl Discovery {
     }
 
     /// Fetches the OpenID document, then the RFC 8414 one, and checks it.
-    async fn fetch(&self) -> Result<Metadata, String> {
+    async fn fetch(&self) -> Result<Metadata, ProviderError> {
         let mut errors = Vec::new();
         for url in metadata_urls(&self.issuer) {
             match self.fetch_one(&url).await {
-                Ok(metadata) => return self.check(metadata),
+                Ok(metadata) => return self.check(metadata).map_err(|why| self.failed(why)),
                 Err(why) => errors.push(why),
             }
         }
-        Err(format!(
-            "discovering the endpoints of {}: {}",
-            self.issuer(),
-            errors.join("; ")
-        ))
+        Err(self.failed(errors.join("; ")))
     }
 
+    /// One metadata URL's document; the error is one attempt's part of the
+    /// [`ProviderError::Discovery`] detail.
     async fn fetch_one(&self, url: &str) -> Result<Metadata, String> {
         let response = self
             .client
             .send(self.client.request(reqwest::Method::GET, url))
-            .await?;
+            .await
+            .map_err(|e| e.to_string())?;
         if !response.status().is_success() {
             return Err(format!(
                 "{} answered HTTP {}",
@@ -222,7 +229,11 @@ impl Discovery {
                 response.status().as_u16()
             ));
         }
-        let body = self.client.json(response).await?;
+        let body = self
+            .client
+            .json(response)
+            .await
+            .map_err(|e| e.to_string())?;
         serde_json::from_value(body)
             .map_err(|_| format!("{} is not provider metadata", redact_url(url)))
     }
@@ -239,7 +250,7 @@ impl Discovery {
         }
         for which in [Endpoint::Introspection, Endpoint::Userinfo, Endpoint::Jwks] {
             if let Some(url) = metadata.get(which) {
-                check_url(which.field(), url, &self.policy)?;
+                check_url(which.field(), url, &self.policy).map_err(|e| e.to_string())?;
             }
         }
         Ok(metadata)
@@ -275,7 +286,7 @@ pub fn client_and_url(
     which: Endpoint,
     timeouts: HttpTimeouts,
     policy: &ProviderPolicy,
-) -> Result<(ProviderClient, EndpointUrl), String> {
+) -> Result<(ProviderClient, EndpointUrl), SetupError> {
     let discovery = match (url, issuer) {
         (None, Some(issuer)) => Some(Arc::new(Discovery::new(issuer, timeouts, policy)?)),
         _ => None,
@@ -316,19 +327,21 @@ impl EndpointUrl {
         discovery: Option<&Arc<Discovery>>,
         which: Endpoint,
         setting: &str,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SetupError> {
         match (url, discovery) {
             (Some(url), _) => Ok(EndpointUrl::Fixed(url.expose().to_owned())),
             (None, Some(d)) => Ok(EndpointUrl::Discovered(Arc::clone(d), which)),
-            (None, None) => Err(format!("{setting} needs url (or issuer, to discover it)")),
+            (None, None) => Err(SetupError::Rule(format!(
+                "{setting} needs url (or issuer, to discover it)"
+            ))),
         }
     }
 
     /// The URL to call now.
     ///
     /// # Errors
-    /// Discovery failed or the metadata lacks the endpoint (a log-safe message).
-    pub async fn get(&self) -> Result<String, String> {
+    /// [`ProviderError::Discovery`]: discovery failed or the metadata lacks the endpoint.
+    pub async fn get(&self) -> Result<String, ProviderError> {
         match self {
             EndpointUrl::Fixed(url) => Ok(url.clone()),
             EndpointUrl::Discovered(discovery, which) => discovery.endpoint(*which).await,
@@ -399,7 +412,11 @@ mod tests {
             d.endpoint(Endpoint::Userinfo).await,
             Ok(format!("{issuer}/userinfo/"))
         );
-        let missing = d.endpoint(Endpoint::Introspection).await.unwrap_err();
+        let missing = d
+            .endpoint(Endpoint::Introspection)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(
             missing.contains("lists no introspection_endpoint"),
             "{missing}"
@@ -437,6 +454,7 @@ mod tests {
         assert!(
             refused
                 .unwrap_err()
+                .to_string()
                 .contains("must be the configured issuer"),
             "a document naming another issuer is not believed"
         );
@@ -449,7 +467,7 @@ mod tests {
         .await;
         let refused = discovery(&plain.uri()).endpoint(Endpoint::Jwks).await;
         assert!(
-            refused.unwrap_err().contains("loopback"),
+            refused.unwrap_err().to_string().contains("loopback"),
             "a discovered endpoint follows the rules of a configured one"
         );
     }

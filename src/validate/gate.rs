@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-use super::{BoxFuture, TokenCheck, Validation, Validator};
+use super::{BoxFuture, ProviderError, TokenCheck, Validation, Validator};
 use crate::metrics;
 
 /// Default cap on a domain's concurrent provider calls (TOML `provider_concurrency`).
@@ -50,7 +50,7 @@ impl Validator for Gate {
     fn validate<'a>(&'a self, check: TokenCheck<'a>) -> BoxFuture<'a, Validation> {
         Box::pin(async move {
             let Some(_slot) = Slots::acquire(&self.slots, check.user).await else {
-                return Validation::Unavailable("the broker is reloading this domain".into());
+                return Validation::Unavailable(ProviderError::Reloading);
             };
             self.inner.validate(check).await
         })

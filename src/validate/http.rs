@@ -9,6 +9,7 @@ use reqwest::header::LOCATION;
 use serde::Deserialize;
 use tracing::warn;
 
+use super::{ProviderError, SetupError};
 use crate::secrets::redact_url;
 
 /// Default of [`ProviderPolicy::max_response_bytes`]: 1 MiB, hundreds of times an
@@ -72,14 +73,17 @@ impl HttpTimeouts {
     /// Checks both are positive and at most 300 s.
     ///
     /// # Errors
-    /// A message naming the bad value.
-    pub fn check(&self) -> Result<(), String> {
+    /// [`SetupError::Timeout`] naming the bad value.
+    pub fn check(&self) -> Result<(), SetupError> {
         for (name, v) in [
             ("timeouts.connect", self.connect),
             ("timeouts.total", self.total),
         ] {
             if !(v.is_finite() && v > 0.0 && v <= 300.0) {
-                return Err(format!("{name} must be in (0, 300] seconds, got {v}"));
+                return Err(SetupError::Timeout {
+                    setting: name,
+                    seconds: v,
+                });
             }
         }
         Ok(())
@@ -101,14 +105,14 @@ impl ProviderClient {
     /// the client for calls named `what` in messages.
     ///
     /// # Errors
-    /// A bad URL or timeout (the message names `setting`), or a TLS set-up failure.
+    /// A bad URL or timeout (naming `setting`), or a TLS set-up failure.
     pub fn new(
         what: &'static str,
         setting: &str,
         url: &str,
         timeouts: HttpTimeouts,
         policy: &ProviderPolicy,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SetupError> {
         check_url(setting, url, policy)?;
         timeouts.check()?;
         extauth_protocol::tls::install_crypto_provider();
@@ -123,7 +127,7 @@ impl ProviderClient {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("extauth-broker/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| format!("building the HTTP client: {e}"))?;
+            .map_err(|e| SetupError::Client(e.to_string()))?;
         Ok(ProviderClient {
             http,
             what,
@@ -140,11 +144,12 @@ impl ProviderClient {
     /// provider, so a retry cannot double an effect).
     ///
     /// # Errors
-    /// A transport error or a redirect (3xx), as a message without token or secret.
+    /// [`ProviderError::Transport`] or [`ProviderError::Redirect`] (3xx), without token or
+    /// secret.
     pub async fn send(
         &self,
         request: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, String> {
+    ) -> Result<reqwest::Response, ProviderError> {
         let retry = request.try_clone();
         let response = match (request.send().await, retry) {
             (Err(e), Some(again)) if e.is_connect() => again.send().await,
@@ -162,9 +167,12 @@ impl ProviderClient {
     /// (which closes the connection).
     ///
     /// # Errors
-    /// `"{what} answer larger than N bytes"`, or a transport error while reading.
-    pub async fn body(&self, mut response: reqwest::Response) -> Result<Vec<u8>, String> {
-        let too_large = || format!("{} answer larger than {} bytes", self.what, self.max_body);
+    /// [`ProviderError::TooLarge`], or [`ProviderError::Transport`] while reading.
+    pub async fn body(&self, mut response: reqwest::Response) -> Result<Vec<u8>, ProviderError> {
+        let too_large = || ProviderError::TooLarge {
+            what: self.what,
+            limit: self.max_body,
+        };
         let announced = response.content_length().unwrap_or(0);
         if announced > self.max_body {
             return Err(too_large());
@@ -186,26 +194,45 @@ impl ProviderClient {
     /// Reads the body ([`ProviderClient::body`]) as JSON.
     ///
     /// # Errors
-    /// As [`ProviderClient::body`], or `"{what} answer is not JSON"`.
-    pub async fn json(&self, response: reqwest::Response) -> Result<serde_json::Value, String> {
+    /// As [`ProviderClient::body`], or [`ProviderError::Malformed`] ("is not JSON").
+    pub async fn json(
+        &self,
+        response: reqwest::Response,
+    ) -> Result<serde_json::Value, ProviderError> {
         let body = self.body(response).await?;
-        serde_json::from_slice(&body).map_err(|_| format!("{} answer is not JSON", self.what))
+        serde_json::from_slice(&body).map_err(|_| self.malformed("is not JSON"))
     }
 
-    /// The message for a 3xx answer: its status, the URL asked (redacted) and where the answer
+    /// [`ProviderError::Malformed`] for this call.
+    pub fn malformed(&self, problem: impl Into<String>) -> ProviderError {
+        ProviderError::Malformed {
+            what: self.what,
+            problem: problem.into(),
+        }
+    }
+
+    /// [`ProviderError::Status`] for this call: `response`'s status when the protocol gives it
+    /// no meaning.
+    pub fn status(&self, response: &reqwest::Response) -> ProviderError {
+        ProviderError::Status {
+            what: self.what,
+            status: response.status().as_u16(),
+        }
+    }
+
+    /// The error for a 3xx answer: its status, the URL asked (redacted) and where the answer
     /// pointed ([`shown_location`]).
-    fn redirect_refused(&self, response: &reqwest::Response) -> String {
+    fn redirect_refused(&self, response: &reqwest::Response) -> ProviderError {
         let target = match response.headers().get(LOCATION) {
             Some(l) => shown_location(response.url(), &String::from_utf8_lossy(l.as_bytes())),
             None => "nowhere".to_owned(),
         };
-        format!(
-            "{} endpoint {} answered HTTP {}, a redirect to {target:?}: redirects are never \
-             followed (configure the final URL)",
-            self.what,
-            redact_url(response.url().as_str()),
-            response.status().as_u16(),
-        )
+        ProviderError::Redirect {
+            what: self.what,
+            url: redact_url(response.url().as_str()),
+            status: response.status().as_u16(),
+            target,
+        }
     }
 }
 
@@ -232,27 +259,26 @@ fn shown_location(base: &reqwest::Url, location: &str) -> String {
 /// (127.0.0.0/8, `::1`, `localhost`) unless `policy.insecure_http`, and then with a warning.
 ///
 /// # Errors
-/// A message naming `setting` and the bad value, its credentials redacted ([`redact_url`]).
-pub fn check_url(setting: &str, url: &str, policy: &ProviderPolicy) -> Result<(), String> {
+/// [`SetupError::NotHttpUrl`] or [`SetupError::PlainHttp`] naming `setting` and the value, its
+/// credentials redacted ([`redact_url`]).
+pub fn check_url(setting: &str, url: &str, policy: &ProviderPolicy) -> Result<(), SetupError> {
     let parsed = match reqwest::Url::parse(&expand_template(url, "u", "d")) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => u,
         _ => {
-            return Err(format!(
-                "{setting} must be an http:// or https:// URL, got {:?}",
-                redact_url(url)
-            ))
+            return Err(SetupError::NotHttpUrl {
+                setting: setting.to_owned(),
+                url: redact_url(url),
+            })
         }
     };
     if parsed.scheme() == "https" || is_loopback(&parsed) {
         return Ok(());
     }
     if !policy.insecure_http {
-        return Err(format!(
-            "{setting} {:?}: http:// is only allowed to a loopback host (127.0.0.0/8, ::1, \
-             localhost), tokens and client secrets would cross the network in clear; use \
-             https://, or set insecure_provider_http = true (--insecure-provider-http)",
-            redact_url(url)
-        ));
+        return Err(SetupError::PlainHttp {
+            setting: setting.to_owned(),
+            url: redact_url(url),
+        });
     }
     warn!(
         "{setting} {:?}: plain http:// to a host that is not loopback (insecure_provider_http): \
@@ -279,10 +305,12 @@ fn is_loopback(url: &reqwest::Url) -> bool {
 /// Parses a configured HTTP method (`GET`, `post`, ...; case-insensitive).
 ///
 /// # Errors
-/// A message naming `setting` when `name` is not an HTTP token (RFC 9110 section 9.1).
-pub fn method(setting: &str, name: &str) -> Result<reqwest::Method, String> {
-    reqwest::Method::from_bytes(name.to_uppercase().as_bytes())
-        .map_err(|_| format!("{setting}: bad HTTP method {name:?}"))
+/// [`SetupError::Method`] when `name` is not an HTTP token (RFC 9110 section 9.1).
+pub fn method(setting: &str, name: &str) -> Result<reqwest::Method, SetupError> {
+    reqwest::Method::from_bytes(name.to_uppercase().as_bytes()).map_err(|_| SetupError::Method {
+        setting: setting.to_owned(),
+        name: name.to_owned(),
+    })
 }
 
 /// Expands `{user}` and `{domain}` in a URL template, percent-encoding each value (RFC 3986
@@ -302,8 +330,8 @@ pub fn expand_template(template: &str, user: &str, domain: &str) -> String {
 
 /// A transport error as a log-safe message: reqwest names the URL, which may embed credentials
 /// (`https://user:password@host`), so only the innermost cause is kept.
-fn describe(what: &str, e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
+fn describe(what: &'static str, e: &reqwest::Error) -> ProviderError {
+    let failure = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
         "could not connect"
@@ -316,7 +344,11 @@ fn describe(what: &str, e: &reqwest::Error) -> String {
         detail = s.to_string();
         source = s.source();
     }
-    format!("{what} request {kind}: {detail}")
+    ProviderError::Transport {
+        what,
+        failure,
+        detail,
+    }
 }
 
 #[cfg(test)]
@@ -354,7 +386,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(
-            err,
+            err.to_string(),
             "introspection url must be an http:// or https:// URL, got \"ftp://u:***@127.0.0.1/x\""
         );
         assert_eq!(method("method", "post"), Ok(reqwest::Method::POST));
@@ -388,7 +420,8 @@ mod tests {
             "http://u:PASSWORD123@idp.example/k?access_token=PASSWORD123",
             &strict,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(!err.contains("PASSWORD123"), "{err}");
         assert!(
             err.starts_with("jwks_url \"http://u:***@idp.example/k?access_token=***\": http://"),
@@ -455,7 +488,10 @@ mod tests {
             let response = small.send(small.request(reqwest::Method::GET, url)).await;
             assert_eq!(
                 small.body(response.unwrap()).await,
-                Err("test answer larger than 1024 bytes".to_owned()),
+                Err(ProviderError::TooLarge {
+                    what: "test",
+                    limit: 1024
+                }),
                 "{url}"
             );
             let fits = client(url, 2048);
@@ -488,7 +524,8 @@ mod tests {
             let err = c
                 .send(c.request(reqwest::Method::POST, &url).body("token=SECRET"))
                 .await
-                .unwrap_err();
+                .unwrap_err()
+                .to_string();
             assert!(!err.contains("SECRET"), "{err}");
             assert!(
                 err.starts_with(&format!(

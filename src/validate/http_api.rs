@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use tracing::warn;
 
 use super::http::{self, HttpTimeouts, ProviderClient, ProviderPolicy};
-use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
+use super::{BoxFuture, Grant, SetupError, TokenCheck, Validation, Validator};
 use crate::secrets::ConfigUrl;
 use extauth_protocol::wire::Reason;
 
@@ -97,7 +97,7 @@ impl HttpApi {
     /// # Errors
     /// A bad URL, method, form field, JSON pointer or timeout, a `{user}` URL without a rule or
     /// `trust_status`, or a TLS set-up failure.
-    pub fn new(config: HttpApiConfig, policy: &ProviderPolicy) -> Result<Self, String> {
+    pub fn new(config: HttpApiConfig, policy: &ProviderPolicy) -> Result<Self, SetupError> {
         let http = ProviderClient::new(
             "http validator",
             "http validator url",
@@ -108,12 +108,12 @@ impl HttpApi {
         let method = http::method("http validator method", &config.method)?;
         if config.token_in == TokenIn::Form {
             if matches!(method.as_str(), "GET" | "HEAD") {
-                return Err(format!(
+                return Err(SetupError::Rule(format!(
                     "token_in = \"form\" needs a method with a body (POST, PUT, PATCH), not {method}"
-                ));
+                )));
             }
             if config.form_field.is_empty() {
-                return Err("form_field must not be empty".into());
+                return Err(SetupError::Rule("form_field must not be empty".into()));
             }
         }
         let rule = match (&config.json_pointer, &config.json_equals) {
@@ -125,11 +125,15 @@ impl HttpApi {
                 })
             }
             (Some(pointer), Some(_)) => {
-                return Err(format!(
+                return Err(SetupError::Rule(format!(
                     "json_pointer must be empty or start with '/' (RFC 6901), got {pointer:?}"
+                )))
+            }
+            _ => {
+                return Err(SetupError::Rule(
+                    "give json_pointer and json_equals together".into(),
                 ))
             }
-            _ => return Err("give json_pointer and json_equals together".into()),
         };
         let asks_about_user = config.url.expose().contains("{user}");
         check_trust(&config, asks_about_user, rule.is_some())?;
@@ -158,7 +162,7 @@ impl HttpApi {
             return Validation::Invalid(Reason::Inactive);
         }
         if !status.is_success() {
-            return Validation::Unavailable(format!("http validator answered HTTP {status}"));
+            return Validation::Unavailable(self.http.status(&response));
         }
         match self.http.body(response).await {
             Ok(body) => self.interpret(&body),
@@ -171,7 +175,7 @@ impl HttpApi {
         let json = serde_json::from_slice::<Value>(body).ok();
         if let Some(rule) = &self.rule {
             let Some(json) = &json else {
-                return Validation::Unavailable("http validator answer is not JSON".to_owned());
+                return Validation::Unavailable(self.http.malformed("is not JSON"));
             };
             if json.pointer(&rule.pointer) != Some(&rule.equals) {
                 return Validation::Invalid(Reason::Inactive);
@@ -182,11 +186,7 @@ impl HttpApi {
             // Asked about this user, with a rule that held or `trust_status`: the status vouches.
             _ if self.asks_about_user => Map::new(),
             // The claims name the user: an HTML page or a bare `true` names nobody.
-            _ => {
-                return Validation::Unavailable(
-                    "http validator answer is not a JSON object".to_owned(),
-                )
-            }
+            _ => return Validation::Unavailable(self.http.malformed("is not a JSON object")),
         };
         Validation::Valid(Grant {
             claims,
@@ -198,16 +198,20 @@ impl HttpApi {
 
 /// A URL with `{user}` needs a body rule, or `trust_status` to accept on a 2xx status alone
 /// (said loudly, at every start-up and reload); `trust_status` is refused where it means nothing.
-fn check_trust(config: &HttpApiConfig, asks_about_user: bool, ruled: bool) -> Result<(), String> {
+fn check_trust(
+    config: &HttpApiConfig,
+    asks_about_user: bool,
+    ruled: bool,
+) -> Result<(), SetupError> {
     match (asks_about_user, ruled, config.trust_status) {
-        (true, false, false) => Err(format!(
+        (true, false, false) => Err(SetupError::Rule(format!(
             "http validator url {}: with {{user}} in the URL a 2xx status alone would accept any \
              token for that user (an error or maintenance page too). Add json_pointer and \
              json_equals (the value the answer holds for a yes, e.g. json_pointer = \"/valid\" \
              and json_equals = true), or trust_status = true if the endpoint itself answers 2xx \
              only when the token belongs to {{user}}",
             config.url
-        )),
+        ))),
         (true, false, true) => {
             warn!(
                 url = %config.url,
@@ -216,13 +220,13 @@ fn check_trust(config: &HttpApiConfig, asks_about_user: bool, ruled: bool) -> Re
             );
             Ok(())
         }
-        (true, true, true) => {
-            Err("trust_status = true and a json_pointer rule: give one or the other".into())
-        }
-        (false, _, true) => Err(
+        (true, true, true) => Err(SetupError::Rule(
+            "trust_status = true and a json_pointer rule: give one or the other".into(),
+        )),
+        (false, _, true) => Err(SetupError::Rule(
             "trust_status needs {user} in the url (without it, the answer's claims name the user)"
                 .into(),
-        ),
+        )),
         _ => Ok(()),
     }
 }
@@ -318,7 +322,9 @@ mod tests {
             }
             HttpApi::new(c, &ProviderPolicy::default()).map(|_| ())
         };
-        let err = build("https://u:PASSWORD@api/users/{user}", false, false).unwrap_err();
+        let err = build("https://u:PASSWORD@api/users/{user}", false, false)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("json_pointer") && err.contains("trust_status = true"),
             "{err}"

@@ -16,6 +16,7 @@ use super::claims::ClaimRules;
 use super::discovery::{client_and_url, Endpoint, EndpointUrl};
 use super::http::{HttpTimeouts, ProviderClient, ProviderPolicy};
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
+use super::{ProviderError, SetupError};
 use crate::secrets::ConfigUrl;
 use crate::throttle::Throttle;
 use extauth_protocol::extauth::Secret;
@@ -79,7 +80,7 @@ impl Introspection {
     ///
     /// # Errors
     /// A bad URL or timeout, a missing or unreadable secret, or a TLS set-up failure.
-    pub fn new(config: IntrospectionConfig, policy: &ProviderPolicy) -> Result<Self, String> {
+    pub fn new(config: IntrospectionConfig, policy: &ProviderPolicy) -> Result<Self, SetupError> {
         let (http, url) = client_and_url(
             "introspection",
             "introspection url",
@@ -90,14 +91,16 @@ impl Introspection {
             policy,
         )?;
         if config.client_id.is_empty() {
-            return Err("introspection needs a client id (--client-id or client_id)".into());
+            return Err(SetupError::Rule(
+                "introspection needs a client id (--client-id or client_id)".into(),
+            ));
         }
         let secret = match (&config.client_secret, &config.client_secret_file) {
             (Some(s), _) => s.clone(),
-            (None, Some(path)) => crate::secrets::read_secret(path, "client_secret_file").map_err(|e| format!("{e:#}"))?,
+            (None, Some(path)) => crate::secrets::read_secret(path, "client_secret_file").map_err(|e| SetupError::SecretFile(format!("{e:#}")))?,
             (None, None) => match std::env::var("EXTAUTH_CLIENT_SECRET") {
                 Ok(s) if !s.is_empty() => Secret::new(s),
-                _ => return Err("the client secret is required: set EXTAUTH_CLIENT_SECRET, --client-secret-file or client_secret_file".into()),
+                _ => return Err(SetupError::Rule("the client secret is required: set EXTAUTH_CLIENT_SECRET, --client-secret-file or client_secret_file".into())),
             },
         };
         Ok(Introspection {
@@ -137,9 +140,7 @@ impl Introspection {
             return self.credentials_refused(status);
         }
         if !response.status().is_success() {
-            return Validation::Unavailable(format!(
-                "introspection endpoint answered HTTP {status}"
-            ));
+            return Validation::Unavailable(self.http.status(&response));
         }
         match self.http.json(response).await {
             Ok(body) => self.interpret(body),
@@ -161,28 +162,25 @@ impl Introspection {
                  most once a minute)"
             );
         }
-        Validation::Unavailable(format!(
-            "introspection endpoint refused the broker's client credentials (HTTP {status})"
-        ))
+        Validation::Unavailable(ProviderError::CredentialsRefused {
+            what: "introspection",
+            status,
+        })
     }
 
     /// Reads an RFC 7662 section 2.2 answer.
     fn interpret(&self, body: Value) -> Validation {
         let Value::Object(claims) = body else {
-            return Validation::Unavailable("introspection answer is not a JSON object".to_owned());
+            return Validation::Unavailable(self.http.malformed("is not a JSON object"));
         };
         match claims.get("active") {
             Some(Value::Bool(true)) => {}
             Some(Value::Bool(false)) => return Validation::Invalid(Reason::Inactive),
-            _ => {
-                return Validation::Unavailable(
-                    "introspection answer has no boolean \"active\"".to_owned(),
-                )
-            }
+            _ => return Validation::Unavailable(self.http.malformed("has no boolean \"active\"")),
         }
         let exp = match seconds_claim(&claims, "exp") {
             Ok(exp) => exp,
-            Err(why) => return Validation::Unavailable(why),
+            Err(why) => return Validation::Unavailable(self.http.malformed(why)),
         };
         if let Err(reason) = self.config.require.check(&claims) {
             return Validation::Invalid(reason);

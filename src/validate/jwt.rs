@@ -42,6 +42,7 @@ use super::discovery::{client_and_url, Endpoint, EndpointUrl};
 use super::http::{HttpTimeouts, ProviderClient, ProviderPolicy};
 use super::introspection::seconds_claim;
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
+use super::{ProviderError, SetupError};
 use crate::secrets::ConfigUrl;
 use extauth_protocol::wire::Reason;
 
@@ -133,18 +134,20 @@ impl Jwt {
     /// Conflicting or missing key sources, an unsupported algorithm, a leeway over
     /// [`MAX_LEEWAY`], an unreadable or short secret, an unreadable JWKS file or one without a
     /// usable key, a bad URL (`policy` decides on `http://`) or timeout, no audience.
-    pub fn new(config: JwtConfig, policy: &ProviderPolicy) -> Result<Self, String> {
+    pub fn new(config: JwtConfig, policy: &ProviderPolicy) -> Result<Self, SetupError> {
         let Some(audience) = config.require.audience.clone() else {
-            return Err("the jwt validator needs require.audience: the identifier of this \
-                service that the provider puts in the aud claim of its access tokens (RFC 9068 \
-                section 4). Without it an ID token or a token for another service would log users in"
-                .into());
+            return Err(SetupError::Rule(
+                "the jwt validator needs require.audience: the identifier of this service that \
+                 the provider puts in the aud claim of its access tokens (RFC 9068 section 4). \
+                 Without it an ID token or a token for another service would log users in"
+                    .into(),
+            ));
         };
         if config.leeway > MAX_LEEWAY {
-            return Err(format!(
+            return Err(SetupError::Rule(format!(
                 "jwt leeway must be at most {MAX_LEEWAY} seconds, got {}",
                 config.leeway
-            ));
+            )));
         }
         let algorithms = accepted_algorithms(&config)?;
         let hs256 = match &config.hs256_secret_file {
@@ -256,9 +259,11 @@ impl Validator for Jwt {
 }
 
 /// The configured algorithms, or the default for the configured key sources.
-fn accepted_algorithms(config: &JwtConfig) -> Result<Vec<Algorithm>, String> {
+fn accepted_algorithms(config: &JwtConfig) -> Result<Vec<Algorithm>, SetupError> {
     if config.jwks_url.is_some() && config.jwks_file.is_some() {
-        return Err("give jwks_url or jwks_file, not both".into());
+        return Err(SetupError::Rule(
+            "give jwks_url or jwks_file, not both".into(),
+        ));
     }
     let has_jwks =
         config.jwks_url.is_some() || config.jwks_file.is_some() || config.issuer.is_some();
@@ -273,29 +278,35 @@ fn accepted_algorithms(config: &JwtConfig) -> Result<Vec<Algorithm>, String> {
         None => SUPPORTED.into_iter().filter(usable).collect(),
     };
     if algorithms.is_empty() {
-        return Err("jwt needs jwks_url, jwks_file or hs256_secret_file, and algorithms".into());
+        return Err(SetupError::Rule(
+            "jwt needs jwks_url, jwks_file or hs256_secret_file, and algorithms".into(),
+        ));
     }
     for alg in &algorithms {
         if !SUPPORTED.contains(alg) {
-            return Err(format!(
+            return Err(SetupError::Rule(format!(
                 "jwt algorithm {alg:?} is not supported (RS256, ES256, EdDSA, HS256)"
-            ));
+            )));
         }
         if !usable(alg) {
-            return Err(format!(
+            return Err(SetupError::Rule(format!(
                 "jwt algorithm {alg:?} needs {}",
                 match alg {
                     Algorithm::HS256 => "hs256_secret_file",
                     _ => "jwks_url or jwks_file",
                 }
-            ));
+            )));
         }
     }
     if has_secret && !algorithms.contains(&Algorithm::HS256) {
-        return Err("hs256_secret_file is set but HS256 is not in algorithms".into());
+        return Err(SetupError::Rule(
+            "hs256_secret_file is set but HS256 is not in algorithms".into(),
+        ));
     }
     if has_jwks && algorithms == [Algorithm::HS256] {
-        return Err("a JWKS is set but algorithms has only HS256".into());
+        return Err(SetupError::Rule(
+            "a JWKS is set but algorithms has only HS256".into(),
+        ));
     }
     Ok(algorithms)
 }
@@ -338,14 +349,14 @@ fn reason(kind: &ErrorKind) -> Reason {
 }
 
 /// Reads the HS256 secret.
-fn hs256_key(path: &Path) -> Result<Key, String> {
-    let secret =
-        crate::secrets::read_secret(path, "hs256_secret_file").map_err(|e| format!("{e:#}"))?;
+fn hs256_key(path: &Path) -> Result<Key, SetupError> {
+    let secret = crate::secrets::read_secret(path, "hs256_secret_file")
+        .map_err(|e| SetupError::SecretFile(format!("{e:#}")))?;
     if secret.expose().len() < 32 {
-        return Err(format!(
+        return Err(SetupError::Rule(format!(
             "hs256_secret_file: {} must hold at least 32 bytes (RFC 7518 section 3.2)",
             path.display()
-        ));
+        )));
     }
     Ok(Key {
         kid: None,
@@ -374,7 +385,7 @@ enum Source {
 struct Attempt {
     started: Instant,
     at: Instant,
-    error: Option<String>,
+    error: Option<ProviderError>,
 }
 
 /// The JWK Set's usable keys, kept fresh.
@@ -407,16 +418,18 @@ impl KeyStore {
         config: &JwtConfig,
         algorithms: &[Algorithm],
         policy: &ProviderPolicy,
-    ) -> Result<Option<Self>, String> {
+    ) -> Result<Option<Self>, SetupError> {
         if config.jwks_min_refresh == 0 || config.jwks_refresh < config.jwks_min_refresh {
-            return Err(
+            return Err(SetupError::Rule(
                 "jwks_min_refresh must be at least 1 and jwks_refresh at least jwks_min_refresh"
                     .into(),
-            );
+            ));
         }
         let (source, keys) = match (&config.jwks_url, &config.jwks_file, &config.issuer) {
             (None, Some(path), _) => {
-                let keys = parse_jwks(&read_file(path)?, algorithms)?;
+                let keys = read_file(path)
+                    .and_then(|body| parse_jwks(&body, algorithms))
+                    .map_err(SetupError::Rule)?;
                 (Source::File(path.clone()), keys)
             }
             (None, None, None) => return Ok(None),
@@ -537,7 +550,7 @@ impl KeyStore {
         let body = match &self.source {
             Source::Url { http, url } => match url.get().await {
                 Ok(url) => fetch_url(http, &url).await,
-                Err(why) => Err(why),
+                Err(why) => Err(why.to_string()),
             },
             // A local file of a few KiB: reading it blocks for microseconds.
             Source::File(path) => read_file(path),
@@ -555,8 +568,11 @@ impl KeyStore {
                     error: None,
                 }
             }
-            Err(why) => {
-                let why = format!("JWKS from {}: {why}", self.describe());
+            Err(detail) => {
+                let why = ProviderError::KeySet {
+                    from: self.describe(),
+                    detail,
+                };
                 warn!("{why}; keeping the keys already known");
                 self.push_refresh(self.min_refresh);
                 Attempt {
@@ -616,12 +632,16 @@ fn find(keys: &[Arc<Key>], kid: Option<&str>, alg: Algorithm) -> Find {
     }
 }
 
+/// The set at `url`; the error is the detail of a [`ProviderError::KeySet`].
 async fn fetch_url(http: &ProviderClient, url: &str) -> Result<Vec<u8>, String> {
-    let response = http.send(http.request(reqwest::Method::GET, url)).await?;
+    let response = http
+        .send(http.request(reqwest::Method::GET, url))
+        .await
+        .map_err(|e| e.to_string())?;
     if !response.status().is_success() {
         return Err(format!("answered HTTP {}", response.status().as_u16()));
     }
-    http.body(response).await
+    http.body(response).await.map_err(|e| e.to_string())
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, String> {
@@ -717,7 +737,7 @@ mod tests {
 
     /// The settings in `toml_text`, after `jwks_file = <dir>/jwks.json` and, unless the text
     /// has its own `require`, `require = { audience = "xmpp" }`.
-    fn config(dir: &TempDir, toml_text: &str) -> Result<Jwt, String> {
+    fn config(dir: &TempDir, toml_text: &str) -> Result<Jwt, SetupError> {
         let file = dir.path().join("jwks.json");
         let require = match toml_text.contains("require") {
             true => "",
@@ -728,7 +748,7 @@ mod tests {
             file.display().to_string()
         );
         Jwt::new(
-            toml::from_str(&text).map_err(|e| e.to_string())?,
+            toml::from_str(&text).map_err(|e| SetupError::Rule(e.to_string()))?,
             &ProviderPolicy::default(),
         )
     }
@@ -823,6 +843,7 @@ mod tests {
         assert!(
             no_audience
                 .err()
+                .map(|e| e.to_string())
                 .unwrap_or_default()
                 .contains("require.audience"),
             "an audience is required"
@@ -941,7 +962,12 @@ mod tests {
         let c: JwtConfig = toml::from_str("jwks_url = \"https://idp/jwks\"").unwrap();
         assert_eq!((c.leeway, c.jwks_min_refresh, c.jwks_refresh), (30, 1, 300));
         assert!(config(&dir, "leeway = 60").is_ok());
-        let refused = |extra: &str| config(&dir, extra).err().unwrap_or_default();
+        let refused = |extra: &str| {
+            config(&dir, extra)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
         assert!(refused("leeway = 61").contains("at most 60"));
         assert!(refused("jwks_url = \"https://idp/jwks\"").contains("not both"));
         assert!(refused("algorithms = [\"PS256\"]").contains("not supported"));

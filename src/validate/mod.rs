@@ -7,6 +7,7 @@
 pub mod breaker;
 pub mod claims;
 pub mod discovery;
+pub mod error;
 pub mod gate;
 pub mod http;
 pub mod http_api;
@@ -22,6 +23,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::secrets::ConfigUrl;
+pub use error::{ProviderError, SetupError};
 use extauth_protocol::extauth::Secret;
 use extauth_protocol::wire::Reason;
 
@@ -57,8 +59,8 @@ pub enum Validation {
     /// A definitive "no" (cacheable as a negative verdict), with its reason.
     Invalid(Reason),
     /// The provider could not answer (transport error, timeout, 5xx, unparseable body). Never
-    /// cached. The message is for logs and holds no secret.
-    Unavailable(String),
+    /// cached. Its message is for logs and holds no secret.
+    Unavailable(ProviderError),
 }
 
 impl Validation {
@@ -203,7 +205,7 @@ pub fn build(
     breaker: breaker::BreakerConfig,
     concurrency: usize,
     policy: &http::ProviderPolicy,
-) -> Result<Arc<dyn Validator>, String> {
+) -> Result<Arc<dyn Validator>, SetupError> {
     let inner: Arc<dyn Validator> = match config {
         ValidatorConfig::Introspection(c) => {
             Arc::new(introspection::Introspection::new(c.clone(), policy)?)

@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::claims::ClaimRules;
 use super::discovery::{client_and_url, Endpoint, EndpointUrl};
 use super::http::{HttpTimeouts, ProviderClient, ProviderPolicy};
+use super::SetupError;
 use super::{BoxFuture, Grant, TokenCheck, Validation, Validator};
 use crate::secrets::ConfigUrl;
 use extauth_protocol::extauth::Secret;
@@ -51,7 +52,7 @@ impl Userinfo {
     ///
     /// # Errors
     /// A bad URL or timeout, or a TLS set-up failure.
-    pub fn new(config: UserinfoConfig, policy: &ProviderPolicy) -> Result<Self, String> {
+    pub fn new(config: UserinfoConfig, policy: &ProviderPolicy) -> Result<Self, SetupError> {
         let (http, url) = client_and_url(
             "userinfo",
             "userinfo url",
@@ -80,9 +81,7 @@ impl Userinfo {
         match response.status().as_u16() {
             200 => {}
             401 | 403 => return Validation::Invalid(Reason::Inactive),
-            other => {
-                return Validation::Unavailable(format!("userinfo endpoint answered HTTP {other}"))
-            }
+            _ => return Validation::Unavailable(self.http.status(&response)),
         }
         match self.http.json(response).await {
             Ok(body) => self.interpret(body),
@@ -94,7 +93,7 @@ impl Userinfo {
     /// Reads a `200` answer's body (OIDC Core section 5.3.2).
     fn interpret(&self, body: Value) -> Validation {
         let Value::Object(claims) = body else {
-            return Validation::Unavailable("userinfo answer is not a JSON object".to_owned());
+            return Validation::Unavailable(self.http.malformed("is not a JSON object"));
         };
         if let Err(reason) = self.config.require.check(&claims) {
             return Validation::Invalid(reason);
