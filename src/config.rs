@@ -346,38 +346,6 @@ pub enum IsUserPolicy {
     Never,
 }
 
-/// Flags of `extauth-broker revoke`.
-#[derive(Debug, Clone, Args)]
-pub struct RevokeArgs {
-    /// The broker's TOML file, for `redis` and `cache_secret_file`.
-    #[arg(long, env = "EXTAUTH_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// The Redis every broker shares (as `run --redis`).
-    #[arg(long, env = "EXTAUTH_REDIS")]
-    pub redis: Option<String>,
-    /// How Redis is deployed (as `run --redis-mode`).
-    #[arg(long, env = "EXTAUTH_REDIS_MODE")]
-    pub redis_mode: Option<RedisMode>,
-    /// The Sentinel service name (as `run --redis-master`).
-    #[arg(long, env = "EXTAUTH_REDIS_MASTER")]
-    pub redis_master: Option<String>,
-    /// The cache key secret every broker uses.
-    #[arg(long, env = "EXTAUTH_CACHE_SECRET_FILE")]
-    pub cache_secret_file: Option<PathBuf>,
-    /// The XMPP domain (vhost).
-    #[arg(long)]
-    pub domain: String,
-    /// The user (localpart).
-    #[arg(long)]
-    pub user: String,
-    /// Revoke only the token in this file (first line); without it, every verdict of the user.
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
-    /// Do not run the file's `[on_revoke] kick` hook: revoke only, leave open sessions open.
-    #[arg(long)]
-    pub no_kick: bool,
-}
-
 /// Where the broker listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {

@@ -10,7 +10,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
-use extauth_broker::config::{RevokeArgs, RunArgs};
+use extauth_broker::config::RunArgs;
 use extauth_broker::daemon::{self, RunContext};
 use extauth_broker::{demo, ops, systemd};
 
@@ -45,7 +45,7 @@ enum Command {
     Stats(ops::StatsArgs),
     /// Revoke one token's cached verdict, or every verdict of a user, on every broker sharing
     /// Redis (they drop their in-process copies within a second).
-    Revoke(RevokeArgs),
+    Revoke(ops::RevokeArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).

@@ -11,12 +11,25 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::config::{ListenAddr, RevokeArgs, RunArgs};
+use crate::config::{ListenAddr, RunArgs};
 use crate::keys::KeyDeriver;
 use crate::revoke::{self, Target};
 use crate::secrets::read_secret;
+use crate::store::RedisMode;
 use extauth_protocol::extauth::Command;
 use extauth_protocol::wire::{self, ClientMsg, Hello, Request, ServerMsg};
+
+/// The account an operator command is about, as ejabberd names it (shared by `probe` and
+/// `revoke`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Account {
+    /// The XMPP domain (vhost).
+    #[arg(long)]
+    pub domain: String,
+    /// The user (localpart), as ejabberd would send it.
+    #[arg(long)]
+    pub user: String,
+}
 
 /// Flags of `extauth-broker probe`.
 #[derive(Debug, clap::Args)]
@@ -24,12 +37,9 @@ pub struct ProbeArgs {
     /// The broker: `unix:/path` or `tcp:HOST:PORT`.
     #[arg(long, env = "EXTAUTH_BROKER")]
     pub broker: String,
-    /// The XMPP domain (vhost).
-    #[arg(long)]
-    pub domain: String,
-    /// The user (localpart), as ejabberd would send it.
-    #[arg(long)]
-    pub user: String,
+    /// Who logs in.
+    #[command(flatten)]
+    pub account: Account,
     /// File holding the token (first line); without it, an `isuser` request is sent.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
@@ -43,7 +53,7 @@ pub struct ProbeArgs {
 /// # Errors
 /// An unreachable or refusing broker, a timeout, an unreadable token file.
 pub fn probe(args: &ProbeArgs) -> Result<()> {
-    let (user, server) = (args.user.clone(), args.domain.clone());
+    let (user, server) = (args.account.user.clone(), args.account.domain.clone());
     let command = match &args.token_file {
         Some(path) => Command::Auth {
             user,
@@ -181,6 +191,35 @@ fn summarise(text: &str) -> String {
         .collect()
 }
 
+/// Flags of `extauth-broker revoke`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RevokeArgs {
+    /// The broker's TOML file, for `redis` and `cache_secret_file`.
+    #[arg(long, env = "EXTAUTH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The Redis every broker shares (as `run --redis`).
+    #[arg(long, env = "EXTAUTH_REDIS")]
+    pub redis: Option<String>,
+    /// How Redis is deployed (as `run --redis-mode`).
+    #[arg(long, env = "EXTAUTH_REDIS_MODE")]
+    pub redis_mode: Option<RedisMode>,
+    /// The Sentinel service name (as `run --redis-master`).
+    #[arg(long, env = "EXTAUTH_REDIS_MASTER")]
+    pub redis_master: Option<String>,
+    /// The cache key secret every broker uses.
+    #[arg(long, env = "EXTAUTH_CACHE_SECRET_FILE")]
+    pub cache_secret_file: Option<PathBuf>,
+    /// Whose verdicts.
+    #[command(flatten)]
+    pub account: Account,
+    /// Revoke only the token in this file (first line); without it, every verdict of the user.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Do not run the file's `[on_revoke] kick` hook: revoke only, leave open sessions open.
+    #[arg(long)]
+    pub no_kick: bool,
+}
+
 /// `extauth-broker revoke`: revokes through the shared Redis, so every broker drops the
 /// verdicts within a second. Prints what was revoked, then runs the file's `[on_revoke] kick`
 /// hook (unless `--no-kick`) for a user revocation and prints what it did.
@@ -221,16 +260,19 @@ pub async fn revoke(args: RevokeArgs) -> Result<()> {
         .await
         .context("--redis")?;
     let target = Target {
-        domain: &args.domain,
-        user: &args.user,
+        domain: &args.account.domain,
+        user: &args.account.user,
         token: token.as_ref(),
     };
     let revoked = revoke::revoke(&target, &KeyDeriver::new(&secret), Some(&redis), None).await?;
     match token {
-        Some(_) => println!("revoked one token of {}@{}", args.user, args.domain),
+        Some(_) => println!(
+            "revoked one token of {}@{}",
+            args.account.user, args.account.domain
+        ),
         None => println!(
             "revoked every verdict of {}@{} ({} deleted from Redis)",
-            args.user, args.domain, revoked.dropped
+            args.account.user, args.account.domain, revoked.dropped
         ),
     }
     let (user, domain) = revoke::normalise(&target)?;
