@@ -41,6 +41,40 @@ fn hot_costs_one_provider_call_per_token() {
     assert_eq!(report["counts"]["accepts"], 600);
 }
 
+/// A reconnect storm: the tokens were validated through one broker, the other has never seen
+/// them. Every measured answer must come from Redis (the provider is asked only in the
+/// warm-up), right, and for a few Redis commands each.
+#[test]
+fn a_storm_of_tokens_known_to_redis_costs_no_provider_call() {
+    let redis = extauth_testkit::services::Redis::start();
+    let url = redis.url();
+    let report = load(&[
+        "--scenario",
+        "storm",
+        "--via",
+        "wire",
+        "--connections",
+        "2",
+        "--depth",
+        "16",
+        "--brokers",
+        "2",
+        "--redis",
+        &url,
+        "--tokens",
+        "300",
+    ]);
+    assert_correct(&report);
+    assert_eq!(num(&report, "answered"), 300, "{report}");
+    assert_eq!(report["counts"]["accepts"], 300, "{report}");
+    assert_eq!(num(&report, "warmup_requests"), 300, "{report}");
+    assert_eq!(num(&report, "provider_calls"), 300, "{report}");
+    let per_auth = report["redis_commands_per_auth"]
+        .as_f64()
+        .expect("redis figures");
+    assert!((1.0..=3.0).contains(&per_auth), "{report}");
+}
+
 #[test]
 fn the_http_front_lane_answers_the_same_scenario_from_the_same_cache() {
     // Mixed verdicts through the broker's HTTP check front: refusals are `false`, never errors.

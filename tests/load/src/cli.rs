@@ -35,6 +35,12 @@ pub enum ScenarioKind {
     /// New unknown tokens for random users while real users log in with new valid tokens (one
     /// request in `--valid-every`): the valid logins' latency is reported on its own line.
     Flood,
+    /// A reconnect storm, as after an ejabberd restart: `--tokens` valid tokens are validated in
+    /// a warm-up through the first broker (so their verdicts are in Redis), then each is sent
+    /// once to the other brokers, whose in-process caches have never seen them. Needs
+    /// `--via wire`, two brokers or more sharing Redis, and `--requests` at most `--tokens`
+    /// (the default). The report adds Redis commands per answer.
+    Storm,
 }
 
 /// What the started brokers validate tokens with, against the mock provider.
@@ -281,6 +287,25 @@ impl LoadArgs {
         !(self.floor || self.no_verify)
     }
 
+    /// A storm warms one broker and measures the others: they must share Redis, and each token
+    /// is sent once (a second time would be an in-process hit).
+    fn check_storm(&self, via: &Via) -> Result<()> {
+        if *via != Via::Wire {
+            bail!("--scenario storm runs over --via wire (one connection set per broker)");
+        }
+        let started = self.broker.is_empty();
+        if started && (self.brokers < 2 || self.redis.is_none() || self.floor) {
+            bail!("--scenario storm needs --brokers 2 or more and --redis (brokers sharing Redis)");
+        }
+        if !started && self.broker.len() < 2 {
+            bail!("--scenario storm needs two --broker addresses or more, sharing Redis");
+        }
+        if self.requests.is_some_and(|r| r > self.tokens) || self.duration.is_some() {
+            bail!("--scenario storm sends each token once: --requests at most --tokens, no --duration");
+        }
+        Ok(())
+    }
+
     /// The run length when neither limit is given: 10 s.
     pub fn duration_or_default(&self) -> Option<Duration> {
         match (self.duration, self.requests) {
@@ -317,6 +342,9 @@ impl LoadArgs {
         }
         if self.expire_after > MAX_SECONDS as u64 {
             bail!("--expire-after must be at most {MAX_SECONDS} s");
+        }
+        if self.scenario == ScenarioKind::Storm {
+            self.check_storm(via)?;
         }
         if self.scenario == ScenarioKind::Herd && self.rate.is_some() {
             bail!("herd sends rounds (every lane at once); --rate does not apply");

@@ -33,7 +33,7 @@ use self::chaos::{Chaos, ChaosReport, KillLog};
 use self::cli::{LoadArgs, MockValidator, ScenarioKind, Via};
 use self::lane::{Answer, HttpLane, Lane, ProgramLane, ProgramSpec, WireConn};
 use self::report::{Report, RunFacts};
-use self::scenario::{Judgement, Workload};
+use self::scenario::{Job, Judgement, Workload};
 use self::schedule::{LaneSchedule, Pace, Plan, Schedule};
 use self::services::{sibling_binary, Services};
 use self::stats::{Counts, LaneTally, Reply, Shared};
@@ -59,18 +59,29 @@ pub async fn run(args: &LoadArgs) -> Result<Report> {
     let workload = Arc::new(Workload::new(args, lane_count)?);
     let dir = tempfile::Builder::new().prefix("extauth-load").tempdir()?;
     let (mut chaos, args) = prepare_chaos(args, dir.path()).await?;
-    let args = &args;
+    let args = &storm_defaults(&args);
     let mut services = Services::start(args, scenario::resolver(), workload.jwks(), dir).await?;
-    let mut lanes = open_lanes(args, &via, &services).await?;
     let shared = Shared::default();
-    let warmup_requests = warm_up(
-        &mut lanes,
-        &workload,
-        &args.domain,
-        &shared,
-        args.verify() && args.provider_error_rate == 0.0,
-    )
-    .await?;
+    let strict = args.verify() && args.provider_error_rate == 0.0;
+    let (lanes, warmup_requests) = if workload.kind() == ScenarioKind::Storm {
+        // Warm the first broker, whose verdicts land in Redis; measure the others.
+        let mut warm = open_lanes(args, &via, &services, &services.brokers[..1]).await?;
+        let sent = warm_up(&mut warm, &workload.warmup(), &args.domain, &shared, strict).await?;
+        let mut lanes = open_lanes(args, &via, &services, &services.brokers[1..]).await?;
+        warm_up(&mut lanes, &[], &args.domain, &shared, strict).await?;
+        (lanes, sent)
+    } else {
+        let mut lanes = open_lanes(args, &via, &services, &services.brokers).await?;
+        let sent = warm_up(
+            &mut lanes,
+            &workload.warmup(),
+            &args.domain,
+            &shared,
+            strict,
+        )
+        .await?;
+        (lanes, sent)
+    };
 
     let pace = match (workload.kind(), args.rate) {
         (ScenarioKind::Herd, _) => Pace::Rounds,
@@ -79,6 +90,11 @@ pub async fn run(args: &LoadArgs) -> Result<Report> {
     };
     // CPU time is read from /proc per process: a broker killed mid-run takes its share along.
     let cpu_before = services.broker_cpu().filter(|_| chaos.is_none());
+    let redis_url = args.redis.as_deref().filter(|_| chaos.is_none());
+    let redis_before = match redis_url {
+        Some(url) => redis_server::commands_processed(url).await,
+        None => None,
+    };
     let judge = Arc::new(Judge::new(args, &via, chaos.as_ref().map(Chaos::kills)));
     let lanes = Lanes {
         lanes,
@@ -97,6 +113,12 @@ pub async fn run(args: &LoadArgs) -> Result<Report> {
         .broker_cpu()
         .zip(cpu_before)
         .map(|(after, before)| after.saturating_sub(before));
+    let redis_commands = match (redis_url, redis_before) {
+        (Some(url), Some(before)) => redis_server::commands_processed(url)
+            .await
+            .map(|after| after.saturating_sub(before)),
+        _ => None,
+    };
     let facts = RunFacts {
         scenario: workload.kind(),
         via: describe(args, &via),
@@ -124,12 +146,23 @@ pub async fn run(args: &LoadArgs) -> Result<Report> {
         errors_injected: args.provider_error_rate > 0.0,
         broker_rss: services.broker_rss_kib(),
         broker_cpu,
+        redis_commands,
         program_peak_rss_kib: measured.lanes.iter().filter_map(Lane::peak_rss_kib).max(),
         reply_deadline: (via == Via::Shim).then_some(args.shim_timeout),
         chaos: measured.chaos,
     };
     close(measured.lanes).await;
     Ok(Report::new(&shared.into_tally(), facts))
+}
+
+/// A storm sends each of its tokens once unless told otherwise: `--requests` defaults to
+/// `--tokens` (`check_storm` refuses a `--duration`).
+fn storm_defaults(args: &LoadArgs) -> LoadArgs {
+    let mut args = args.clone();
+    if args.scenario == ScenarioKind::Storm && args.requests.is_none() {
+        args.requests = Some(args.tokens);
+    }
+    args
 }
 
 /// For `--chaos`: starts the run's redis-server in `dir`, and returns it with the options the
@@ -245,10 +278,16 @@ fn describe(args: &LoadArgs, via: &Via) -> String {
 }
 
 /// Starts the extauth programs (lane `i` plays a program of node `i % nodes`, so consecutive
-/// requests go round-robin over nodes and programs) or opens the wire connections. In a chaos
-/// run every shim gets every broker as its failover list, lane `i` starting with broker
-/// `i % brokers` (`A,B` for even lanes, `B,A` for odd ones with two brokers).
-async fn open_lanes(args: &LoadArgs, via: &Via, services: &Services) -> Result<Vec<Lane>> {
+/// requests go round-robin over nodes and programs) or opens the wire connections, connection
+/// `c` to `brokers[c % brokers.len()]`. In a chaos run every shim gets every broker as its
+/// failover list, lane `i` starting with broker `i % brokers` (`A,B` for even lanes, `B,A` for
+/// odd ones with two brokers).
+async fn open_lanes(
+    args: &LoadArgs,
+    via: &Via,
+    services: &Services,
+    brokers: &[String],
+) -> Result<Vec<Lane>> {
     let count = args.lanes(via);
     let spec = |i: usize| -> Result<ProgramSpec> {
         let node = i % args.nodes;
@@ -274,12 +313,10 @@ async fn open_lanes(args: &LoadArgs, via: &Via, services: &Services) -> Result<V
     };
     match via {
         Via::Wire => {
-            let conns = try_join_all((0..args.connections).map(|c| {
-                WireConn::connect(
-                    &services.brokers[c % services.brokers.len()],
-                    "extauth-load",
-                )
-            }))
+            let conns = try_join_all(
+                (0..args.connections)
+                    .map(|c| WireConn::connect(&brokers[c % brokers.len()], "extauth-load")),
+            )
             .await?;
             Ok((0..count)
                 .map(|i| Lane::Wire(conns[i % conns.len()].clone()))
@@ -302,21 +339,20 @@ async fn open_lanes(args: &LoadArgs, via: &Via, services: &Services) -> Result<V
 }
 
 /// Opens every lane with an `isuser` (program start-up and broker connection stay out of the
-/// figures), then sends the scenario's warm-up jobs, spread over the lanes. Returns how many
-/// auth requests the warm-up sent.
+/// figures), then sends the warm-up `jobs`, spread over the lanes. Returns how many auth
+/// requests the warm-up sent.
 /// With `strict` (verdicts checked, no provider errors injected), a refused warm-up token stops
 /// the run at once: the brokers cannot validate anything, and the cause is in their set-up.
 async fn warm_up(
     lanes: &mut [Lane],
-    workload: &Workload,
+    jobs: &[Job],
     domain: &str,
     shared: &Shared,
     strict: bool,
 ) -> Result<u64> {
-    let jobs = workload.warmup();
     let count = lanes.len();
     try_join_all(lanes.iter_mut().enumerate().map(|(i, lane)| {
-        let (jobs, mut tally) = (&jobs, shared.lane());
+        let mut tally = shared.lane();
         async move {
             lane.isuser("warm-up", domain)
                 .await

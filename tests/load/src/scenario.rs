@@ -169,10 +169,12 @@ impl Workload {
         }
     }
 
-    /// Jobs to run before measuring: `hot` validates each of its tokens once.
+    /// Jobs to run before measuring: `hot` and `storm` validate each of their tokens once.
     pub fn warmup(&self) -> Vec<Job> {
         match self.kind {
-            ScenarioKind::Hot => (0..self.tokens).map(|i| self.valid(i, i, i)).collect(),
+            ScenarioKind::Hot | ScenarioKind::Storm => {
+                (0..self.tokens).map(|i| self.valid(i, i, i)).collect()
+            }
             _ => Vec::new(),
         }
     }
@@ -181,7 +183,7 @@ impl Workload {
     /// side of `exp` it is sent on).
     pub fn job(&self, seq: u64) -> Job {
         match self.kind {
-            ScenarioKind::Hot => {
+            ScenarioKind::Hot | ScenarioKind::Storm => {
                 let i = seq % self.tokens;
                 self.valid(i, i, i)
             }
