@@ -92,7 +92,7 @@ pub async fn run(args: &LoadArgs) -> Result<Report> {
     let cpu_before = services.broker_cpu().filter(|_| chaos.is_none());
     let redis_url = args.redis.as_deref().filter(|_| chaos.is_none());
     let redis_before = match redis_url {
-        Some(url) => redis_server::commands_processed(url).await,
+        Some(url) => redis_server::work_done(url).await,
         None => None,
     };
     let judge = Arc::new(Judge::new(args, &via, chaos.as_ref().map(Chaos::kills)));
@@ -113,10 +113,10 @@ pub async fn run(args: &LoadArgs) -> Result<Report> {
         .broker_cpu()
         .zip(cpu_before)
         .map(|(after, before)| after.saturating_sub(before));
-    let redis_commands = match (redis_url, redis_before) {
-        (Some(url), Some(before)) => redis_server::commands_processed(url)
+    let redis_work = match (redis_url, redis_before) {
+        (Some(url), Some(before)) => redis_server::work_done(url)
             .await
-            .map(|after| after.saturating_sub(before)),
+            .map(|after| after.since(before)),
         _ => None,
     };
     let facts = RunFacts {
@@ -146,7 +146,7 @@ pub async fn run(args: &LoadArgs) -> Result<Report> {
         errors_injected: args.provider_error_rate > 0.0,
         broker_rss: services.broker_rss_kib(),
         broker_cpu,
-        redis_commands,
+        redis_work,
         program_peak_rss_kib: measured.lanes.iter().filter_map(Lane::peak_rss_kib).max(),
         reply_deadline: (via == Via::Shim).then_some(args.shim_timeout),
         chaos: measured.chaos,

@@ -143,11 +143,31 @@ impl Drop for RedisServer {
     }
 }
 
-/// Commands a Redis server has processed since it started (`total_commands_processed` in
-/// `INFO stats`), read over a plain connection to the `redis://HOST:PORT[/DB]` URL; `None` for
-/// another URL form (TLS, a password, Sentinel or Cluster lists) or when it does not answer
-/// within a second. The difference over a run, per answer, is the Redis cost of a login.
-pub async fn commands_processed(url: &str) -> Option<u64> {
+/// What a Redis server has done since it started (`INFO stats`): commands processed, and
+/// reads from client sockets, each a batch of commands one client sent together (a round
+/// trip, or a pipeline of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RedisWork {
+    /// `total_commands_processed`.
+    pub commands: u64,
+    /// `total_reads_processed` (Redis 6.0 and later).
+    pub reads: u64,
+}
+
+impl RedisWork {
+    /// The work done since `before`.
+    pub fn since(self, before: RedisWork) -> RedisWork {
+        RedisWork {
+            commands: self.commands.saturating_sub(before.commands),
+            reads: self.reads.saturating_sub(before.reads),
+        }
+    }
+}
+
+/// [`RedisWork`] of the server at the `redis://HOST:PORT[/DB]` URL, over a plain connection;
+/// `None` for another URL form (TLS, a password, Sentinel or Cluster lists) or when it does not
+/// answer within a second.
+pub async fn work_done(url: &str) -> Option<RedisWork> {
     let host_port = url.strip_prefix("redis://")?.split('/').next()?;
     if host_port.contains('@') || host_port.contains(',') {
         return None;
@@ -155,16 +175,19 @@ pub async fn commands_processed(url: &str) -> Option<u64> {
     let ask = async {
         let mut stream = TcpStream::connect(host_port).await?;
         stream.write_all(b"INFO stats\r\n").await?;
-        // A bulk string of about 1 KiB: read until the field's line is complete.
+        // A bulk string of about 1 KiB: read until both fields' lines are complete.
         let mut answer = String::new();
         let mut chunk = [0u8; 4096];
         loop {
-            if let Some(value) = answer
-                .split_once("total_commands_processed:")
-                .and_then(|(_, rest)| rest.split_once("\r\n"))
-                .map(|(value, _)| value.trim().parse().ok())
-            {
-                return std::io::Result::Ok(value);
+            let field = |name: &str| -> Option<u64> {
+                let (_, rest) = answer.split_once(name)?;
+                rest.split_once("\r\n")?.0.trim().parse().ok()
+            };
+            if let (Some(commands), Some(reads)) = (
+                field("total_commands_processed:"),
+                field("total_reads_processed:"),
+            ) {
+                return std::io::Result::Ok(Some(RedisWork { commands, reads }));
             }
             let n = stream.read(&mut chunk).await?;
             if n == 0 || answer.len() > 64 * 1024 {

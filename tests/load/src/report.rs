@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::chaos::ChaosReport;
 use super::cli::ScenarioKind;
+use super::redis_server::RedisWork;
 use super::services::Rss;
 use super::stats::{Counts, Tally, BUCKET};
 
@@ -102,11 +103,13 @@ pub struct Report {
     /// Broker CPU time per answered request, microseconds: what an auth costs the broker
     /// whoever else shares the cores (2 cores / this = the broker's capacity on 2 free cores).
     pub broker_cpu_us_per_auth: Option<f64>,
-    /// Commands Redis processed while measuring (`--redis` started brokers, plain
-    /// `redis://HOST:PORT`), whoever sent them.
-    pub redis_commands: Option<u64>,
-    /// `redis_commands` per answered request.
+    /// What Redis did while measuring (`--redis` started brokers, plain `redis://HOST:PORT`),
+    /// whoever asked: commands, and socket reads (round trips, a pipeline counting once).
+    pub redis: Option<RedisWork>,
+    /// Redis commands per answered request.
     pub redis_commands_per_auth: Option<f64>,
+    /// Redis socket reads (round trips) per answered request.
+    pub redis_round_trips_per_auth: Option<f64>,
     /// Largest peak resident memory among the extauth programs.
     pub program_peak_rss_kib: Option<u64>,
     /// The slowest reply, ms from the moment its request was sent (not from its intended time).
@@ -163,8 +166,8 @@ pub struct RunFacts {
     pub broker_rss: Vec<Rss>,
     /// CPU time of the started brokers while measuring (`None` when targeting running ones).
     pub broker_cpu: Option<Duration>,
-    /// See [`Report::redis_commands`].
-    pub redis_commands: Option<u64>,
+    /// See [`Report::redis`].
+    pub redis_work: Option<RedisWork>,
     /// See [`Report::program_peak_rss_kib`].
     pub program_peak_rss_kib: Option<u64>,
     /// Shim lanes: the shims' `--timeout`.
@@ -229,11 +232,15 @@ impl Report {
                 .broker_cpu
                 .filter(|_| answered > 0)
                 .map(|c| c.as_secs_f64() * 1e6 / answered as f64),
-            redis_commands: facts.redis_commands,
+            redis: facts.redis_work,
             redis_commands_per_auth: facts
-                .redis_commands
+                .redis_work
                 .filter(|_| answered > 0)
-                .map(|n| n as f64 / answered as f64),
+                .map(|w| w.commands as f64 / answered as f64),
+            redis_round_trips_per_auth: facts
+                .redis_work
+                .filter(|_| answered > 0)
+                .map(|w| w.reads as f64 / answered as f64),
             program_peak_rss_kib: facts.program_peak_rss_kib,
             slowest_reply_ms: tally.slowest.as_secs_f64() * 1000.0,
             reply_deadline_ms: facts.reply_deadline.map(|d| d.as_millis() as u64),
@@ -415,11 +422,16 @@ impl Display for Report {
         let programs = self
             .program_peak_rss_kib
             .map_or_else(|| "-".to_owned(), mib);
-        if let (Some(n), Some(per_auth)) = (self.redis_commands, self.redis_commands_per_auth) {
+        if let (Some(work), Some(commands), Some(trips)) = (
+            self.redis,
+            self.redis_commands_per_auth,
+            self.redis_round_trips_per_auth,
+        ) {
             writeln!(
                 f,
-                "  {:<18} {n} commands while measuring = {per_auth:.2} per answer",
-                "redis"
+                "  {:<18} {} commands in {} round trips while measuring = {commands:.2} commands, \
+                 {trips:.2} round trips per answer",
+                "redis", work.commands, work.reads
             )?;
         }
         if let (Some(cpu), Some(per_auth)) = (self.broker_cpu_s, self.broker_cpu_us_per_auth) {
