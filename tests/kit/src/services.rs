@@ -50,7 +50,14 @@ pub fn load_bin() -> PathBuf {
     sibling_bins().join("extauth-load")
 }
 
-/// Builds the shim and the load harness once per test process, in the tests' profile.
+/// The `extauth-lab` binary of this package (`src/bin/extauth-lab.rs`): the tests' ejabberd
+/// cluster for scripts such as `deploy/tsung/run.sh`.
+pub fn lab_bin() -> PathBuf {
+    sibling_bins().join("extauth-lab")
+}
+
+/// Builds the shim, the load harness and `extauth-lab` once per test process, in the tests'
+/// profile.
 fn sibling_bins() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
@@ -58,17 +65,24 @@ fn sibling_bins() -> PathBuf {
             let dir = bin_dir();
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut build = Command::new(cargo);
-            build.args(["build", "-p", "extauth-shim", "-p", "extauth-load"]);
+            // Whole packages (their default targets: the testkit's library and extauth-lab), not
+            // `--bin`, which would leave out the other packages' binaries.
+            let packages = ["extauth-shim", "extauth-load", "extauth-testkit"];
+            build.arg("build");
+            for p in packages {
+                build.args(["-p", p]);
+            }
             if dir.file_name().is_some_and(|name| name == "release") {
                 build.arg("--release");
             }
             let status = build
                 .current_dir(repo_root())
                 .status()
-                .expect("running cargo build -p extauth-shim -p extauth-load");
+                .unwrap_or_else(|e| panic!("running cargo build -p {}: {e}", packages.join(" -p ")));
             assert!(
                 status.success(),
-                "cargo build -p extauth-shim -p extauth-load failed"
+                "cargo build -p {} failed",
+                packages.join(" -p ")
             );
             dir
         })
