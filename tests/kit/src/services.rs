@@ -72,13 +72,33 @@ fn sibling_bins() -> PathBuf {
             for p in packages {
                 build.args(["-p", p]);
             }
+            // The package variables cargo sets for this test process (CARGO_MANIFEST_DIR,
+            // CARGO_PKG_NAME, …). Build scripts such as ring's rerun when they change, and this
+            // build shares those dependencies with the tests' own (same features): passing
+            // them on would rebuild ring, rustls and everything above them on every test run,
+            // here and again in the next `cargo test`.
+            for (name, _) in std::env::vars_os() {
+                let name_str = name.to_string_lossy();
+                if [
+                    "CARGO_PKG_",
+                    "CARGO_MANIFEST_",
+                    "CARGO_CRATE_",
+                    "CARGO_BIN_",
+                ]
+                .iter()
+                .any(|prefix| name_str.starts_with(prefix))
+                    || ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"]
+                        .contains(&name_str.as_ref())
+                {
+                    build.env_remove(&name);
+                }
+            }
             if dir.file_name().is_some_and(|name| name == "release") {
                 build.arg("--release");
             }
-            let status = build
-                .current_dir(repo_root())
-                .status()
-                .unwrap_or_else(|e| panic!("running cargo build -p {}: {e}", packages.join(" -p ")));
+            let status = build.current_dir(repo_root()).status().unwrap_or_else(|e| {
+                panic!("running cargo build -p {}: {e}", packages.join(" -p "))
+            });
             assert!(
                 status.success(),
                 "cargo build -p {} failed",
