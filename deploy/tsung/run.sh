@@ -216,8 +216,10 @@ keep_running() {
         if [ -n "$RUN_DIR" ] && [ -f "$RUN_DIR/lab.log" ]; then
             sed -n 's/^.*\(cluster left running\)/  \1/p; /cluster left running/,$ { /cluster left running/!p }' "$RUN_DIR/lab.log"
         fi
-        echo "  broker pid ${BROKER_PID:-none}; mock provider pid ${PROVIDER_PID:-none}"
-        echo "  clean up: kill $BROKER_PID $PROVIDER_PID, the cluster as above; rm -rf $SCR"
+        if [ -n "$BROKER_PID$PROVIDER_PID" ]; then
+            echo "  broker pid ${BROKER_PID:-none}, mock provider pid ${PROVIDER_PID:-none}: kill $BROKER_PID $PROVIDER_PID"
+        fi
+        echo "  then: rm -rf $SCR"
     } >&2
 }
 

@@ -972,17 +972,17 @@ impl Cluster {
         let mut msg = format!("cluster left running in {}\n", self.path.display());
         for (i, n) in self.nodes.iter().enumerate() {
             msg.push_str(&format!(
-                "  node {}: {} pid {:?} c2s 127.0.0.1:{}\n    {} status\n",
+                "  node {}: {} pid {} c2s 127.0.0.1:{}\n    {} status\n",
                 i + 1,
                 n.name,
-                n.pid,
+                n.pid.map_or("unknown".into(), |p| p.to_string()),
                 n.c2s_port,
                 self.ctl_shell(i + 1),
             ));
         }
         msg.push_str(&format!(
-            "  epmd pid {:?} on 127.0.0.1:{}\n  clean up: kill {} {}; rm -rf {}\n",
-            epmd,
+            "  epmd pid {} on 127.0.0.1:{}\n  clean up: kill {} {}; rm -rf {}\n",
+            epmd.map_or("unknown".into(), |p| p.to_string()),
             self.epmd_port,
             pids.join(" "),
             epmd.map(|p| p.to_string()).unwrap_or_default(),
