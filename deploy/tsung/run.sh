@@ -5,8 +5,10 @@
 # then tsung's figures side by side, and checks that tsung, ejabberd's logs, the broker and the
 # provider agree on every count. Exit status 0 only when they do. See deploy/tsung/README.md.
 #
-# Facts this relies on (ports, epmd, cookies, su, tsung's quirks) are in
-# docs/testing.md; the "pitfall N" references below are to it.
+# The cluster comes from `extauth-lab ejabberd-cluster`, the launcher of the end-to-end tests
+# (tests/kit/src/ejabberd.rs); this script runs the broker, the provider, tsung and the report.
+# Facts this relies on (epmd, su, tsung's quirks) are in docs/testing.md; the "pitfall N"
+# references below are to it.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -32,12 +34,12 @@ binaries (cargo build --release --workspace). Every option also has an environme
   --relogin            each user logs in a second time with the same token, 1 s later:
                        the broker answers it from its cache (tr_sasl_again)  (STORM_RELOGIN=1)
   --only shim|local    run one storm instead of both             (STORM_ONLY)
-  --bin-dir DIR        extauth-broker, extauth-shim, extauth-load (STORM_BIN_DIR,
-                       default $REPO/target/release)
+  --bin-dir DIR        extauth-broker, extauth-shim, extauth-load, extauth-lab
+                       (STORM_BIN_DIR, default $REPO/target/release)
   --out DIR            keep results here: report.txt, summary.env, tsung logs, ejabberd,
                        broker and provider logs (STORM_OUT, default target/tsung/DATE-TIME)
   --c2s-ports P1,P2    c2s ports of node 1 and 2 on 127.0.0.1    (STORM_C2S_PORTS, 5222,5322)
-  --epmd-port P        our own epmd on 127.0.0.1                 (STORM_EPMD_PORT, 4369)
+  --epmd-port P        the cluster's own epmd on 127.0.0.1       (STORM_EPMD_PORT, 4369)
   --provider-port P    the mock provider on 127.0.0.1            (STORM_PROVIDER_PORT, 18089)
   --metrics-port P     the broker's /metrics on 127.0.0.1        (STORM_METRICS_PORT, 18090)
   --keep-on-fail       on failure leave everything running and say how to reach and stop
@@ -125,10 +127,10 @@ LOGINS=$((USERS + BAD))
 # ----- prerequisites -----
 
 [ "$(id -u)" = 0 ] || die "run as root: Debian's ejabberdctl runs the nodes as user ejabberd via su (docs/testing.md, pitfall 2)"
-for cmd in ejabberdctl epmd erl tsung openssl base64 od awk ps timeout install; do
+for cmd in ejabberdctl epmd erl tsung openssl base64 od awk timeout install mkfifo; do
     command -v "$cmd" >/dev/null 2>&1 || die "$cmd not found; install the prerequisites: apt-get install ejabberd tsung openssl"
 done
-for bin in extauth-broker extauth-shim extauth-load; do
+for bin in extauth-broker extauth-shim extauth-load extauth-lab; do
     [ -x "$BIN_DIR/$bin" ] || die "$BIN_DIR/$bin not found; build it: (cd $REPO && cargo build --release --workspace), or give --bin-dir"
 done
 EJ_UID=$(id -u ejabberd 2>/dev/null) || die "no system user ejabberd (it comes with the ejabberd package)"
@@ -146,37 +148,21 @@ done
 
 # ----- state, and cleanup of everything started -----
 
-SCR=""          # scratch dir: node dirs, sockets, copies of the binaries user ejabberd runs
-EPMD_PID=""     # our epmd
+SCR=""          # scratch dir: the storms' dirs, copies of the binaries user ejabberd runs
+LAB_PID=""      # `extauth-lab ejabberd-cluster`: the current storm's cluster
+LAB_FD=""       # the only writer of extauth-lab's stdin: closing it stops the cluster
+declare -A LAB  # what extauth-lab printed: NODE1_NAME, NODE1_DIR, NODE1_BEAM_PID, EPMD_PID, ...
 PROVIDER_PID="" # the mock provider
 BROKER_PID=""   # the broker
 TSUNG_PID=""    # `timeout ... tsung`, leader of tsung's process group
-BEAMS=()        # the running nodes' beam.smp PIDs
 RUN_DIR=""      # scratch dir of the current storm
 FAILURES=()     # checks that did not hold
 
-# Prints PID:STARTTIME for each PID given, so a later kill can tell a reused PID from ours.
-with_start_time() {
-    local pid stat f
-    for pid in "$@"; do
-        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
-        # Field 22 (start time); the command name (field 2) may hold spaces, so count after ')'.
-        read -r -a f <<<"${stat##*) }"
-        printf '%s:%s\n' "$pid" "${f[19]}"
-    done
-}
 alive() { # PID: exists and is no zombie (PID 1 here reaps late, pitfall 12)
     local stat f
     stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
     read -r -a f <<<"${stat##*) }"
     [ "${f[0]}" != Z ] && [ "${f[0]}" != X ]
-}
-kill_if_same() { # PID:STARTTIME...: SIGKILL each that is still that very process
-    local entry
-    for entry in "$@"; do
-        [ "$(with_start_time "${entry%%:*}")" = "$entry" ] && kill -KILL "${entry%%:*}" 2>/dev/null
-    done
-    return 0
 }
 stop_child() { # PID NAME: SIGTERM, up to 10 s, then SIGKILL; reaps it
     local pid=$1 i
@@ -209,8 +195,6 @@ cleanup() {
     stop_cluster
     stop_broker
     stop_provider
-    stop_child "$EPMD_PID" epmd
-    EPMD_PID=""
     if [ -n "$SCR" ]; then
         rm -rf "$SCR"
     fi
@@ -218,19 +202,24 @@ cleanup() {
 }
 
 keep_running() {
-    local i
-    find_beams
+    # A `keep` line makes extauth-lab hand the cluster over and say how to reach and stop it (a
+    # subshell writes it: should extauth-lab be gone, SIGPIPE ends the subshell, not us). One
+    # that failed to start with KEEP_ON_FAIL=1 has said so already.
+    if [ -n "$LAB_PID" ]; then
+        (printf 'keep\n' >&"$LAB_FD") 2>/dev/null
+        wait "$LAB_PID" 2>/dev/null
+    fi
     {
         echo
         echo "KEEP_ON_FAIL: left running (exit status $1); results so far in $OUT"
         echo "  scratch dir $SCR (current storm: ${RUN_DIR:-none})"
-        for i in 1 2; do
-            if [ -z "$RUN_DIR" ] || [ ! -d "$RUN_DIR/node$i" ]; then continue; fi
-            echo "  node $i: ejabberd$i@localhost c2s 127.0.0.1:$(c2s_port "$i"), pid ${BEAMS[i - 1]:-?}"
-            echo "    ERL_EPMD_PORT=$EPMD_PORT ejabberdctl --config-dir $RUN_DIR/node$i/conf --spool $RUN_DIR/node$i/spool --logs $RUN_DIR/node$i/logs status"
-        done
-        echo "  epmd pid ${EPMD_PID:-none} on 127.0.0.1:$EPMD_PORT; broker pid ${BROKER_PID:-none}; mock provider pid ${PROVIDER_PID:-none}"
-        echo "  clean up: kill ${BEAMS[*]} $EPMD_PID $BROKER_PID $PROVIDER_PID; rm -rf $SCR"
+        if [ -n "$RUN_DIR" ] && [ -f "$RUN_DIR/lab.log" ]; then
+            sed -n 's/^.*\(cluster left running\)/  \1/p; /cluster left running/,$ { /cluster left running/!p }' "$RUN_DIR/lab.log"
+        fi
+        if [ -n "$BROKER_PID$PROVIDER_PID" ]; then
+            echo "  broker pid ${BROKER_PID:-none}, mock provider pid ${PROVIDER_PID:-none}: kill $BROKER_PID $PROVIDER_PID"
+        fi
+        echo "  then: rm -rf $SCR"
     } >&2
 }
 
@@ -254,10 +243,6 @@ render() {
     fi
     printf '%s\n' "$text"
 }
-yaml_quote() { # a YAML double-quoted string
-    local s=${1//\\/\\\\}
-    printf '"%s"' "${s//\"/\\\"}"
-}
 random_hex() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
 c2s_port() { if [ "$1" = 1 ]; then echo "$C2S_PORT1"; else echo "$C2S_PORT2"; fi; }
 wait_port() { # PORT SECONDS: until something accepts on 127.0.0.1:PORT
@@ -275,184 +260,47 @@ check_eq() { # WHAT ACTUAL EXPECTED
     [ "$2" = "$3" ] || fail "$1: $2, expected $3"
 }
 
-# ----- the cluster (the same steps as tests/kit/src/ejabberd.rs) -----
+# ----- the cluster: extauth-lab, the launcher of the tests (tests/kit/src/ejabberd.rs) -----
 
-# ejabberdctl against node N of the current storm. --config-dir, not --config (pitfall 1); our own
-# epmd (pitfall 3); bounded, since an Erlang VM that cannot reach its node may wait a long time.
-# EXTAUTH_NODE reaches the extauth programs through su and the VM: the shim names its node to the
-# broker with it.
-ctl() {
-    local n=$1 d="$RUN_DIR/node$1"
-    shift
-    (cd "$SCR" && env -u ERL_FLAGS -u ERL_AFLAGS -u ERL_ZFLAGS \
-        ERL_EPMD_PORT="$EPMD_PORT" ERL_EPMD_ADDRESS=127.0.0.1 EXTAUTH_NODE="ejabberd$n@localhost" \
-        timeout 60 ejabberdctl --config-dir "$d/conf" --spool "$d/spool" --logs "$d/logs" "$@")
-}
-
-write_node() { # N PROGRAM COOKIE
-    local n=$1 d="$RUN_DIR/node$1" program
-    mkdir -p "$d/conf" "$d/spool" "$d/logs" "$d/contrib"
-    cat >"$d/conf/ejabberdctl.cfg" <<EOF
-# written by deploy/tsung/run.sh (docs/testing.md: a cluster by hand)
-ERLANG_NODE=ejabberd$n@localhost
-ERL_OPTIONS="-setcookie $3 -kernel inet_dist_use_interface {127,0,0,1} -start_epmd false -env ERL_CRASH_DUMP_BYTES 0"
-ERL_EPMD_ADDRESS=127.0.0.1
-export ERL_EPMD_PORT=$EPMD_PORT
-EJABBERD_CONFIG_PATH=$d/conf/ejabberd.yml
-EJABBERD_PID_PATH=$d/ejabberd.pid
-EJABBERD_BYPASS_WARNINGS=true
-CONTRIB_MODULES_PATH=$d/contrib
-EOF
-    # ejabberdctl points ERL_INETRC here; an empty file spares an error report on every call.
-    : >"$d/conf/inetrc"
-    # Erlang runs the program as `/bin/sh -c "exec CMD"`; the inner shell sends its stderr to a
-    # file of ours (ejabberd would drop it) and execs the program itself.
-    program="/bin/sh -c 'exec $2' 2>>$d/extauth.stderr"
-    render "$HERE/ejabberd.yml.in" \
-        "CERTFILE=$(yaml_quote "$SCR/cert.pem")" \
-        "C2S_PORT=$(c2s_port "$n")" \
-        "EXTAUTH_PROGRAM=$(yaml_quote "$program")" \
-        "POOL_SIZE=$POOL_SIZE" >"$d/conf/ejabberd.yml"
-    chown -R ejabberd:ejabberd "$d"
-}
-
-wait_status() { # N: until `ejabberdctl status` succeeds; records the node's beam PID
-    local n=$1 deadline=$((SECONDS + 60)) pid
-    until ctl "$n" status >"$RUN_DIR/status$n.out" 2>&1; do
-        if [ "$SECONDS" -ge "$deadline" ]; then
-            cat "$RUN_DIR/status$n.out" >&2
-            die "node $n did not start within 60 s; see $RUN_DIR/node$n/logs"
-        fi
+# Starts the current storm's cluster with PROGRAM as every node's extauth_program, and reads what
+# extauth-lab prints (ports, node names, PIDs, node dirs) into LAB. extauth-lab stays in the
+# foreground until its stdin ends: we hold the only writer (LAB_FD), so the cluster stops when
+# stop_cluster closes it, or when this script dies, even by SIGKILL.
+start_cluster() { # PROGRAM
+    local fifo="$RUN_DIR/lab.in" env="$RUN_DIR/lab.env" line t0=$SECONDS
+    mkfifo -m 0600 "$fifo"
+    KEEP_ON_FAIL=$KEEP "$BIN_DIR/extauth-lab" ejabberd-cluster --program "$1" --nodes 2 \
+        --pool-size "$POOL_SIZE" --c2s-port "$C2S_PORT1,$C2S_PORT2" --epmd-port "$EPMD_PORT" \
+        --dir "$RUN_DIR/cluster" <"$fifo" >"$env" 2>"$RUN_DIR/lab.log" &
+    LAB_PID=$!
+    exec {LAB_FD}>"$fifo"
+    until grep -qsx READY=1 "$env"; do
+        alive "$LAB_PID" || die "the cluster did not start: $(tail -n 80 "$RUN_DIR/lab.log")"
         sleep 0.2
     done
-    pid=$(tr -dc '0-9' <"$RUN_DIR/node$n/ejabberd.pid" 2>/dev/null || true)
-    [ -n "$pid" ] || die "node $n is started but wrote no pid file"
-    BEAMS[n - 1]=$pid
+    LAB=()
+    while IFS= read -r line; do
+        LAB[${line%%=*}]=${line#*=}
+    done <"$env"
+    say "cluster up in $((SECONDS - t0)) s: ${LAB[NODE1_NAME]} 127.0.0.1:$C2S_PORT1 (pid ${LAB[NODE1_BEAM_PID]}), ${LAB[NODE2_NAME]} 127.0.0.1:$C2S_PORT2 (pid ${LAB[NODE2_BEAM_PID]}), $POOL_SIZE extauth programs each"
 }
 
-# PIDs of the live extauth programs of the node whose beam is $1: the children of its
-# erl_child_setup that are not Erlang's own port helpers.
-extauth_pids() {
-    ps -e -o pid=,ppid=,stat=,comm= | awk -v beam="$1" '
-        { pid[NR] = $1; ppid[NR] = $2; st[NR] = $3; comm[NR] = $4 }
-        $2 == beam && $4 == "erl_child_setup" { setup[$1] = 1 }
-        END {
-            for (i = 1; i <= NR; i++)
-                if ((ppid[i] in setup) && st[i] !~ /^Z/ &&
-                    comm[i] !~ /^(erl_child_setup|inet_gethost|eimp|memsup|cpu_sup|epmd)$/)
-                    print pid[i]
-        }'
-}
-
-# Every process below the nodes, with start times: once a beam is gone its children are
-# re-parented and can no longer be found by ancestry.
-node_descendants() {
-    local frontier=("$@") next p
-    while [ ${#frontier[@]} -gt 0 ]; do
-        next=()
-        for p in "${frontier[@]}"; do
-            while read -r c; do
-                [ -n "$c" ] && next+=("$c") && with_start_time "$c"
-            done < <(ps -o pid= --ppid "$p" 2>/dev/null | tr -d ' ')
-        done
-        frontier=("${next[@]}")
-    done
-}
-
-# A broken program is restarted in a loop by ejabberd's supervisor (pitfall 7): wait until each
-# node has POOL_SIZE programs that stay alive across half a second.
-wait_programs() {
-    local deadline=$((SECONDS + 20)) n before after stable ok
-    while :; do
-        ok=1
-        for n in 1 2; do
-            before=$(extauth_pids "${BEAMS[n - 1]}")
-            sleep 0.5
-            after=$(extauth_pids "${BEAMS[n - 1]}")
-            stable=$(comm -12 <(sort <<<"$before") <(sort <<<"$after") | grep -c . || true)
-            [ "$stable" -ge "$POOL_SIZE" ] || ok=0
-        done
-        [ "$ok" = 1 ] && return 0
-        if [ "$SECONDS" -ge "$deadline" ]; then
-            tail -n 20 "$RUN_DIR"/node*/extauth.stderr "$RUN_DIR"/node*/logs/error.log >&2 2>/dev/null || true
-            die "the nodes do not each keep $POOL_SIZE extauth programs alive; is the program runnable by user ejabberd?"
-        fi
-    done
-}
-
-start_cluster() { # PROGRAM
-    local cookie n t0=$SECONDS
-    cookie=$(random_hex 16)
-    for n in 1 2; do
-        write_node "$n" "$1" "$cookie"
-    done
-    # Both nodes boot at once. Never pipe `ejabberdctl start` (pitfall 11): its output goes to a file.
-    ctl 1 start >"$RUN_DIR/start1.out" 2>&1 &
-    local s1=$!
-    ctl 2 start >"$RUN_DIR/start2.out" 2>&1 &
-    local s2=$!
-    wait "$s1" || die "ejabberdctl start of node 1 failed: $(cat "$RUN_DIR/start1.out")"
-    wait "$s2" || die "ejabberdctl start of node 2 failed: $(cat "$RUN_DIR/start2.out")"
-    wait_status 1
-    wait_status 2
-    # join_cluster restarts node 2's ejabberd application (pitfall 8): wait for it again.
-    ctl 2 join_cluster ejabberd1@localhost >"$RUN_DIR/join.out" 2>&1 ||
-        die "join_cluster failed: $(cat "$RUN_DIR/join.out")"
-    wait_status 2
-    local deadline=$((SECONDS + 60))
-    until ctl 1 list_cluster 2>/dev/null | grep -q ejabberd2@localhost; do
-        [ "$SECONDS" -lt "$deadline" ] || die "list_cluster on node 1 never showed node 2"
-        sleep 0.3
-    done
-    wait_port "$C2S_PORT1" 60 || die "node 1 does not accept connections on 127.0.0.1:$C2S_PORT1"
-    wait_port "$C2S_PORT2" 60 || die "node 2 does not accept connections on 127.0.0.1:$C2S_PORT2"
-    wait_programs
-    say "cluster up in $((SECONDS - t0)) s: ejabberd1@localhost 127.0.0.1:$C2S_PORT1 (pid ${BEAMS[0]}), ejabberd2@localhost 127.0.0.1:$C2S_PORT2 (pid ${BEAMS[1]}), $POOL_SIZE extauth programs each"
-}
-
-# A node that booted before a failure cut start_cluster short has no PID in BEAMS yet: find it by
-# its Mnesia directory, which lies in our scratch dir (its beam.smp's command line names it).
-find_beams() {
-    local n pid
-    [ -n "$RUN_DIR" ] || return 0
-    for n in 1 2; do
-        [ -z "${BEAMS[n - 1]:-}" ] || continue
-        while read -r pid; do
-            if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "-mnesia dir \"$RUN_DIR/node$n/spool\""; then
-                BEAMS[n - 1]=$pid
-            fi
-        done < <(ps -e -o pid=,comm= | awk '$2 == "beam.smp" { print $1 }')
-    done
-}
-
+# The end of its stdin makes extauth-lab stop the nodes (ejabberdctl stop, about 3 to 5 s, then
+# SIGKILL for whatever is left) and epmd, and exit. The node dirs stay, logs included.
 stop_cluster() {
-    find_beams
-    [ ${#BEAMS[@]} -gt 0 ] || return 0
-    local started n i stoppers=()
-    mapfile -t started < <(node_descendants "${BEAMS[@]}")
-    # A graceful stop of both nodes at once (about 5 s: Mnesia shuts down cleanly).
-    for n in 1 2; do
-        if [ -n "${BEAMS[n - 1]:-}" ] && alive "${BEAMS[n - 1]}"; then
-            ctl "$n" stop >"$RUN_DIR/stop$n.out" 2>&1 &
-            stoppers+=($!)
-        fi
-    done
-    for i in $(seq 1 200); do
-        alive "${BEAMS[0]:-0}" || alive "${BEAMS[1]:-0}" || break
+    [ -n "$LAB_PID" ] || return 0
+    local i
+    exec {LAB_FD}>&-
+    for i in $(seq 1 600); do
+        alive "$LAB_PID" || break
         sleep 0.1
     done
-    for n in "${BEAMS[@]}"; do
-        if alive "$n"; then
-            say "node pid $n still alive after ejabberdctl stop: SIGKILL"
-            kill -KILL "$n" 2>/dev/null || true
-        fi
-    done
-    for n in "${stoppers[@]}"; do
-        wait "$n" 2>/dev/null || true
-    done
-    # Whatever the nodes started and is still around (a program that ignored EOF).
-    kill_if_same "${started[@]}"
-    BEAMS=()
+    if alive "$LAB_PID"; then
+        say "extauth-lab (pid $LAB_PID) did not stop the cluster within 60 s: SIGKILL (its watchdog kills the nodes)"
+        kill -KILL "$LAB_PID" 2>/dev/null || true
+    fi
+    wait "$LAB_PID" 2>/dev/null || say "extauth-lab: exit status $?; see $RUN_DIR/lab.log"
+    LAB_PID=""
 }
 
 # ----- the broker and the mock provider -----
@@ -648,10 +496,11 @@ run_tsung() { # OUT_DIR
     # HOME: tsung writes ~/.tsung (pitfall 10a); -n: no web GUI on :8091 (10b); ERL_FLAGS: its
     # distribution port on loopback only (10c), and no epmd of its own; -l: its own log dir
     # per run (10g). `timeout` runs tsung in a process group of its own, which cleanup kills.
+    # {LAB_FD}>&-: tsung must not hold extauth-lab's stdin open (see start_cluster).
     HOME="$RUN_DIR/tsung-home" ERL_EPMD_PORT="$EPMD_PORT" \
         ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1} -start_epmd false" \
         timeout -k 10 "$limit" tsung -n -f "$RUN_DIR/login-storm.xml" -l "$RUN_DIR/tsung-log" start \
-        </dev/null >"$out/tsung.out" 2>&1 &
+        </dev/null >"$out/tsung.out" 2>&1 {LAB_FD}>&- &
     TSUNG_PID=$!
     wait "$TSUNG_PID" || rc=$?
     TSUNG_PID=""
@@ -704,7 +553,7 @@ storm() { # shim | local
     # Warm-up: one login of user0 per node (not part of the storm, not counted below).
     for n in 1 2; do
         w=$(xmpp_login "$(c2s_port "$n")" user0 "$run.0.$exp.warmup")
-        [ "$w" = success ] || die "warm-up login on node $n: $w (expected success); see $RUN_DIR/node$n/logs and extauth.stderr"
+        [ "$w" = success ] || die "warm-up login on node $n: $w (expected success); see ${LAB[NODE${n}_DIR]}/logs and extauth.stderr"
     done
     if [ "$name" = shim ]; then
         counts=$(broker_counts)
@@ -738,8 +587,8 @@ storm() { # shim | local
     # up; user0 is the warm-up's.
     local acc=0 rej=0 a r
     for n in 1 2; do
-        a=$(grep -c 'Accepted c2s PLAIN authentication for user[1-9][0-9]*@' "$RUN_DIR/node$n/logs/ejabberd.log" || true)
-        r=$(grep -c 'Failed c2s PLAIN authentication for user[1-9][0-9]*@' "$RUN_DIR/node$n/logs/ejabberd.log" || true)
+        a=$(grep -c 'Accepted c2s PLAIN authentication for user[1-9][0-9]*@' "${LAB[NODE${n}_DIR]}/logs/ejabberd.log" || true)
+        r=$(grep -c 'Failed c2s PLAIN authentication for user[1-9][0-9]*@' "${LAB[NODE${n}_DIR]}/logs/ejabberd.log" || true)
         put "$name" "ejabberd.node$n.accepted" "$a"
         put "$name" "ejabberd.node$n.failed" "$r"
         acc=$((acc + a))
@@ -762,9 +611,10 @@ storm() { # shim | local
         exit 1 # cleanup() leaves everything running
     fi
     stop_cluster
+    cp "$RUN_DIR/lab.log" "$out/cluster.log"
     for n in 1 2; do
         for f in logs/ejabberd.log logs/error.log extauth.stderr; do
-            [ -f "$RUN_DIR/node$n/$f" ] && cp "$RUN_DIR/node$n/$f" "$out/node$n-${f##*/}"
+            [ -f "${LAB[NODE${n}_DIR]}/$f" ] && cp "${LAB[NODE${n}_DIR]}/$f" "$out/node$n-${f##*/}"
         done
     done
     if [ "$name" = shim ]; then
@@ -892,20 +742,7 @@ for bin in extauth-shim extauth-load; do
     # Copies: user ejabberd runs them, and may not reach the build tree (/root/...).
     install -m 0755 "$BIN_DIR/$bin" "$SCR/bin/$bin"
 done
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-    -keyout "$SCR/key.pem" -out "$SCR/crt.pem" -days 2 -subj /CN=localhost \
-    -addext subjectAltName=DNS:localhost </dev/null >"$SCR/openssl.out" 2>&1 ||
-    die "openssl req failed: $(cat "$SCR/openssl.out")"
-cat "$SCR/key.pem" "$SCR/crt.pem" >"$SCR/cert.pem"
-rm -f "$SCR/key.pem" "$SCR/crt.pem"
-chown ejabberd:ejabberd "$SCR/cert.pem"
-chmod 0600 "$SCR/cert.pem"
-
-# Our own epmd on loopback, for the nodes, their ejabberdctl calls and tsung (pitfall 3).
-epmd -address 127.0.0.1 -port "$EPMD_PORT" </dev/null >"$SCR/epmd.log" 2>&1 &
-EPMD_PID=$!
-wait_port "$EPMD_PORT" 10 || die "epmd did not listen on 127.0.0.1:$EPMD_PORT: $(cat "$SCR/epmd.log")"
-say "scratch $SCR, results $OUT, epmd 127.0.0.1:$EPMD_PORT (uid of ejabberd: $EJ_UID)"
+say "scratch $SCR, results $OUT (uid of ejabberd: $EJ_UID)"
 
 for r in "${RUNS[@]}"; do
     storm "$r"

@@ -1,4 +1,4 @@
-//! The end-to-end tests: a real ejabberd cluster (logins, kicks), tsung, and real identity
+//! The end-to-end tests: a real ejabberd cluster (logins, kicks, its launcher `extauth-lab`), tsung, and real identity
 //! providers (django-oauth-toolkit, oidc-provider). Kept apart from `integration` because they
 //! need the most set-up (`tests/run` installs it; without it each test says what is missing
 //! and skips, unless the matching `EXTAUTH_REQUIRE_*` variable makes the absence a failure).
@@ -7,6 +7,7 @@
 
 mod ejabberd_e2e;
 mod ejabberd_kick;
+mod ejabberd_lab;
 mod idp_providers;
 mod interop;
 mod tsung;

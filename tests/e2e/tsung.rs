@@ -1,4 +1,5 @@
-//! A small tsung login storm through a real two-node ejabberd cluster: `deploy/tsung/run.sh`
+//! A small tsung login storm through a real two-node ejabberd cluster (started by
+//! `extauth-lab ejabberd-cluster`, the tests' own launcher): `deploy/tsung/run.sh`
 //! with 40 good and 5 bad tokens, each logging in twice (`--relogin`), once through
 //! extauth-shim + extauth-broker + the mock provider and once through
 //! `extauth-load echo --check-tokens`. Asserts the counts of the
@@ -13,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 
 use extauth_testkit::ejabberd::{find_program, free_ports, missing_for_cluster, runnable};
-use extauth_testkit::services::{broker_bin, printed, shim_bin};
+use extauth_testkit::services::{broker_bin, lab_bin, printed, shim_bin};
 
 const USERS: u64 = 40;
 const BAD: u64 = 5;
@@ -37,18 +38,21 @@ fn login_storm_counts_agree_through_the_broker_and_the_local_program() {
     if !runnable("The tsung login storm test", &missing) {
         return;
     }
-    // The script takes the three binaries from one directory: cargo's, where the shim is
-    // built next to the broker and extauth-load.
+    // The script takes its four binaries from one directory: cargo's, where the shim is
+    // built next to the broker, extauth-load and extauth-lab (the cluster launcher).
     let bin_dir = shim_bin()
         .parent()
         .expect("the shim's directory")
         .to_path_buf();
     assert_eq!(Some(bin_dir.as_path()), broker_bin().parent());
-    assert!(
-        bin_dir.join("extauth-load").exists(),
-        "extauth-load missing in {}",
-        bin_dir.display()
-    );
+    assert_eq!(Some(bin_dir.as_path()), lab_bin().parent());
+    for bin in ["extauth-load", "extauth-lab"] {
+        assert!(
+            bin_dir.join(bin).exists(),
+            "{bin} missing in {}",
+            bin_dir.display()
+        );
+    }
     let out = tempfile::tempdir().expect("results dir");
     // Free ports, so the test runs next to a stock ejabberd or another storm.
     let ports = free_ports(5);

@@ -1,5 +1,11 @@
-//! Test harness: a REAL two-node ejabberd cluster (Debian's ejabberd 23.01 package) with
-//! `auth_method: external`, plus a real XMPP client (slixmpp, `tests/xmpp_login.py`).
+//! Test harness: a REAL ejabberd cluster (Debian's ejabberd 23.01 package, two nodes unless a
+//! [`ClusterSpec`] asks for another count) with `auth_method: external`, plus a real XMPP client
+//! (slixmpp, `tests/xmpp_login.py`).
+//!
+//! The one ejabberd launcher of the repository: the end-to-end tests call it directly, and
+//! `deploy/tsung/run.sh` through the `extauth-lab ejabberd-cluster` binary of this package
+//! (`src/bin/extauth-lab.rs`), which prints what a script needs and stops the cluster on
+//! SIGTERM, SIGINT or the end of its stdin.
 //!
 //! Facts this relies on are in docs/testing.md (the "pitfall N" references below).
 //!
@@ -9,13 +15,14 @@
 //! assert_eq!(xmpp_login(cluster.c2s_port(2), "alice", DOMAIN, "tok"), Ok(true));
 //! ```
 //!
-//! Isolation: every cluster has its own temp dir, its own epmd on a free loopback port
-//! (`ERL_EPMD_PORT`; the nodes run with `-start_epmd false`, so they never start one of their own),
-//! its own random cookie, unique node names `ejabberd{1,2}_<pid>_<n>@localhost`, and c2s listeners on
-//! free 127.0.0.1 ports. Nothing listens on 0.0.0.0 and nothing under /etc or /var/lib/ejabberd is
-//! used or written. Drop stops everything by PID; a watchdog shell (the "reaper") kills the nodes
-//! and epmd if the test process dies without running Drop (SIGKILL, Ctrl-C, a cluster kept in a
-//! `static`).
+//! Isolation: every cluster has its own dir (a temp dir unless [`ClusterSpec::dir`] names one),
+//! its own epmd on a loopback port (`ERL_EPMD_PORT`; the nodes run with `-start_epmd false`, so
+//! they never start one of their own), its own random cookie, unique node names
+//! `ejabberd{1,2,…}_<pid>_<n>@localhost`, and c2s listeners on 127.0.0.1 ports (free ones unless
+//! [`ClusterSpec::c2s_ports`] names them). Nothing listens on 0.0.0.0 and nothing under /etc or
+//! /var/lib/ejabberd is used or written. Drop stops everything by PID; a watchdog shell (the
+//! "reaper") kills the nodes and epmd if the process that started them dies without running
+//! Drop (SIGKILL, Ctrl-C, a cluster kept in a `static`).
 //!
 //! Needs: root (Debian's ejabberdctl runs the node as user `ejabberd` via `su`, pitfall 2),
 //! ejabberdctl, epmd, openssl, and a python with slixmpp (env `EXTAUTH_XMPP_PYTHON`, default
@@ -73,9 +80,11 @@ struct Node {
     pid: Option<u32>,
 }
 
-/// A running two-node ejabberd cluster. Dropping it stops everything it started.
+/// A running ejabberd cluster (two nodes unless its [`ClusterSpec`] says otherwise). Dropping
+/// it stops everything it started; [`Cluster::keep_running`] leaves it running instead.
 pub struct Cluster {
-    /// `None` once Drop decided to keep the directory (KEEP_ON_FAIL).
+    /// The temp dir to remove on drop: `None` for a caller's dir ([`ClusterSpec::dir`]) and
+    /// once Drop decided to keep the directory (KEEP_ON_FAIL).
     tmp: Option<tempfile::TempDir>,
     path: PathBuf,
     ejabberdctl: PathBuf,
@@ -83,6 +92,10 @@ pub struct Cluster {
     epmd: Option<Child>,
     reaper: Option<Child>,
     nodes: Vec<Node>,
+    /// `extauth_pool_size` of every node.
+    pool_size: usize,
+    /// Left running ([`Cluster::keep_running`]): Drop does nothing.
+    kept: bool,
     ctl_seq: AtomicUsize,
 }
 
@@ -105,7 +118,8 @@ impl Cluster {
         runnable("This end-to-end test", &missing)
     }
 
-    /// Starts epmd, node 1 and node 2, joins node 2 to node 1, waits for both, and checks that
+    /// Starts a cluster as [`ClusterSpec::default`] lays it out (two nodes, free ports, a temp
+    /// dir): epmd, node 1 and node 2, joins node 2 to node 1, waits for both, and checks that
     /// each node runs [`EXTAUTH_POOL_SIZE`] live extauth programs. Panics (after stopping
     /// whatever it started, unless `KEEP_ON_FAIL=1`) with the node logs on any failure.
     ///
@@ -114,8 +128,9 @@ impl Cluster {
     /// into [`Cluster::dir`], see [`Cluster::start_with`]). Erlang itself runs a port command as
     /// `/bin/sh -c "exec CMD"`; the harness makes CMD
     /// `/bin/sh -c 'exec <extauth_program>' 2>>NODE_DIR/extauth.stderr`, so its stderr ends up in
-    /// [`Cluster::logs`] and its environment has `EXTAUTH_TEST_NODE=<node name>`, plus whatever the
-    /// test process had (the environment passes through ejabberdctl, su and the Erlang VM).
+    /// [`Cluster::logs`] and its environment has `EXTAUTH_NODE` and `EXTAUTH_TEST_NODE` set to
+    /// the node's name (the shim sends `EXTAUTH_NODE` to the broker), plus whatever the test
+    /// process had (the environment passes through ejabberdctl, su and the Erlang VM).
     pub fn start(extauth_program: &str) -> Cluster {
         Cluster::start_with(|_dir| extauth_program.to_string())
     }
@@ -124,42 +139,138 @@ impl Cluster {
     /// with [`Cluster::dir`] before the nodes boot: copy the binaries/scripts user `ejabberd` must
     /// run (or start what they connect to) there, and return the command line.
     pub fn start_with(program: impl FnOnce(&Path) -> String) -> Cluster {
+        ClusterSpec::default().start_with(program)
+    }
+}
+
+/// How to lay out a cluster: how many nodes, which ports, how many extauth programs, where.
+/// [`ClusterSpec::default`] is what the tests use; `extauth-lab ejabberd-cluster` fills it from
+/// its command line. Start it with [`ClusterSpec::start_with`].
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    /// Number of nodes, at least 1; nodes 2.. join node 1's cluster. Default 2.
+    pub nodes: usize,
+    /// `extauth_pool_size` of every node: the extauth programs each node runs and must keep
+    /// alive before the cluster is reported up (pitfall 7). At least 1; default
+    /// [`EXTAUTH_POOL_SIZE`].
+    pub pool_size: usize,
+    /// The c2s port of each node on 127.0.0.1, node 1 first: empty for free ports, else exactly
+    /// one per node. A port somebody already listens on fails the start.
+    pub c2s_ports: Vec<u16>,
+    /// The cluster's own epmd port on 127.0.0.1; `None` for a free one. A port somebody already
+    /// listens on fails the start.
+    pub epmd_port: Option<u16>,
+    /// Where the cluster keeps its files (`node1/`, `node2/`, …, `cert.pem`, `epmd.log`): `None`
+    /// for a fresh temp dir, removed when the cluster stops; `Some(dir)` for `dir`, created if
+    /// missing, made 0755 (user `ejabberd` must traverse it), and kept after the stop, logs
+    /// included. Its `nodeN/` directories must not exist yet.
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for ClusterSpec {
+    /// Two nodes, [`EXTAUTH_POOL_SIZE`] programs each, free ports, a temp dir.
+    fn default() -> ClusterSpec {
+        ClusterSpec {
+            nodes: 2,
+            pool_size: EXTAUTH_POOL_SIZE,
+            c2s_ports: Vec::new(),
+            epmd_port: None,
+            dir: None,
+        }
+    }
+}
+
+impl ClusterSpec {
+    /// Starts the cluster: its own epmd, every node in parallel, joins nodes 2.. to node 1 and
+    /// waits for each (pitfall 8), waits for every c2s listener, and checks that each node keeps
+    /// [`ClusterSpec::pool_size`] live extauth programs. Takes 7 to 12 s for two nodes on 2
+    /// vCPUs. `program(dir)` is called with [`Cluster::dir`] before the nodes boot and returns
+    /// the `extauth_program` command line, as for [`Cluster::start_with`].
+    ///
+    /// Panics on a spec it cannot honour (no node, a pool of 0, a c2s port count other than
+    /// the node count, a port already taken, node directories left from an earlier cluster)
+    /// and on any start failure, with the node logs; whatever was started is stopped first,
+    /// unless `KEEP_ON_FAIL=1`.
+    pub fn start_with(&self, program: impl FnOnce(&Path) -> String) -> Cluster {
         let t0 = Instant::now();
+        assert!(self.nodes >= 1, "a cluster needs at least one node");
+        assert!(self.pool_size >= 1, "extauth_pool_size must be at least 1");
+        assert!(
+            self.c2s_ports.is_empty() || self.c2s_ports.len() == self.nodes,
+            "{} c2s ports for {} nodes: give one per node, or none for free ports",
+            self.c2s_ports.len(),
+            self.nodes
+        );
         let ejabberdctl = find_program("ejabberdctl")
             .expect("ejabberdctl not found: call Cluster::available() before Cluster::start()");
         let epmd_bin = find_program("epmd").expect("epmd not found");
         let (uid, gid) = ejabberd_user().expect("no system user `ejabberd`");
 
-        let tmp = tempfile::Builder::new()
-            .prefix("extauth-ejabberd-")
-            .tempdir_in(scratch_base())
-            .expect("create the cluster's temp dir");
-        let path = tmp.path().to_path_buf();
+        let (tmp, path) = match &self.dir {
+            None => {
+                let tmp = tempfile::Builder::new()
+                    .prefix("extauth-ejabberd-")
+                    .tempdir_in(scratch_base())
+                    .expect("create the cluster's temp dir");
+                let path = tmp.path().to_path_buf();
+                (Some(tmp), path)
+            }
+            Some(dir) => {
+                fs::create_dir_all(dir)
+                    .unwrap_or_else(|e| panic!("create the cluster dir {}: {e}", dir.display()));
+                let path = fs::canonicalize(dir).expect("canonicalize the cluster dir");
+                for i in 1..=self.nodes {
+                    let node = path.join(format!("node{i}"));
+                    assert!(
+                        !node.exists(),
+                        "{} exists (an earlier cluster's?): give a fresh directory",
+                        node.display()
+                    );
+                }
+                (None, path)
+            }
+        };
         // tempfile makes it 0700; user ejabberd must reach the node dirs and the caller's binaries.
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
             .expect("chmod 0755 the cluster dir");
 
         let seq = CLUSTER_SEQ.fetch_add(1, Ordering::SeqCst);
         let tag = format!("{}_{}", std::process::id(), seq);
-        let ports = free_ports(5);
+        // epmd, then a c2s and an API port per node.
+        let mut free = free_ports(1 + 2 * self.nodes).into_iter();
+        let mut ports = || free.next().expect("enough free ports");
+        for &port in self.epmd_port.iter().chain(&self.c2s_ports) {
+            assert!(
+                !port_taken(port),
+                "port 127.0.0.1:{port} is taken (a stock ejabberd or epmd? another cluster?)"
+            );
+        }
+        let epmd_port = self.epmd_port.unwrap_or_else(&mut ports);
+        let nodes = (1..=self.nodes)
+            .map(|i| Node {
+                name: format!("ejabberd{i}_{tag}@localhost"),
+                dir: path.join(format!("node{i}")),
+                c2s_port: self
+                    .c2s_ports
+                    .get(i - 1)
+                    .copied()
+                    .unwrap_or_else(&mut ports),
+                api_port: ports(),
+                pid: None,
+            })
+            .collect();
         let cookie = random_hex(16);
 
         let mut cluster = Cluster {
-            tmp: Some(tmp),
+            tmp,
             path: path.clone(),
             ejabberdctl,
-            epmd_port: ports[0],
+            epmd_port,
             epmd: None,
             reaper: None,
-            nodes: (1..=2)
-                .map(|i| Node {
-                    name: format!("ejabberd{i}_{tag}@localhost"),
-                    dir: path.join(format!("node{i}")),
-                    c2s_port: ports[i],
-                    api_port: ports[2 + i],
-                    pid: None,
-                })
-                .collect(),
+            nodes,
+            pool_size: self.pool_size,
+            kept: false,
             ctl_seq: AtomicUsize::new(0),
         };
         // From here on a panic unwinds through `cluster`, whose Drop stops what was started.
@@ -169,15 +280,16 @@ impl Cluster {
         cluster.start_epmd(&epmd_bin);
         let extauth_program = program(&path);
         let extauth_program = extauth_program.as_str();
-        for i in 1..=2 {
+        let count = cluster.nodes.len();
+        for i in 1..=count {
             cluster.write_node_files(i, &cookie, extauth_program, uid, gid);
         }
 
-        // Boot both nodes in parallel. Never pipe `ejabberdctl start` (pitfall 11): its output goes
-        // to a file.
+        // Boot every node in parallel. Never pipe `ejabberdctl start` (pitfall 11): its output
+        // goes to a file.
         let t_boot = Instant::now();
         let mut starters = Vec::new();
-        for i in 1..=2 {
+        for i in 1..=count {
             let out = cluster.nodes[i - 1].dir.join("start.out");
             let mut cmd = cluster.ctl_command(i, &["start"]);
             starters.push((
@@ -196,18 +308,20 @@ impl Cluster {
                 )),
             }
         }
-        for i in 1..=2 {
+        for i in 1..=count {
             cluster.wait_started(i, t_boot);
         }
         let boot = t_boot.elapsed();
 
         let t_join = Instant::now();
         let node1 = cluster.nodes[0].name.clone();
-        if let Err(e) = cluster.ctl(2, &["join_cluster", &node1]) {
-            cluster.fail(&format!("join_cluster {node1} on node 2 failed: {e}"));
+        for i in 2..=count {
+            if let Err(e) = cluster.ctl(i, &["join_cluster", &node1]) {
+                cluster.fail(&format!("join_cluster {node1} on node {i} failed: {e}"));
+            }
+            // join_cluster restarts the joining node's ejabberd application (pitfall 8).
+            cluster.wait_started(i, t_join);
         }
-        // join_cluster restarts node 2's ejabberd application (pitfall 8).
-        cluster.wait_started(2, t_join);
         let deadline = Instant::now() + WAIT;
         loop {
             let listed = cluster.ctl(1, &["list_cluster"]).unwrap_or_default();
@@ -216,7 +330,7 @@ impl Cluster {
             }
             if Instant::now() > deadline {
                 cluster.fail(&format!(
-                    "list_cluster on node 1 never showed both nodes; last output: {listed}"
+                    "list_cluster on node 1 never showed all {count} nodes; last output: {listed}"
                 ));
             }
             sleep(Duration::from_millis(300));
@@ -224,27 +338,43 @@ impl Cluster {
         let join = t_join.elapsed();
 
         let t_check = Instant::now();
-        for i in 1..=2 {
+        for i in 1..=count {
             cluster.wait_c2s(i);
         }
         cluster.wait_extauth_programs();
+        let listeners: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("{} c2s 127.0.0.1:{}", n.name, n.c2s_port))
+            .collect();
         eprintln!(
-            "[ejabberd harness] cluster up in {:.1}s (boot {:.1}s, join {:.1}s, checks {:.1}s): {} c2s 127.0.0.1:{}, {} c2s 127.0.0.1:{}, epmd 127.0.0.1:{}, dir {}",
+            "[ejabberd harness] cluster up in {:.1}s (boot {:.1}s, join {:.1}s, checks {:.1}s): {}, epmd 127.0.0.1:{}, dir {}",
             t0.elapsed().as_secs_f64(),
             boot.as_secs_f64(),
             join.as_secs_f64(),
             t_check.elapsed().as_secs_f64(),
-            cluster.nodes[0].name,
-            cluster.nodes[0].c2s_port,
-            cluster.nodes[1].name,
-            cluster.nodes[1].c2s_port,
+            listeners.join(", "),
             cluster.epmd_port,
             cluster.path.display()
         );
         cluster
     }
+}
 
-    /// The loopback c2s port of node 1 or 2.
+impl Cluster {
+    /// The number of nodes (2 unless the [`ClusterSpec`] said otherwise). Nodes are numbered
+    /// from 1.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// `extauth_pool_size` of every node: the extauth programs each one keeps running.
+    pub fn pool_size(&self) -> usize {
+        self.pool_size
+    }
+
+    /// The loopback c2s port of node 1 or 2 (or any node `1..=node_count()`; panics on others,
+    /// like every per-node accessor).
     pub fn c2s_port(&self, node: usize) -> u16 {
         self.node(node).c2s_port
     }
@@ -283,6 +413,31 @@ impl Cluster {
     /// The cluster's own epmd port on 127.0.0.1.
     pub fn epmd_port(&self) -> u16 {
         self.epmd_port
+    }
+
+    /// The PID of the cluster's own epmd (`None` once stopped or handed over).
+    pub fn epmd_pid(&self) -> Option<u32> {
+        self.epmd.as_ref().map(Child::id)
+    }
+
+    /// The PID of node 1's or 2's Erlang VM (`beam.smp`), as the node wrote it to its
+    /// `EJABBERD_PID_PATH`. Known once the cluster is up.
+    pub fn beam_pid(&self, node: usize) -> Option<u32> {
+        self.node(node).pid
+    }
+
+    /// The directory of node 1 or 2: `conf/` (ejabberdctl.cfg, ejabberd.yml), `spool/`, `logs/`
+    /// (ejabberd.log, error.log) and `extauth.stderr`, the extauth programs' stderr.
+    pub fn node_dir(&self, node: usize) -> &Path {
+        &self.node(node).dir
+    }
+
+    /// One shell command line that runs `ejabberdctl` against node 1 or 2 from any shell, the
+    /// node's command and arguments to be appended: `env -C DIR -u ERL_FLAGS … ERL_EPMD_PORT=…
+    /// /usr/sbin/ejabberdctl --config-dir … --spool … --logs …`, each word shell-quoted. E.g.
+    /// `eval "$NODE1_CTL status"`. Unbounded, unlike [`Cluster::ctl`].
+    pub fn ctl_shell(&self, node: usize) -> String {
+        shell_line(&self.ctl_command(node, &[]))
     }
 
     /// Root-owned, world-readable (0755) scratch dir for files user `ejabberd` must read or run.
@@ -351,7 +506,11 @@ impl Cluster {
     // ----- internals -----
 
     fn node(&self, node: usize) -> &Node {
-        assert!(node == 1 || node == 2, "node must be 1 or 2, got {node}");
+        assert!(
+            (1..=self.nodes.len()).contains(&node),
+            "node must be 1 to {}, got {node}",
+            self.nodes.len()
+        );
         &self.nodes[node - 1]
     }
 
@@ -369,6 +528,7 @@ impl Cluster {
             .current_dir(&self.path)
             .env("ERL_EPMD_PORT", self.epmd_port.to_string())
             .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env("EXTAUTH_NODE", &n.name)
             .env("EXTAUTH_TEST_NODE", &n.name)
             .env_remove("ERL_FLAGS")
             .env_remove("ERL_AFLAGS")
@@ -378,7 +538,8 @@ impl Cluster {
 
     fn spawn_reaper(&mut self) {
         // Runs in its own process group (so Ctrl-C on the test does not kill it too) and, once
-        // the test process is gone, kills every PID listed in `reaper.pids` and removes the dir.
+        // the test process is gone, kills every PID listed in `reaper.pids` and removes the dir
+        // when it is the cluster's own temp dir (a caller's dir stays, logs included).
         // "Alive" = /proc/PID exists, is no zombie and has the same start time (PID reuse).
         let script = r#"alive() {
     s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
@@ -389,7 +550,7 @@ impl Cluster {
 while alive "$PARENT"; do sleep 1; done
 for p in $(cat "$DIR/reaper.pids" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
 sleep 1
-case "$DIR" in */extauth-ejabberd-*) rm -rf "$DIR" ;; esac"#;
+if [ "$REMOVE" = 1 ]; then case "$DIR" in */extauth-ejabberd-*) rm -rf "$DIR" ;; esac; fi"#;
         let me = std::process::id();
         let start_time = proc_table()
             .into_iter()
@@ -401,6 +562,7 @@ case "$DIR" in */extauth-ejabberd-*) rm -rf "$DIR" ;; esac"#;
             .env("PARENT", me.to_string())
             .env("START", start_time.to_string())
             .env("DIR", &self.path)
+            .env("REMOVE", if self.tmp.is_some() { "1" } else { "0" })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -532,6 +694,8 @@ case "$DIR" in */extauth-ejabberd-*) rm -rf "$DIR" ;; esac"#;
         let yml = format!(
             r#"# written by the extauth-broker test harness (see docs/testing.md)
 loglevel: info
+# No rotation: deploy/tsung/run.sh counts every login of its storm in ejabberd.log.
+log_rotate_size: infinity
 hosts: ["localhost"]
 certfiles: [{cert}]
 listen:
@@ -580,7 +744,7 @@ modules:
             port = n.c2s_port,
             api_port = n.api_port,
             program = yaml_quote(&program),
-            pool = EXTAUTH_POOL_SIZE,
+            pool = self.pool_size,
         );
         fs::write(conf.join("ejabberd.yml"), yml).expect("write ejabberd.yml");
         chown_recursive(&n.dir, uid, gid).expect("chown the node dir to ejabberd");
@@ -632,7 +796,7 @@ modules:
         }
     }
 
-    /// On each node, at least EXTAUTH_POOL_SIZE extauth programs that stay alive across a 0.5 s
+    /// On each node, at least `pool_size` extauth programs that stay alive across a 0.5 s
     /// window (a broken program is restarted in a loop by ejabberd's supervisor, pitfall 7).
     fn wait_extauth_programs(&self) {
         let beams: Vec<u32> = self
@@ -651,13 +815,14 @@ modules:
             let stable: Vec<usize> = (0..beams.len())
                 .map(|i| before[i].iter().filter(|p| after[i].contains(p)).count())
                 .collect();
-            if stable.iter().all(|&n| n >= EXTAUTH_POOL_SIZE) {
+            if stable.iter().all(|&n| n >= self.pool_size) {
                 return;
             }
             if Instant::now() > deadline {
                 self.fail(&format!(
-                    "not every node has {EXTAUTH_POOL_SIZE} live extauth programs (stable per node: {stable:?}, \
-                     now: {after:?}); is the program runnable by user ejabberd? See its stderr below."
+                    "not every node has {} live extauth programs (stable per node: {stable:?}, \
+                     now: {after:?}); is the program runnable by user ejabberd? See its stderr below.",
+                    self.pool_size
                 ));
             }
         }
@@ -666,8 +831,7 @@ modules:
     /// Panics with `msg` and every node's logs. The panic unwinds through Drop, which cleans up.
     fn fail(&self, msg: &str) -> ! {
         let mut logs = String::new();
-        for i in 1..=2 {
-            let n = &self.nodes[i - 1];
+        for n in &self.nodes {
             if n.dir.exists() {
                 for (title, file) in [
                     ("ejabberd.log", n.dir.join("logs/ejabberd.log")),
@@ -709,7 +873,7 @@ modules:
                 }
             }
         }
-        let alive: Vec<usize> = (1..=2)
+        let alive: Vec<usize> = (1..=self.nodes.len())
             .filter(|&i| self.nodes[i - 1].pid.is_some_and(is_alive))
             .collect();
 
@@ -776,51 +940,66 @@ modules:
     }
 }
 
+impl Cluster {
+    /// Leaves the cluster running (nodes, epmd, the directory) instead of stopping it, and
+    /// returns how to reach and stop it by hand: for each node its name, beam PID, c2s port and
+    /// an `ejabberdctl … status` command line, then a `kill …; rm -rf …` line. What
+    /// `KEEP_ON_FAIL=1` does on a failed test; `extauth-lab` does it on a `keep` line.
+    pub fn keep_running(mut self) -> String {
+        self.leave_running()
+    }
+
+    /// Hands everything over to nobody: no reaper, no stop on drop, the temp dir kept.
+    fn leave_running(&mut self) -> String {
+        self.kept = true;
+        if let Some(mut reaper) = self.reaper.take() {
+            let _ = reaper.kill();
+            let _ = reaper.wait();
+        }
+        // Forgetting the TempDir keeps the directory (works with every tempfile 3.x).
+        std::mem::forget(self.tmp.take());
+        let epmd = self.epmd.take().map(|c| {
+            let id = c.id();
+            std::mem::forget(c);
+            id
+        });
+        let pids: Vec<String> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.pid)
+            .map(|p| p.to_string())
+            .collect();
+        let mut msg = format!("cluster left running in {}\n", self.path.display());
+        for (i, n) in self.nodes.iter().enumerate() {
+            msg.push_str(&format!(
+                "  node {}: {} pid {} c2s 127.0.0.1:{}\n    {} status\n",
+                i + 1,
+                n.name,
+                n.pid.map_or("unknown".into(), |p| p.to_string()),
+                n.c2s_port,
+                self.ctl_shell(i + 1),
+            ));
+        }
+        msg.push_str(&format!(
+            "  epmd pid {} on 127.0.0.1:{}\n  clean up: kill {} {}; rm -rf {}\n",
+            epmd.map_or("unknown".into(), |p| p.to_string()),
+            self.epmd_port,
+            pids.join(" "),
+            epmd.map(|p| p.to_string()).unwrap_or_default(),
+            self.path.display()
+        ));
+        msg
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         if std::thread::panicking() && std::env::var("KEEP_ON_FAIL").as_deref() == Ok("1") {
-            if let Some(mut reaper) = self.reaper.take() {
-                let _ = reaper.kill();
-                let _ = reaper.wait();
-            }
-            // Forgetting the TempDir keeps the directory (works with every tempfile 3.x).
-            std::mem::forget(self.tmp.take());
-            let epmd = self.epmd.take().map(|c| {
-                let id = c.id();
-                std::mem::forget(c);
-                id
-            });
-            let pids: Vec<String> = self
-                .nodes
-                .iter()
-                .filter_map(|n| n.pid)
-                .map(|p| p.to_string())
-                .collect();
-            let mut msg = format!(
-                "\n[ejabberd harness] KEEP_ON_FAIL=1: cluster left running in {}\n",
-                self.path.display()
-            );
-            for (i, n) in self.nodes.iter().enumerate() {
-                msg.push_str(&format!(
-                    "  node {}: {} pid {:?} c2s 127.0.0.1:{}\n    ERL_EPMD_PORT={} {} --config-dir {d}/conf --spool {d}/spool --logs {d}/logs status\n",
-                    i + 1,
-                    n.name,
-                    n.pid,
-                    n.c2s_port,
-                    self.epmd_port,
-                    self.ejabberdctl.display(),
-                    d = n.dir.display()
-                ));
-            }
-            msg.push_str(&format!(
-                "  epmd pid {:?} on 127.0.0.1:{}\n  clean up: kill {} {}; rm -rf {}\n",
-                epmd,
-                self.epmd_port,
-                pids.join(" "),
-                epmd.map(|p| p.to_string()).unwrap_or_default(),
-                self.path.display()
-            ));
-            eprintln!("{msg}");
+            let msg = self.leave_running();
+            eprintln!("\n[ejabberd harness] KEEP_ON_FAIL=1: {msg}");
             return;
         }
         self.teardown();
@@ -1113,6 +1292,42 @@ fn random_hex(bytes: usize) -> String {
 
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// `cmd` as one shell command line: `env [-C DIR] [-u NAME]… [NAME=VALUE]… PROGRAM ARGS…`,
+/// every word quoted.
+fn shell_line(cmd: &Command) -> String {
+    let mut words = vec!["env".to_string()];
+    if let Some(dir) = cmd.get_current_dir() {
+        words.push("-C".into());
+        words.push(sh_quote(&dir.to_string_lossy()));
+    }
+    let envs: Vec<_> = cmd.get_envs().collect();
+    for (k, v) in &envs {
+        if v.is_none() {
+            words.push("-u".into());
+            words.push(sh_quote(&k.to_string_lossy()));
+        }
+    }
+    for (k, v) in &envs {
+        if let Some(v) = v {
+            words.push(sh_quote(&format!(
+                "{}={}",
+                k.to_string_lossy(),
+                v.to_string_lossy()
+            )));
+        }
+    }
+    words.push(sh_quote(&cmd.get_program().to_string_lossy()));
+    words.extend(cmd.get_args().map(|a| sh_quote(&a.to_string_lossy())));
+    words.join(" ")
+}
+
+/// Whether something accepts connections on 127.0.0.1:`port` (a listener on 0.0.0.0 or `::`
+/// included).
+fn port_taken(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
 }
 
 fn yaml_quote(s: &str) -> String {

@@ -50,7 +50,14 @@ pub fn load_bin() -> PathBuf {
     sibling_bins().join("extauth-load")
 }
 
-/// Builds the shim and the load harness once per test process, in the tests' profile.
+/// The `extauth-lab` binary of this package (`src/bin/extauth-lab.rs`): the tests' ejabberd
+/// cluster for scripts such as `deploy/tsung/run.sh`.
+pub fn lab_bin() -> PathBuf {
+    sibling_bins().join("extauth-lab")
+}
+
+/// Builds the shim, the load harness and `extauth-lab` once per test process, in the tests'
+/// profile.
 fn sibling_bins() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
@@ -58,17 +65,44 @@ fn sibling_bins() -> PathBuf {
             let dir = bin_dir();
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut build = Command::new(cargo);
-            build.args(["build", "-p", "extauth-shim", "-p", "extauth-load"]);
+            // Whole packages (their default targets: the testkit's library and extauth-lab), not
+            // `--bin`, which would leave out the other packages' binaries.
+            let packages = ["extauth-shim", "extauth-load", "extauth-testkit"];
+            build.arg("build");
+            for p in packages {
+                build.args(["-p", p]);
+            }
+            // The package variables cargo sets for this test process (CARGO_MANIFEST_DIR,
+            // CARGO_PKG_NAME, …). Build scripts such as ring's rerun when they change, and this
+            // build shares those dependencies with the tests' own (same features): passing
+            // them on would rebuild ring, rustls and everything above them on every test run,
+            // here and again in the next `cargo test`.
+            for (name, _) in std::env::vars_os() {
+                let name_str = name.to_string_lossy();
+                if [
+                    "CARGO_PKG_",
+                    "CARGO_MANIFEST_",
+                    "CARGO_CRATE_",
+                    "CARGO_BIN_",
+                ]
+                .iter()
+                .any(|prefix| name_str.starts_with(prefix))
+                    || ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"]
+                        .contains(&name_str.as_ref())
+                {
+                    build.env_remove(&name);
+                }
+            }
             if dir.file_name().is_some_and(|name| name == "release") {
                 build.arg("--release");
             }
-            let status = build
-                .current_dir(repo_root())
-                .status()
-                .expect("running cargo build -p extauth-shim -p extauth-load");
+            let status = build.current_dir(repo_root()).status().unwrap_or_else(|e| {
+                panic!("running cargo build -p {}: {e}", packages.join(" -p "))
+            });
             assert!(
                 status.success(),
-                "cargo build -p extauth-shim -p extauth-load failed"
+                "cargo build -p {} failed",
+                packages.join(" -p ")
             );
             dir
         })
