@@ -9,6 +9,8 @@
 //! against the revocation marks, here and in Redis.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -147,8 +149,12 @@ impl Flights {
         let landed = cell
             .get_or_init(|| {
                 led = true;
-                // Boxed: the flight's state machine is large, and only a miss pays for it.
-                Box::pin(self.lead(ask))
+                // Boxed: the flight's state machine is large, and only a miss pays for it. As a
+                // trait object, so the compiler proves it `Send` here once instead of through
+                // every future that awaits it (which overflowed its recursion limit).
+                let flight: Pin<Box<dyn Future<Output = Landed> + Send + '_>> =
+                    Box::pin(self.lead(ask));
+                flight
             })
             .await
             .clone();
@@ -188,7 +194,22 @@ impl Flights {
             }
             stale = stale.or(Some(v));
         }
-        let coordination = self.coordinate(ask).await;
+        let mut coordination = self.coordinate(ask).await;
+        if let (Coordination::Hold, Some(redis)) = (&coordination, &self.parts.redis) {
+            // The broker that held the lock before may have stored its verdict and unlocked
+            // between this broker's last look in Redis and its lock (a Redis round trip or more
+            // on a loaded machine): look once more. Without this, a herd on one new token
+            // across brokers now and then cost a second provider call.
+            if let Some(v) = self
+                .stored_verdict(ask)
+                .await
+                .filter(|v| v.is_fresh_at(now_ms()))
+            {
+                self.health
+                    .check(Op::Unlock, redis.unlock(&ask.token_key).await);
+                coordination = Coordination::Shared(v);
+            }
+        }
         if let Coordination::Shared(v) = coordination {
             return Ok(self.shared(ask, v));
         }

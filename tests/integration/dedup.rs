@@ -5,7 +5,8 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use extauth_protocol::wire::{Reason, Response, Source};
-use extauth_testkit::wire_client::{auth, connect};
+use extauth_testkit::redis_attacker::{field, Attacker};
+use extauth_testkit::wire_client::{ask, auth, connect};
 
 use extauth_testkit::services::{token, Broker, BrokerSpec, Provider, Redis, Shim};
 use serde_json::json;
@@ -125,16 +126,31 @@ fn herd(streams: Vec<UnixStream>, token: &str) -> Vec<Response> {
     threads.into_iter().map(|t| t.join().unwrap()).collect()
 }
 
+/// Brokers sharing one Redis.
+const BROKERS: usize = 3;
+/// Concurrent requests per broker.
+const EACH: usize = 40;
+
+/// Cross-broker dedup: three brokers on one Redis, forty concurrent requests each for one new
+/// token, cost exactly one provider call; every request is accepted; exactly one broker asked
+/// the provider and the others waited for its verdict in Redis; Redis then holds that one
+/// accepting verdict, every broker keeps it in its L1, a broker started later reads it from
+/// Redis, and alice is known to `isuser` everywhere. Guards against brokers that skip or misuse
+/// the cluster flight lock (one provider call per broker, or per request under a herd), and
+/// against waiters that take the verdict from Redis without keeping it.
 #[test]
-fn two_brokers_with_a_hundred_requests_each_make_one_provider_call() {
+fn brokers_with_forty_requests_each_make_one_provider_call_and_all_share_its_verdict() {
     let provider = Provider::start();
     let redis = Redis::start();
     let spec = BrokerSpec::new(&provider).with_redis(&redis);
-    let brokers = [Broker::start(&spec), Broker::start(&spec)];
+    let brokers: Vec<Broker> = (0..BROKERS).map(|_| Broker::start(&spec)).collect();
     let fresh = token("cluster-herd");
     provider.insert(&fresh, json!({"username": "alice"}));
+    // Slow enough that every request arrives while the one call is in flight.
     provider.set_latency(Duration::from_millis(300));
-    let streams: Vec<UnixStream> = (0..200).map(|i| connect(&brokers[i % 2])).collect();
+    let streams: Vec<UnixStream> = (0..BROKERS * EACH)
+        .map(|i| connect(&brokers[i % BROKERS]))
+        .collect();
     let responses = herd(streams, &fresh);
     assert!(
         responses
@@ -142,44 +158,72 @@ fn two_brokers_with_a_hundred_requests_each_make_one_provider_call() {
             .all(|r| r.ok && r.reason == Reason::Accepted),
         "{responses:?}"
     );
-    // Stream i went to broker i % 2. One broker made the call: its requests were answered by
-    // it (the lead, and those that waited on it) or, arriving late, from its L1. The other
-    // waited on the cluster lock and took the verdict from Redis (or its L1 after that).
-    let sources = |broker: usize| -> Vec<Source> {
-        let mut s: Vec<Source> = responses
-            .iter()
-            .skip(broker)
-            .step_by(2)
-            .map(|r| r.source)
-            .collect();
-        s.dedup();
-        s
-    };
-    let (caller, other) = if sources(0).contains(&Source::Provider) {
-        (0, 1)
-    } else {
-        (1, 0)
-    };
-    assert!(
-        sources(caller)
-            .iter()
-            .all(|s| matches!(s, Source::Provider | Source::L1)),
-        "broker {caller}: {:?}",
-        sources(caller)
-    );
-    assert!(
-        sources(other).contains(&Source::Redis)
-            && sources(other)
-                .iter()
-                .all(|s| matches!(s, Source::Redis | Source::L1)),
-        "broker {other} waited for the verdict in Redis: {:?}",
-        sources(other)
-    );
     assert_eq!(
         provider.calls(),
         1,
         "one provider call for the whole cluster"
     );
+    // Stream i went to broker i % BROKERS. The broker that made the call answered from it (the
+    // lead, and those that waited on it) or, for late arrivals, from its L1; the others waited
+    // on the cluster lock and took the verdict from Redis (or their L1 after that).
+    let sources = |broker: usize| -> Vec<Source> {
+        let mut s: Vec<Source> = responses
+            .iter()
+            .skip(broker)
+            .step_by(BROKERS)
+            .map(|r| r.source)
+            .collect();
+        s.dedup();
+        s
+    };
+    let callers: Vec<usize> = (0..BROKERS)
+        .filter(|b| sources(*b).contains(&Source::Provider))
+        .collect();
+    assert_eq!(
+        callers.len(),
+        1,
+        "one broker asked the provider: {callers:?}"
+    );
+    for broker in 0..BROKERS {
+        let s = sources(broker);
+        if broker == callers[0] {
+            assert!(
+                s.iter().all(|s| matches!(s, Source::Provider | Source::L1)),
+                "broker {broker}: {s:?}"
+            );
+        } else {
+            assert!(
+                s.contains(&Source::Redis)
+                    && s.iter().all(|s| matches!(s, Source::Redis | Source::L1)),
+                "broker {broker} waited for the verdict in Redis: {s:?}"
+            );
+        }
+    }
+    let verdicts = Attacker::connect(&redis).verdicts();
+    assert_eq!(verdicts.len(), 1, "one verdict in Redis: {verdicts:?}");
+    let stored = verdicts.values().next().unwrap();
+    assert_eq!(field(stored, 1), "1", "an accepting verdict: {stored}");
+    let isuser = |stream: &mut UnixStream| ask(stream, 1000, 10_000, "isuser:alice:example.com");
+    for (i, broker) in brokers.iter().enumerate() {
+        let mut stream = connect(broker);
+        let again = auth(&mut stream, 999, "alice", &fresh);
+        assert_eq!(
+            (again.ok, again.source),
+            (true, Source::L1),
+            "broker {i} kept the verdict"
+        );
+        assert!(isuser(&mut stream).ok, "broker {i} knows alice");
+    }
+    let later = Broker::start(&spec);
+    let mut stream = connect(&later);
+    let shared = auth(&mut stream, 999, "alice", &fresh);
+    assert_eq!(
+        (shared.ok, shared.source),
+        (true, Source::Redis),
+        "a broker started later reads the verdict from Redis"
+    );
+    assert!(isuser(&mut stream).ok, "and knows alice");
+    assert_eq!(provider.calls(), 1, "still the one provider call");
 }
 
 #[test]

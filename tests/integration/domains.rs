@@ -238,7 +238,10 @@ fn stale_if_error_serves_cached_logins_while_the_provider_is_down_but_never_past
 
 /// `stale_if_error` is for provider outages only. A verdict Redis still holds within that grace,
 /// past its TTL, must not pass for fresh on a broker that never saw the token: with the provider
-/// up, that broker asks it and follows its answer.
+/// up, that broker asks it and follows its answer. Nor may the stale copy in the first broker's
+/// own L1: it takes the fresh refusal instead. Guards against a stale-but-usable verdict (from
+/// Redis or L1) being served as fresh, which would keep a token the provider has deactivated
+/// working for `stale_if_error` longer.
 #[test]
 fn a_stale_verdict_in_redis_is_not_served_while_the_provider_answers() {
     let (provider, redis) = (Provider::start(), Redis::start());
@@ -263,6 +266,11 @@ fn a_stale_verdict_in_redis_is_not_served_while_the_provider_answers() {
         "broker B asked the provider, which says inactive"
     );
     assert_eq!(provider.calls(), 2, "broker B made the call");
+    assert!(
+        !Shim::spawn(&a.addr(), 5.0, &[]).ask(&login),
+        "broker A does not serve its stale copy either"
+    );
+    assert_eq!(provider.calls(), 2, "broker A took B's refusal from Redis");
 }
 
 /// A half-open probe slower than the request's deadline is cut (its future dropped). It must count

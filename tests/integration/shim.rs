@@ -121,6 +121,13 @@ const LATE: Duration = Duration::from_secs(2);
 /// A broker that answers after the shim's `--timeout`, and answers out of turn: the shim must
 /// refuse in time, drop the connection (a late answer on it could be taken for the next
 /// request's), and never write anything but one reply per request.
+///
+/// Guards against two shim bugs: writing the late answer to ejabberd once it comes (ejabberd
+/// would take it for the reply to its next request), and keeping the timed-out connection and
+/// accepting whatever response comes first (the late "yes" would answer the next request). The
+/// next request is only sent once the late answer has been sent and the shim has had time to
+/// misuse it, so either bug shows as a wrong verdict or an extra reply, not only as a
+/// connection count.
 #[test]
 fn a_late_answer_is_never_written_nor_taken_for_the_next_request() {
     // `late`: yes after LATE. `yes` and `no`: at once, each after a stray response with the
@@ -136,35 +143,45 @@ fn a_late_answer_is_never_written_nor_taken_for_the_next_request() {
         (on, seen)
     };
     let mut shim = Shim::spawn(&broker.addr(), 0.5, &[]);
-    let mut ask = |user: &str| {
+    let ask = |shim: &mut Shim, user: &str| {
         let ok = shim.ask(&format!("auth:{user}:example.com:t"));
         let extra = shim.unread(Duration::from_millis(50));
         assert!(extra.is_empty(), "more than one reply to {user}: {extra:?}");
         ok
     };
     let started = Instant::now();
-    assert!(!ask("late"), "no answer within --timeout: 0");
+    assert!(!ask(&mut shim, "late"), "no answer within --timeout: 0");
     assert!(
         started.elapsed() < LATE - Duration::from_millis(500),
         "refused at the timeout, not when the late answer came: {:?}",
         started.elapsed()
     );
-    let yes = ask("yes");
+    // The late "yes" has now been sent (or its write failed on the closed connection); a shim
+    // still reading that connection has it, and has time to write it.
+    broker.wait_all_answered(LATE * 2);
+    let extra = shim.unread(Duration::from_millis(300));
+    assert!(extra.is_empty(), "the late answer was written: {extra:?}");
+    // `no` first: on a kept connection the late "yes" would be read before its answer.
+    let no = ask(&mut shim, "no");
+    assert!(
+        !no,
+        "neither the late yes nor the stray yes before it is its answer"
+    );
     assert_eq!(
-        connection_of("yes").0,
+        connection_of("no").0,
         Some(1),
         "the next request goes on a new connection: {:?}",
-        connection_of("yes").1
+        connection_of("no").1
     );
-    assert!(yes, "answered with its own id, not the stray before it");
-    assert!(!ask("no"), "the stray yes before it is not its answer");
-    // The late answer has now been sent (or its write failed on the closed connection).
-    broker.wait_all_answered(LATE * 2);
+    assert!(
+        ask(&mut shim, "yes"),
+        "answered with its own id, not the stray no before it"
+    );
     let (rest, status) = shim.finish(Duration::from_secs(5));
     assert!(rest.is_empty(), "nothing after the three replies: {rest:?}");
     assert!(status.success(), "EOF -> exit 0, got {status}");
     assert_eq!(
-        (connection_of("late").0, connection_of("no").0),
+        (connection_of("late").0, connection_of("yes").0),
         (Some(0), Some(1)),
         "the new connection is kept"
     );
