@@ -10,7 +10,7 @@
 //!
 //! Layout: each table is split into shards, a mutex each. A shard holds buckets of 8 slots, and
 //! a key may sit in either of two buckets picked by two independent words of the key (two
-//! choices fill the buckets evenly: about 96 % of the slots hold a live entry when the table is
+//! choices fill the buckets evenly: about 98 % of the slots hold a live entry when the table is
 //! full). Each bucket keeps one more word of each slot's key apart, the fingerprint, so a
 //! lookup reads one cache line of fingerprints per bucket and a slot only when it matches. A
 //! shard starts with one bucket and doubles when a key finds both its buckets full of live
