@@ -1,134 +1,642 @@
-//! The in-process cache (L1): verdicts by token key, and "seen" markers by user key.
+//! The in-process cache (L1): verdicts by token key, and "seen" markers by user key, in two
+//! compact tables of fixed-size slots.
+//!
+//! A general-purpose cache (moka) spent about 420 bytes of heap per verdict (its entries, timer
+//! wheel, admission sketch and hash buckets): 470 MiB of RSS at 1M verdicts. A verdict needs
+//! far less: its token key is an HMAC output, so its bits are already uniformly random and
+//! serve as the hash itself, and its answer and lifetimes pack into a few words. Here a verdict
+//! takes a 44-byte slot (40 bytes plus a 4-byte fingerprint) and a "seen" marker a 12-byte one,
+//! and no entry is allocated on its own.
+//!
+//! Layout: each table is split into shards, a mutex each. A shard holds buckets of 8 slots, and
+//! a key may sit in either of two buckets picked by two independent words of the key (two
+//! choices fill the buckets evenly: about 98 % of the slots hold a live entry when the table is
+//! full). Each bucket keeps one more word of each slot's key apart, the fingerprint, so a
+//! lookup reads one cache line of fingerprints per bucket and a slot only when it matches. A
+//! shard starts with one bucket and doubles when a key finds both its buckets full of live
+//! entries, up to its share of the capacity; from then on such a key replaces the slot among
+//! its 16 that expires first. Expired slots are free slots: nothing sweeps them.
 //!
 //! Entries expire at the absolute instants they carry (a verdict at its usable end, so a
 //! `stale_if_error` copy is at hand while the provider is down; a "seen" marker at its end):
-//! reads never extend a lifetime, and [`L1::get`] serves a verdict only within its TTL. Only
-//! verdicts this broker decided or read back authenticated from Redis ever get here.
+//! reads never extend a lifetime, and [`L1::get`] serves a verdict only within its TTL. Every
+//! rounding of a stored instant is towards a shorter life, and of an issue instant towards an
+//! earlier one (more revocation marks cover it). Only verdicts this broker decided or read back
+//! authenticated from Redis ever get here.
 
-use std::time::{Duration, Instant};
+use std::hash::{BuildHasher, RandomState};
+use std::num::NonZeroU64;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use moka::sync::Cache;
-use moka::Expiry;
+use crate::keys::{self, Key};
+use crate::verdict::{now_ms, Answer, Verdict};
+use extauth_protocol::wire::Reason;
 
-use crate::keys::Key;
-use crate::verdict::{now_ms, Verdict};
+/// Slots per bucket: 8 fingerprints are half a cache line.
+const WAYS: usize = 8;
+/// Most shards per table: enough that 2 cores rarely wait on one another's lock.
+const MAX_SHARDS: usize = 64;
+/// Fewest buckets a shard may grow to before the table uses fewer shards (a small capacity
+/// spread over 64 shards would leave most keys only a few slots to choose from).
+const MIN_SHARD_BUCKETS: usize = 64;
+/// A shard whose clock has counted this many units since its epoch moves its epoch forward
+/// (and its slots' ends back), so the 32-bit ends never wrap.
+const REBASE_AT: u64 = 1 << 31;
+/// Largest `fresh_until - issued` a verdict slot holds, ms (27 bits; `max_ttl` is at most a
+/// day, 86.4M ms).
+const MAX_ISSUED_GAP: u64 = (1 << 27) - 1;
 
-/// Values that know when they expire (ms since the Unix epoch).
-trait ExpiresAt {
-    fn expires_at_ms(&self) -> u64;
+/// A name tag: a keyed 64-bit hash of `user@domain` (see [`L1::name_tag`]), never 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NameTag(NonZeroU64);
+
+/// A verdict as L1 keeps it: what the token proved (the named user by the first 8 bytes of its
+/// key, [`keys::short`], and once known by its [`NameTag`]) and its instants, ms since the Unix
+/// epoch. Built from a [`Verdict`] for every decision, so verdicts from L1, Redis and the
+/// provider are decided alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cached {
+    held: Held,
+    issued_ms: u64,
+    fresh_until_ms: u64,
+    usable_until_ms: u64,
 }
 
-impl ExpiresAt for Verdict {
-    fn expires_at_ms(&self) -> u64 {
-        self.usable_until_ms
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Valid; names the user whose key starts with `user` (and whose tag is `name`, if known).
+    Names {
+        user: u64,
+        name: Option<NameTag>,
+    },
+    Refused(Reason),
+}
+
+impl From<&Verdict> for Cached {
+    fn from(v: &Verdict) -> Self {
+        Cached {
+            held: match &v.answer {
+                Answer::Names(user) => Held::Names {
+                    user: keys::short(user),
+                    name: None,
+                },
+                Answer::Refused(reason) => Held::Refused(*reason),
+            },
+            issued_ms: v.issued_ms,
+            fresh_until_ms: v.fresh_until_ms,
+            usable_until_ms: v.usable_until_ms,
+        }
     }
 }
 
-/// The end of a "seen" marker, ms since the epoch.
-#[derive(Clone, Copy)]
-struct Until(u64);
-
-impl ExpiresAt for Until {
-    fn expires_at_ms(&self) -> u64 {
-        self.0
-    }
-}
-
-/// Makes each entry expire at the instant its value carries.
-struct AtInstant;
-
-impl<V: ExpiresAt> Expiry<Key, V> for AtInstant {
-    fn expire_after_create(&self, _key: &Key, value: &V, _now: Instant) -> Option<Duration> {
-        Some(Duration::from_millis(
-            value.expires_at_ms().saturating_sub(now_ms()),
-        ))
+impl Cached {
+    /// The decision for a login of the user whose key is `user`: accepted only when the token
+    /// names that user (the first 8 bytes of the keys agree: a 2^-64 chance for another user,
+    /// whose key nobody can compute without the cache secret).
+    pub fn decide(&self, user: &Key) -> (bool, Reason) {
+        match self.held {
+            Held::Names { user: named, .. } if named == keys::short(user) => {
+                (true, Reason::Accepted)
+            }
+            Held::Names { .. } => (false, Reason::WrongUser),
+            Held::Refused(reason) => (false, reason),
+        }
     }
 
-    fn expire_after_update(
-        &self,
-        _key: &Key,
-        value: &V,
-        _now: Instant,
-        _left: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(Duration::from_millis(
-            value.expires_at_ms().saturating_sub(now_ms()),
-        ))
+    /// The decision for a login of the user tagged `name`, without its user key; `None` when
+    /// the named user's tag is not known yet (decide with [`Cached::decide`] then).
+    pub fn decide_by_name(&self, name: NameTag) -> Option<(bool, Reason)> {
+        match self.held {
+            Held::Names {
+                name: Some(named), ..
+            } if named == name => Some((true, Reason::Accepted)),
+            Held::Names { name: Some(_), .. } => Some((false, Reason::WrongUser)),
+            Held::Names { name: None, .. } => None,
+            Held::Refused(reason) => Some((false, reason)),
+        }
     }
-}
 
-fn cache_at_instant<V: ExpiresAt + Clone + Send + Sync + 'static>(capacity: u64) -> Cache<Key, V> {
-    Cache::builder()
-        .max_capacity(capacity)
-        .expire_after(AtInstant)
-        .build()
+    /// The first 8 bytes of the named user's key ([`keys::short`]), if the token is valid.
+    pub fn named_user(&self) -> Option<u64> {
+        match self.held {
+            Held::Names { user, .. } => Some(user),
+            Held::Refused(_) => None,
+        }
+    }
+
+    /// When the flight that produced it started, ms since the epoch (compared with revocation
+    /// marks).
+    pub fn issued_ms(&self) -> u64 {
+        self.issued_ms
+    }
 }
 
 /// The in-process cache. Cheap to clone (the clones share the entries).
 #[derive(Clone)]
 pub struct L1 {
-    verdicts: Cache<Key, Verdict>,
-    seen: Cache<Key, Until>,
+    inner: Arc<Tables>,
+}
+
+struct Tables {
+    verdicts: Table<VerdictSlot>,
+    seen: Table<SeenSlot>,
+    /// The key of the name tags, random per process.
+    names: RandomState,
 }
 
 impl L1 {
-    /// An empty cache of at most `capacity` verdicts (and as many "seen" markers).
+    /// An empty cache of at most `capacity` verdicts and as many "seen" markers. Memory grows
+    /// with use (each shard doubles), to 44 bytes per verdict slot and 12 per marker slot; a
+    /// full table holds a verdict in about 98 % of its slots, 45 bytes per verdict (1M: 42
+    /// MiB). Each shard is rounded down to whole buckets of 8 slots; below 512 slots the
+    /// capacity is rounded down to a multiple of 8 (0 to 7: nothing is kept).
     pub fn new(capacity: u64) -> Self {
         L1 {
-            verdicts: cache_at_instant(capacity),
-            seen: cache_at_instant(capacity),
+            inner: Arc::new(Tables {
+                verdicts: Table::new(capacity),
+                seen: Table::new(capacity),
+                names: RandomState::new(),
+            }),
         }
     }
 
+    /// The name tag of `user@domain`: SipHash under a key drawn at start, 64 bits. Cheaper by
+    /// far than the user key (an HMAC-SHA256), so a cached hit for a user the verdict was
+    /// already bound to computes one HMAC, the token key. Tags never leave the process, so a
+    /// client learns nothing of them but accept or refuse, and passing for the named user
+    /// takes a 2^-64 guess per login.
+    pub fn name_tag(&self, domain: &str, user: &str) -> NameTag {
+        // The tuple hashes each string with a terminator, so ("ab", "c") and ("a", "bc") differ.
+        let hash = self.inner.names.hash_one((domain, user));
+        NameTag(NonZeroU64::new(hash).unwrap_or(NonZeroU64::MIN))
+    }
+
     /// The verdict on `token`, if any and within its TTL.
-    pub fn get(&self, token: &Key) -> Option<Verdict> {
+    pub fn get(&self, token: &Key) -> Option<Cached> {
         let now = now_ms();
-        self.verdicts.get(token).filter(|v| v.is_fresh_at(now))
+        self.find(token).filter(|v| v.fresh_until_ms > now)
     }
 
     /// The verdict on `token` if it is still usable for `stale_if_error` (fresh or not).
-    pub fn get_usable(&self, token: &Key) -> Option<Verdict> {
+    pub fn get_usable(&self, token: &Key) -> Option<Cached> {
         let now = now_ms();
-        self.verdicts.get(token).filter(|v| v.is_usable_at(now))
+        self.find(token).filter(|v| v.usable_until_ms > now)
     }
 
-    /// Keeps `verdict` until its usable end.
-    pub fn insert(&self, token: Key, verdict: Verdict) {
-        if verdict.is_usable_at(now_ms()) {
-            self.verdicts.insert(token, verdict);
+    fn find(&self, token: &Key) -> Option<Cached> {
+        let key = VerdictSlot::key(token);
+        let shard = self.inner.verdicts.shard(&key);
+        shard
+            .find(&key)
+            .map(|(b, w)| shard.buckets[b].slots[w].open(shard.epoch_ms))
+    }
+
+    /// Keeps `verdict` until its usable end. `name`: the tag of the user it names, when the
+    /// caller knows it (it asked for that very user); otherwise the first hit for the named
+    /// user binds it ([`L1::bind`]).
+    pub fn insert(&self, token: &Key, verdict: &Verdict, name: Option<NameTag>) {
+        let mut cached = Cached::from(verdict);
+        if let Held::Names { name: n, .. } = &mut cached.held {
+            *n = name;
+        }
+        let key = VerdictSlot::key(token);
+        let now = now_ms();
+        let mut shard = self.inner.verdicts.shard(&key);
+        let clock = shard.clock(now);
+        if let Some(slot) = VerdictSlot::seal(&key, &cached, shard.epoch_ms) {
+            if slot.usable > clock {
+                shard.put(&key, slot, clock, self.inner.verdicts.max_buckets);
+            }
+        }
+    }
+
+    /// Remembers that the user whose key is `user` is tagged `name`, if the verdict on `token`
+    /// names that user (the caller decided with the key that it does): later hits for the user
+    /// need no user key.
+    pub fn bind(&self, token: &Key, user: &Key, name: NameTag) {
+        let key = VerdictSlot::key(token);
+        let mut shard = self.inner.verdicts.shard(&key);
+        if let Some((b, w)) = shard.find(&key) {
+            let slot = &mut shard.buckets[b].slots[w];
+            if slot.answer() == 0 && slot.user == keys::short(user) {
+                slot.name = name.0.get();
+            }
         }
     }
 
     /// Drops the verdict on one token (revocation).
     pub fn invalidate(&self, token: &Key) {
-        self.verdicts.invalidate(token);
+        let key = VerdictSlot::key(token);
+        self.inner.verdicts.shard(&key).remove(&key);
     }
 
     /// Drops every verdict (after revocations may have been missed).
     pub fn invalidate_all(&self) {
-        self.verdicts.invalidate_all();
+        self.inner.verdicts.clear();
     }
 
-    /// Marks a user (by [`crate::keys::KeyDeriver::user`] key) as seen until `until_ms`.
-    pub fn mark_seen(&self, user: Key, until_ms: u64) {
-        self.seen.insert(user, Until(until_ms));
+    /// Marks a user (by [`crate::keys::KeyDeriver::user`] key) as seen until `until_ms`
+    /// (rounded down to the second).
+    pub fn mark_seen(&self, user: &Key, until_ms: u64) {
+        let key = SeenSlot::key(user);
+        let mut shard = self.inner.seen.shard(&key);
+        let clock = shard.clock(now_ms());
+        let until = shard.units(until_ms);
+        match until {
+            Some(until) if until > clock => {
+                let slot = SeenSlot { key: key[0], until };
+                shard.put(&key, slot, clock, self.inner.seen.max_buckets);
+            }
+            _ => shard.remove(&key),
+        }
     }
 
     /// Was the user seen within its "seen" TTL (in this process)?
     pub fn seen(&self, user: &Key) -> bool {
-        self.seen.get(user).is_some_and(|u| u.0 > now_ms())
+        let key = SeenSlot::key(user);
+        let mut shard = self.inner.seen.shard(&key);
+        let clock = shard.clock(now_ms());
+        shard
+            .find(&key)
+            .is_some_and(|(b, w)| shard.buckets[b].slots[w].until > clock)
+    }
+}
+
+/// What a table's slots have in common.
+trait Slot: Copy + Default {
+    /// The key as the table reads it: 32-bit words of a key's first bytes.
+    type Key: Copy;
+    /// Length of the unit the slot's end counts in, ms.
+    const UNIT_MS: u64;
+    /// The words that place `key`: its shard and first bucket, its second bucket, and its
+    /// fingerprint.
+    fn place(key: &Self::Key) -> [u32; 3];
+    /// The same words for the key this slot holds, whose fingerprint is `fp`.
+    fn placed(&self, fp: u32) -> [u32; 3];
+    /// Does it hold `key` (its fingerprint already matched)?
+    fn holds(&self, key: &Self::Key) -> bool;
+    /// Its end, in units since its shard's epoch; 0 for an empty slot.
+    fn end(&self) -> u32;
+    /// Moves its end `units` back (its shard's epoch moved that far forward).
+    fn shift(&mut self, units: u64);
+}
+
+/// A table of slots, sharded; see the module documentation.
+struct Table<S> {
+    shards: Box<[Mutex<Shard<S>>]>,
+    /// Most buckets a shard grows to: its share of the capacity.
+    max_buckets: usize,
+}
+
+struct Shard<S> {
+    buckets: Vec<Bucket<S>>,
+    /// The instant the slots' ends count from, ms since the Unix epoch.
+    epoch_ms: u64,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Bucket<S> {
+    /// One word of each slot's key, read before the slot itself.
+    fps: [u32; WAYS],
+    slots: [S; WAYS],
+}
+
+impl<S: Slot> Table<S> {
+    fn new(capacity: u64) -> Self {
+        let slots = usize::try_from(capacity).unwrap_or(usize::MAX);
+        let mut shards = MAX_SHARDS;
+        while shards > 1 && slots / (shards * WAYS) < MIN_SHARD_BUCKETS {
+            shards /= 2;
+        }
+        let max_buckets = slots / (shards * WAYS);
+        let epoch_ms = now_ms();
+        Table {
+            shards: (0..shards)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        buckets: vec![Bucket::default(); max_buckets.min(1)],
+                        epoch_ms,
+                    })
+                })
+                .collect(),
+            max_buckets,
+        }
+    }
+
+    /// The shard of `key`, locked. The shard count is a power of two; the low bits of the
+    /// first word pick it, its high bits the bucket within.
+    fn shard(&self, key: &S::Key) -> MutexGuard<'_, Shard<S>> {
+        let word = S::place(key)[0] as usize;
+        self.shards[word & (self.shards.len() - 1)]
+            .lock()
+            .expect("L1 shard")
+    }
+
+    fn clear(&self) {
+        for shard in &*self.shards {
+            let mut shard = shard.lock().expect("L1 shard");
+            shard.buckets.fill(Bucket::default());
+        }
+    }
+}
+
+/// The bucket a word picks among `n`: the high half of `word * n` (no division, and any `n`).
+fn bucket_of(word: u32, n: usize) -> usize {
+    ((u64::from(word) * n as u64) >> 32) as usize
+}
+
+impl<S: Slot> Shard<S> {
+    /// `now_ms` in this shard's units. Moves the epoch forward first when the clock nears the
+    /// range of a 32-bit end: every slot then ends as many units earlier, and a slot that had
+    /// ended becomes empty.
+    fn clock(&mut self, now_ms: u64) -> u32 {
+        let units = now_ms.saturating_sub(self.epoch_ms) / S::UNIT_MS;
+        if units < REBASE_AT {
+            return units as u32;
+        }
+        for bucket in &mut self.buckets {
+            for slot in &mut bucket.slots {
+                slot.shift(units);
+            }
+        }
+        self.epoch_ms += units * S::UNIT_MS;
+        0
+    }
+
+    /// `at_ms` in this shard's units, rounded down (so never later); `None` at or before the
+    /// epoch, capped at the largest end a slot holds.
+    fn units(&self, at_ms: u64) -> Option<u32> {
+        let units = at_ms.checked_sub(self.epoch_ms)? / S::UNIT_MS;
+        (units > 0).then(|| units.min(u64::from(u32::MAX)) as u32)
+    }
+
+    /// The bucket and way holding `key`.
+    fn find(&self, key: &S::Key) -> Option<(usize, usize)> {
+        let [a, b, fp] = S::place(key);
+        let n = self.buckets.len();
+        if n == 0 {
+            return None;
+        }
+        [bucket_of(a, n), bucket_of(b, n)]
+            .into_iter()
+            .find_map(|i| {
+                let bucket = &self.buckets[i];
+                (0..WAYS)
+                    .find(|&w| {
+                        bucket.fps[w] == fp
+                            && bucket.slots[w].end() != 0
+                            && bucket.slots[w].holds(key)
+                    })
+                    .map(|w| (i, w))
+            })
+    }
+
+    fn remove(&mut self, key: &S::Key) {
+        if let Some((b, w)) = self.find(key) {
+            self.buckets[b].fps[w] = 0;
+            self.buckets[b].slots[w] = S::default();
+        }
+    }
+
+    /// Stores `slot` under `key` (whose slot is replaced if present), growing the shard up to
+    /// `max_buckets` when both buckets of the key are full of live slots, else replacing the
+    /// one of them that ends first. `clock`: now, in the shard's units.
+    fn put(&mut self, key: &S::Key, slot: S, clock: u32, max_buckets: usize) {
+        if let Some((b, w)) = self.find(key) {
+            self.buckets[b].slots[w] = slot;
+            return;
+        }
+        let place = S::place(key);
+        while !self.settle(place, slot, clock) {
+            let n = self.buckets.len();
+            if n == 0 {
+                return;
+            }
+            if n >= max_buckets {
+                let victim = [bucket_of(place[0], n), bucket_of(place[1], n)]
+                    .into_iter()
+                    .flat_map(|b| (0..WAYS).map(move |w| (b, w)))
+                    .min_by_key(|&(b, w)| self.buckets[b].slots[w].end());
+                if let Some((b, w)) = victim {
+                    self.buckets[b].fps[w] = place[2];
+                    self.buckets[b].slots[w] = slot;
+                }
+                return;
+            }
+            self.grow((n * 2).min(max_buckets), clock);
+        }
+    }
+
+    /// Puts `slot` in a free (empty or ended) way of the emptier of its two buckets; false if
+    /// both are full.
+    fn settle(&mut self, [a, b, fp]: [u32; 3], slot: S, clock: u32) -> bool {
+        let n = self.buckets.len();
+        if n == 0 {
+            return false;
+        }
+        let free = |bucket: &Bucket<S>| {
+            (0..WAYS)
+                .filter(|&w| bucket.slots[w].end() <= clock)
+                .count()
+        };
+        let (first, second) = (bucket_of(a, n), bucket_of(b, n));
+        let i = if free(&self.buckets[second]) > free(&self.buckets[first]) {
+            second
+        } else {
+            first
+        };
+        let bucket = &mut self.buckets[i];
+        match (0..WAYS).find(|&w| bucket.slots[w].end() <= clock) {
+            Some(w) => {
+                bucket.fps[w] = fp;
+                bucket.slots[w] = slot;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Rebuilds the shard with `n` buckets, keeping every live slot that finds room (a slot
+    /// whose two new buckets are full is dropped, as an eviction).
+    fn grow(&mut self, n: usize, clock: u32) {
+        let old = std::mem::replace(&mut self.buckets, vec![Bucket::default(); n]);
+        for bucket in &old {
+            for w in 0..WAYS {
+                let slot = bucket.slots[w];
+                if slot.end() > clock {
+                    self.settle(slot.placed(bucket.fps[w]), slot, clock);
+                }
+            }
+        }
+    }
+}
+
+/// A verdict in 40 bytes: the token key's first 16 bytes (12 here, 4 as the fingerprint), the
+/// named user's first 8 bytes and tag, and the answer and instants packed into three words.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct VerdictSlot {
+    /// [`keys::short`] of the named user's key; 0 for a refusal.
+    user: u64,
+    /// The named user's [`NameTag`]; 0 while unknown.
+    name: u64,
+    /// Words 0 to 2 of the token key (word 3 is the fingerprint).
+    key: [u32; 3],
+    /// The usable end, ms since the shard's epoch; 0 for an empty slot.
+    usable: u32,
+    /// Usable end minus fresh end (the `stale_if_error` grace), ms.
+    stale: u32,
+    /// The answer in the top 5 bits (0: valid, `1 + i` for `Reason::ALL[i]`), and fresh end
+    /// minus issue instant in the low 27 bits, ms.
+    meta: u32,
+}
+
+impl VerdictSlot {
+    /// The first 16 bytes of a token key as the table reads them.
+    fn key(token: &Key) -> [u32; 4] {
+        std::array::from_fn(|i| u32::from_le_bytes(token[4 * i..4 * i + 4].try_into().unwrap()))
+    }
+
+    fn answer(&self) -> u32 {
+        self.meta >> 27
+    }
+
+    /// `v` on the token `key` as a slot of a shard whose epoch is `epoch_ms`; `None` if it ends
+    /// by then. Instants
+    /// that do not fit move the safe way: ends earlier, the issue instant earlier.
+    fn seal(key: &[u32; 4], v: &Cached, epoch_ms: u64) -> Option<VerdictSlot> {
+        let max = u64::from(u32::MAX);
+        let mut usable = v.usable_until_ms.min(epoch_ms.saturating_add(max));
+        let mut fresh = v.fresh_until_ms.min(usable);
+        let issued = v.issued_ms.min(fresh);
+        fresh = fresh.min(issued.saturating_add(MAX_ISSUED_GAP));
+        usable = usable.min(fresh.saturating_add(max));
+        if usable <= epoch_ms {
+            return None;
+        }
+        let (answer, user, name) = match v.held {
+            Held::Names { user, name } => (0, user, name.map_or(0, |n| n.0.get())),
+            Held::Refused(reason) => {
+                let i = Reason::ALL.iter().position(|r| *r == reason)?;
+                (1 + i as u32, 0, 0)
+            }
+        };
+        Some(VerdictSlot {
+            user,
+            name,
+            key: [key[0], key[1], key[2]],
+            usable: (usable - epoch_ms) as u32,
+            stale: (usable - fresh) as u32,
+            meta: answer << 27 | (fresh - issued) as u32,
+        })
+    }
+
+    /// The verdict this slot holds, in a shard whose epoch is `epoch_ms`.
+    fn open(&self, epoch_ms: u64) -> Cached {
+        let usable_until_ms = epoch_ms + u64::from(self.usable);
+        let fresh_until_ms = usable_until_ms - u64::from(self.stale);
+        let held = match self.answer() {
+            0 => Held::Names {
+                user: self.user,
+                name: NonZeroU64::new(self.name).map(NameTag),
+            },
+            // Only `seal` writes the answer, from `Reason::ALL`.
+            i => Held::Refused(Reason::ALL[i as usize - 1]),
+        };
+        Cached {
+            held,
+            issued_ms: fresh_until_ms - u64::from(self.meta & MAX_ISSUED_GAP as u32),
+            fresh_until_ms,
+            usable_until_ms,
+        }
+    }
+}
+
+impl Slot for VerdictSlot {
+    type Key = [u32; 4];
+    const UNIT_MS: u64 = 1;
+
+    fn place(key: &[u32; 4]) -> [u32; 3] {
+        [key[0], key[1], key[3]]
+    }
+
+    fn placed(&self, fp: u32) -> [u32; 3] {
+        [self.key[0], self.key[1], fp]
+    }
+
+    fn holds(&self, key: &[u32; 4]) -> bool {
+        self.key == [key[0], key[1], key[2]]
+    }
+
+    fn end(&self) -> u32 {
+        self.usable
+    }
+
+    fn shift(&mut self, units: u64) {
+        // The fresh end and issue instant are kept relative to the usable end: they move along.
+        match u64::from(self.usable).checked_sub(units) {
+            Some(usable) if usable > 0 => self.usable = usable as u32,
+            _ => *self = VerdictSlot::default(),
+        }
+    }
+}
+
+/// A "seen" marker in 8 bytes: word 0 of the user key (word 1 is the fingerprint) and its end.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct SeenSlot {
+    key: u32,
+    /// The end, seconds since the shard's epoch (`seen_ttl` is whole seconds; 32 bits of
+    /// seconds never need a rebase in practice); 0 for an empty slot.
+    until: u32,
+}
+
+impl SeenSlot {
+    /// The first 8 bytes of a user key ([`keys::short`]) as the table reads them.
+    fn key(user: &Key) -> [u32; 2] {
+        let short = keys::short(user);
+        [short as u32, (short >> 32) as u32]
+    }
+}
+
+impl Slot for SeenSlot {
+    type Key = [u32; 2];
+    const UNIT_MS: u64 = 1000;
+
+    fn place(key: &[u32; 2]) -> [u32; 3] {
+        [key[0], key[1], key[1]]
+    }
+
+    fn placed(&self, fp: u32) -> [u32; 3] {
+        [self.key, fp, fp]
+    }
+
+    fn holds(&self, key: &[u32; 2]) -> bool {
+        self.key == key[0]
+    }
+
+    fn end(&self) -> u32 {
+        self.until
+    }
+
+    fn shift(&mut self, units: u64) {
+        match u64::from(self.until).checked_sub(units) {
+            Some(until) if until > 0 => self.until = until as u32,
+            _ => *self = SeenSlot::default(),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::verdict::Answer;
+    use std::mem::size_of;
 
-    fn valid(fresh_ms: u64, usable_ms: u64) -> Verdict {
+    const ALICE: Key = [1; 32];
+    const BOB: Key = [2; 32];
+
+    fn valid(user: Key, fresh_ms: u64, usable_ms: u64) -> Verdict {
         let now = now_ms();
         Verdict {
-            answer: Answer::Names([1; 32]),
+            answer: Answer::Names(user),
             issued_ms: now,
             fresh_until_ms: now + fresh_ms,
             usable_until_ms: now + usable_ms,
@@ -136,19 +644,51 @@ mod tests {
         }
     }
 
+    /// A token key whose first bucket is 0 and second the last of any shard's buckets (word 1
+    /// is all ones), told apart by word 2; with `fp` as word 3.
+    fn token(n: u32, fp: u32) -> Key {
+        let mut key = [0u8; 32];
+        key[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        key[8..12].copy_from_slice(&n.to_le_bytes());
+        key[12..16].copy_from_slice(&fp.to_le_bytes());
+        key
+    }
+
+    #[test]
+    fn slots_are_44_bytes_a_verdict_and_12_a_marker() {
+        assert_eq!(size_of::<VerdictSlot>(), 40);
+        assert_eq!(size_of::<Bucket<VerdictSlot>>(), 8 * 44);
+        assert_eq!(size_of::<Bucket<SeenSlot>>(), 8 * 12);
+    }
+
+    #[test]
+    fn capacity_is_split_into_shards_of_whole_buckets() {
+        let sizes = |capacity| {
+            let t = Table::<VerdictSlot>::new(capacity);
+            (t.shards.len(), t.max_buckets)
+        };
+        assert_eq!(sizes(1_000_000), (64, 1953), "999,936 slots");
+        assert_eq!(sizes(100_000), (64, 195), "99,840 slots");
+        assert_eq!(sizes(100), (1, 12));
+        assert_eq!(sizes(7), (1, 0), "fewer than 8: nothing kept");
+    }
+
     #[test]
     fn verdicts_are_served_within_their_ttl_and_kept_until_their_usable_end() {
         let l1 = L1::new(100);
         let (fresh, stale, gone) = ([1u8; 32], [2u8; 32], [3u8; 32]);
-        let v = valid(10_000, 20_000);
-        l1.insert(fresh, v);
-        assert_eq!((l1.get(&fresh), l1.get_usable(&fresh)), (Some(v), Some(v)));
+        let v = valid(ALICE, 10_000, 20_000);
+        l1.insert(&fresh, &v, None);
+        let c = Cached::from(&v);
+        assert_eq!((l1.get(&fresh), l1.get_usable(&fresh)), (Some(c), Some(c)));
         let mut past = v;
+        past.issued_ms -= 60_000;
         past.fresh_until_ms = now_ms() - 1;
-        l1.insert(stale, past);
-        assert_eq!((l1.get(&stale), l1.get_usable(&stale)), (None, Some(past)));
+        l1.insert(&stale, &past, None);
+        let c = Cached::from(&past);
+        assert_eq!((l1.get(&stale), l1.get_usable(&stale)), (None, Some(c)));
         past.usable_until_ms = past.fresh_until_ms;
-        l1.insert(gone, past);
+        l1.insert(&gone, &past, None);
         assert_eq!(
             l1.get_usable(&gone),
             None,
@@ -156,16 +696,231 @@ mod tests {
         );
         l1.invalidate(&fresh);
         assert_eq!(l1.get(&fresh), None);
+        l1.invalidate_all();
+        assert_eq!(l1.get_usable(&stale), None);
     }
 
     #[test]
-    fn seen_markers_end_at_their_instant() {
+    fn expiry_is_checked_on_read() {
+        let l1 = L1::new(100);
+        l1.insert(&[1; 32], &valid(ALICE, 200, 400), None);
+        assert!(l1.get(&[1; 32]).is_some());
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        assert_eq!(l1.get(&[1; 32]), None, "past its TTL");
+        assert!(l1.get_usable(&[1; 32]).is_some(), "within stale_if_error");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(l1.get_usable(&[1; 32]), None, "past its usable end");
+    }
+
+    #[test]
+    fn refusals_keep_their_reason_and_instants_round_trip_to_the_ms() {
+        let l1 = L1::new(100);
+        for (i, reason) in Reason::ALL.into_iter().enumerate() {
+            let v = Verdict {
+                answer: Answer::Refused(reason),
+                issued_ms: now_ms() - 1_234,
+                fresh_until_ms: now_ms() + 10_007,
+                usable_until_ms: now_ms() + 10_007,
+                exp_ms: Some(1),
+            };
+            let token = [i as u8 + 1; 32];
+            l1.insert(&token, &v, None);
+            let got = l1.get(&token).unwrap();
+            assert_eq!(got, Cached::from(&v), "{reason:?}");
+            assert_eq!(got.decide(&ALICE), (false, reason));
+            assert_eq!(
+                got.decide_by_name(l1.name_tag("d", "a")),
+                Some((false, reason))
+            );
+        }
+    }
+
+    #[test]
+    fn instants_that_do_not_fit_move_the_safe_way() {
+        let epoch = 1_000_000;
+        let day = 86_400_000;
+        let v = |issued, fresh, usable| Cached {
+            held: Held::Names {
+                user: 7,
+                name: None,
+            },
+            issued_ms: issued,
+            fresh_until_ms: fresh,
+            usable_until_ms: usable,
+        };
+        let round = |c: Cached| VerdictSlot::seal(&[0; 4], &c, epoch).map(|s| s.open(epoch));
+        let fits = v(epoch + 5, epoch + day, epoch + 2 * day);
+        assert_eq!(round(fits), Some(fits));
+        // Issued 2 days before its fresh end: the fresh end comes earlier, not the issue later.
+        let long = round(v(epoch, epoch + 2 * day, epoch + 2 * day)).unwrap();
+        assert_eq!(
+            (long.issued_ms, long.fresh_until_ms, long.usable_until_ms),
+            (epoch, epoch + MAX_ISSUED_GAP, epoch + 2 * day)
+        );
+        // Issued after its fresh end (a refusal from a skewed clock): issued at the fresh end.
+        let late = round(v(epoch + 10, epoch + 5, epoch + 5)).unwrap();
+        assert_eq!(late.issued_ms, epoch + 5);
+        // An end beyond the slot's 32-bit clock is cut to it.
+        let far = round(v(epoch, epoch + 1, u64::MAX)).unwrap();
+        assert_eq!(far.usable_until_ms, epoch + u64::from(u32::MAX));
+        assert_eq!(round(v(0, epoch, epoch)), None, "ended at the epoch");
+    }
+
+    #[test]
+    fn a_verdict_is_served_to_the_named_user_only() {
+        let l1 = L1::new(100);
+        let (alice, bob) = (
+            l1.name_tag("example.com", "alice"),
+            l1.name_tag("example.com", "bob"),
+        );
+        assert_ne!(alice, bob);
+        assert_ne!(alice, l1.name_tag("example.org", "alice"));
+        assert_ne!(l1.name_tag("a", "bc"), l1.name_tag("ab", "c"));
+        let token = [9; 32];
+        // Decided for bob: alice's name is not known yet.
+        l1.insert(&token, &valid(ALICE, 10_000, 10_000), None);
+        let v = l1.get(&token).unwrap();
+        assert_eq!(v.decide_by_name(bob), None);
+        assert_eq!(v.decide(&BOB), (false, Reason::WrongUser));
+        assert_eq!(v.decide(&ALICE), (true, Reason::Accepted));
+        l1.bind(&token, &BOB, bob);
+        assert_eq!(
+            l1.get(&token).unwrap().decide_by_name(bob),
+            None,
+            "bob is not named"
+        );
+        l1.bind(&token, &ALICE, alice);
+        let v = l1.get(&token).unwrap();
+        assert_eq!(v.decide_by_name(alice), Some((true, Reason::Accepted)));
+        assert_eq!(v.decide_by_name(bob), Some((false, Reason::WrongUser)));
+        // A new verdict on the token names bob: alice's tag goes with the old one.
+        l1.insert(&token, &valid(BOB, 10_000, 10_000), Some(bob));
+        let v = l1.get(&token).unwrap();
+        assert_eq!(v.decide_by_name(alice), Some((false, Reason::WrongUser)));
+        assert_eq!(v.decide_by_name(bob), Some((true, Reason::Accepted)));
+        assert_eq!(v.decide(&ALICE), (false, Reason::WrongUser));
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_verdict_that_ends_first() {
+        // 16 slots: 1 shard, 2 buckets; every key below may use both.
+        let l1 = L1::new(16);
+        let end = |i: u32| 60_000 + u64::from(i) * 1_000;
+        for i in 0..16 {
+            l1.insert(&token(i, i), &valid(ALICE, end(i), end(i)), None);
+        }
+        let kept = |l1: &L1| (0..20).filter(|&i| l1.get(&token(i, i)).is_some()).count();
+        assert_eq!(kept(&l1), 16, "room for 16");
+        // The first 8 went in while the shard had one bucket; the 9th doubled it.
+        assert_eq!(l1.inner.verdicts.shards[0].lock().unwrap().buckets.len(), 2);
+        // One more: the one that ends first (token 0) makes room; so does token 1 next.
+        l1.insert(&token(16, 16), &valid(ALICE, end(16), end(16)), None);
+        assert_eq!((kept(&l1), l1.get(&token(0, 0))), (16, None));
+        l1.insert(&token(17, 17), &valid(ALICE, end(17), end(17)), None);
+        assert_eq!((kept(&l1), l1.get(&token(1, 1))), (16, None));
+        assert!(l1.get(&token(2, 2)).is_some() && l1.get(&token(17, 17)).is_some());
+        // A key whose fingerprint matches another's is still told apart by its other words.
+        assert_eq!(l1.get(&token(18, 2)), None);
+    }
+
+    #[test]
+    fn ended_slots_are_free_slots() {
+        let mut shard = Shard::<SeenSlot> {
+            buckets: vec![Bucket::default(); 1],
+            epoch_ms: 0,
+        };
+        // 8 markers ending at 10..17 fill the one bucket (both choices of every key).
+        for i in 0..8 {
+            shard.put(
+                &[i, 0],
+                SeenSlot {
+                    key: i,
+                    until: 10 + i,
+                },
+                5,
+                1,
+            );
+        }
+        let live = |s: &Shard<SeenSlot>, clock| {
+            s.buckets[0]
+                .slots
+                .iter()
+                .filter(|x| x.until > clock)
+                .count()
+        };
+        assert_eq!(live(&shard, 5), 8);
+        // At 12, markers 0 to 2 have ended: a new one takes the first of their slots, no
+        // eviction.
+        shard.put(&[8, 0], SeenSlot { key: 8, until: 30 }, 12, 1);
+        assert_eq!(shard.buckets[0].slots[0], SeenSlot { key: 8, until: 30 });
+        assert_eq!(live(&shard, 12), 6);
+        assert!(shard.find(&[7, 0]).is_some());
+    }
+
+    #[test]
+    fn a_shard_moves_its_epoch_before_its_clock_wraps() {
+        let day = 86_400_000;
+        let epoch = 1_000_000;
+        let mut shard = Shard::<VerdictSlot> {
+            buckets: vec![Bucket::default(); 1],
+            epoch_ms: epoch,
+        };
+        let now = epoch + (1 << 31) - 1;
+        let key = [1, 2, 3, 4];
+        let v = Cached {
+            held: Held::Refused(Reason::Inactive),
+            issued_ms: now - 10,
+            fresh_until_ms: now + day,
+            usable_until_ms: now + day,
+        };
+        let clock = shard.clock(now);
+        assert_eq!(clock, (1 << 31) - 1);
+        let slot = VerdictSlot::seal(&key, &v, shard.epoch_ms).unwrap();
+        shard.put(&key, slot, clock, 1);
+        let ended = VerdictSlot::seal(
+            &[5, 6, 7, 8],
+            &Cached {
+                usable_until_ms: now + 1,
+                ..v
+            },
+            epoch,
+        );
+        shard.put(&[5, 6, 7, 8], ended.unwrap(), clock, 1);
+        assert_eq!(shard.clock(now + 2), 0, "rebased");
+        assert_eq!(shard.epoch_ms, now + 2);
+        let (b, w) = shard.find(&key).unwrap();
+        assert_eq!(
+            shard.buckets[b].slots[w].open(shard.epoch_ms),
+            v,
+            "same instants"
+        );
+        assert_eq!(shard.find(&[5, 6, 7, 8]), None, "an ended slot is emptied");
+    }
+
+    #[test]
+    fn seen_markers_end_at_their_second() {
         let l1 = L1::new(100);
         let user = [3u8; 32];
         assert!(!l1.seen(&user));
-        l1.mark_seen(user, now_ms() + 60_000);
+        l1.mark_seen(&user, now_ms() + 60_000);
         assert!(l1.seen(&user));
-        l1.mark_seen(user, now_ms() - 1);
+        assert!(!l1.seen(&[4; 32]));
+        l1.mark_seen(&user, now_ms() - 1);
         assert!(!l1.seen(&user), "a marker past its end is not seen");
+        // 20 markers in a table of 16 (2 buckets; each key may use both): the 4 that end first
+        // make room.
+        let l1 = L1::new(16);
+        let user = |n: u32| {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&n.to_le_bytes());
+            key[4..8].copy_from_slice(&(u32::MAX - n).to_le_bytes());
+            key
+        };
+        let now = now_ms();
+        for n in 0..20 {
+            l1.mark_seen(&user(n), now + 100_000 + u64::from(n) * 1000);
+        }
+        let seen: Vec<u32> = (0..20).filter(|&n| l1.seen(&user(n))).collect();
+        assert_eq!(seen, (4..20).collect::<Vec<_>>());
     }
 }

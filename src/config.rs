@@ -132,7 +132,8 @@ pub struct RunArgs {
     #[arg(long, env = "EXTAUTH_INSECURE_PROVIDER_HTTP", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub insecure_provider_http: Option<bool>,
 
-    /// Most verdicts kept in the in-process cache [default: 1000000].
+    /// Most verdicts kept in the in-process cache, and as many "seen" markers: about 45 bytes
+    /// per verdict when full (1M in 42 MiB), 12 per marker [default: 1000000].
     #[arg(long, env = "EXTAUTH_L1_CAPACITY")]
     pub l1_capacity: Option<u64>,
 

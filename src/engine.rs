@@ -233,13 +233,24 @@ impl Engine {
         };
         let per_user = domain.validator.asks_about_user().then_some(user);
         let token_key = self.keys.token(domain_name, token.expose(), per_user);
-        let user_key = self.keys.user(domain_name, user);
         if let Some(v) = self.l1.get(&token_key) {
             if !self.revocations.revokes(&token_key, &v) {
                 metrics::cache_hit(Source::L1);
-                return Ok(decided(v.decide(&user_key), Source::L1));
+                // One keyed digest per hit: the user is matched by its name tag, and by its
+                // user key only the first time the verdict is decided for the user it names.
+                let name = self.l1.name_tag(domain_name, user);
+                let decision = v.decide_by_name(name).unwrap_or_else(|| {
+                    let user_key = self.keys.user(domain_name, user);
+                    let decision = v.decide(&user_key);
+                    if decision.0 {
+                        self.l1.bind(&token_key, &user_key, name);
+                    }
+                    decision
+                });
+                return Ok(decided(decision, Source::L1));
             }
         }
+        let user_key = self.keys.user(domain_name, user);
         Err(Pending {
             domain,
             token_key,
@@ -264,6 +275,7 @@ impl Engine {
         };
         let ask = Ask {
             token_key,
+            user_key,
             check: TokenCheck {
                 user,
                 domain: domain_name,
@@ -340,7 +352,7 @@ impl Engine {
         let health = self.flights.health();
         match health.check(Op::SeenRead, redis.seen(&user_key).await) {
             Some(true) => {
-                self.l1.mark_seen(user_key, seen_until(&domain));
+                self.l1.mark_seen(&user_key, seen_until(&domain));
                 known(true, Source::Redis)
             }
             Some(false) => known(false, Source::Redis),
@@ -352,7 +364,7 @@ impl Engine {
     /// asked the provider; verdicts read from Redis were shared by the broker that did).
     async fn mark_seen(&self, domain: &Domain, user_key: Key, share: bool) {
         let until = seen_until(domain);
-        self.l1.mark_seen(user_key, until);
+        self.l1.mark_seen(&user_key, until);
         if let (true, Some(redis)) = (share, &self.redis) {
             let health = self.flights.health();
             health.check(Op::SeenWrite, redis.mark_seen(&user_key, until).await);

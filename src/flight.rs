@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
-use crate::cache::L1;
+use crate::cache::{Cached, L1};
 use crate::domain::Domain;
 use crate::keys::{Key, KeyDeriver};
 use crate::metrics;
@@ -39,8 +39,8 @@ const LOCK_POLL: Duration = Duration::from_millis(10);
 /// A verdict and where it came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fetched {
-    /// The verdict on the token.
-    pub verdict: Verdict,
+    /// The verdict on the token, in the form L1 keeps (every waiter decides for its own user).
+    pub verdict: Cached,
     /// Where it came from.
     pub source: Source,
 }
@@ -63,6 +63,9 @@ pub type Landed = Result<Fetched, FlightError>;
 pub struct Ask<'a> {
     /// The token's key (with the user for validators whose answer depends on it).
     pub token_key: Key,
+    /// The requesting user's key: a verdict naming this user is kept in L1 bound to the user's
+    /// name, so its next hits need no user key.
+    pub user_key: Key,
     /// What the validator is asked.
     pub check: TokenCheck<'a>,
     /// The domain's settings and validator.
@@ -192,7 +195,7 @@ impl Flights {
             if v.is_fresh_at(now_ms()) {
                 return Ok(self.shared(ask, v));
             }
-            stale = stale.or(Some(v));
+            stale = stale.or(Some(Cached::from(&v)));
         }
         let mut coordination = self.coordinate(ask).await;
         if let (Coordination::Hold, Some(redis)) = (&coordination, &self.parts.redis) {
@@ -239,16 +242,25 @@ impl Flights {
     }
 
     /// Is `verdict` on `token` not revoked by a mark this process knows?
-    fn current(&self, token: &Key, verdict: &Verdict) -> bool {
+    fn current(&self, token: &Key, verdict: &Cached) -> bool {
         !self.parts.revocations.revokes(token, verdict)
+    }
+
+    /// Keeps `verdict` in L1, bound to the asking user's name when it names that user (the
+    /// only user whose name this flight knows).
+    fn keep(&self, ask: &Ask<'_>, verdict: &Verdict) {
+        let l1 = &self.parts.l1;
+        let name = (verdict.named_user() == Some(&ask.user_key))
+            .then(|| l1.name_tag(ask.check.domain, ask.check.user));
+        l1.insert(&ask.token_key, verdict, name);
     }
 
     /// A verdict another broker stored, now kept here too.
     fn shared(&self, ask: &Ask<'_>, verdict: Verdict) -> Fetched {
         metrics::cache_hit(Source::Redis);
-        self.parts.l1.insert(ask.token_key, verdict);
+        self.keep(ask, &verdict);
         Fetched {
-            verdict,
+            verdict: Cached::from(&verdict),
             source: Source::Redis,
         }
     }
@@ -276,7 +288,8 @@ impl Flights {
                 self.parts.revocations.note_user(*user, mark);
             }
         }
-        self.current(&ask.token_key, &verdict).then_some(verdict)
+        self.current(&ask.token_key, &Cached::from(&verdict))
+            .then_some(verdict)
     }
 
     /// Takes the cluster-wide flight lock of the token, or waits for the broker holding it to
@@ -343,10 +356,7 @@ impl Flights {
         info!(
             user = ask.check.user,
             domain = ask.check.domain,
-            verdict = verdict
-                .decide(&self.parts.keys.user(ask.check.domain, ask.check.user))
-                .1
-                .as_str(),
+            verdict = verdict.decide(&ask.user_key).1.as_str(),
             ttl_ms = verdict.remaining().as_millis() as u64,
             "provider verdict"
         );
@@ -361,7 +371,7 @@ impl Flights {
         let mut race = self
             .parts
             .revocations
-            .covering(token, &verdict)
+            .covering(token, &Cached::from(&verdict))
             .map(Race::Mark);
         if let (None, Some(redis)) = (race, &self.parts.redis) {
             let written = self
@@ -377,7 +387,7 @@ impl Flights {
         }
         let answer = match race {
             None => {
-                self.parts.l1.insert(*token, verdict);
+                self.keep(ask, &verdict);
                 verdict
             }
             Some(race) => {
@@ -398,7 +408,7 @@ impl Flights {
             }
         };
         Fetched {
-            verdict: answer,
+            verdict: Cached::from(&answer),
             source: Source::Provider,
         }
     }

@@ -67,6 +67,13 @@ impl KeyDeriver {
     }
 }
 
+/// The first 8 bytes of a key, as the in-process tables keep it (the L1 verdict's named user,
+/// the "seen" markers, the revocation marks). A 64-bit slice of an HMAC output: two keys share
+/// it by a 2^-64 chance, and nobody can aim at a given one without the cache secret.
+pub fn short(key: &Key) -> u64 {
+    u64::from_le_bytes(key[..8].try_into().expect("8 bytes"))
+}
+
 /// Reads a key as `hex::encode` writes it: 64 lowercase hex digits; `None` for anything else
 /// (capitals included), so a stored value has one spelling only.
 pub fn parse_hex(text: &str) -> Option<Key> {

@@ -28,11 +28,11 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tracing::{debug, info, warn};
 
-use crate::cache::L1;
-use crate::keys::{Key, KeyDeriver};
+use crate::cache::{Cached, L1};
+use crate::keys::{self, Key, KeyDeriver};
 use crate::metrics;
 use crate::store::{Hint, Redis, HINT_CHANNEL};
-use crate::verdict::{now_ms, Verdict, HORIZON};
+use crate::verdict::{now_ms, HORIZON};
 use extauth_protocol::extauth::Secret;
 
 /// Clocks of brokers and Redis may disagree by this much (ms; NTP keeps them far closer): a
@@ -64,13 +64,15 @@ enum Kind {
     Token,
 }
 
+/// Marks by [`keys::short`] of the user or token key, as L1 keeps a verdict's named user: two
+/// keys sharing it by chance (2^-64) only revoke more.
 #[derive(Default)]
 struct Marks {
-    users: HashMap<Key, Mark>,
-    tokens: HashMap<Key, Mark>,
+    users: HashMap<u64, Mark>,
+    tokens: HashMap<u64, Mark>,
     /// When each mark was noted, oldest first, for expiry and for folding the oldest into the
     /// floor. A key noted again (a later mark) has several entries: only its latest counts.
-    order: VecDeque<(u64, Kind, Key)>,
+    order: VecDeque<(u64, Kind, u64)>,
     /// Every verdict issued up to this instant is revoked (0: none).
     floor_ms: u64,
 }
@@ -83,7 +85,7 @@ struct Mark {
 }
 
 impl Marks {
-    fn map(&mut self, kind: Kind) -> &mut HashMap<Key, Mark> {
+    fn map(&mut self, kind: Kind) -> &mut HashMap<u64, Mark> {
         match kind {
             Kind::User => &mut self.users,
             Kind::Token => &mut self.tokens,
@@ -91,7 +93,7 @@ impl Marks {
     }
 
     /// Keeps the mark `at_ms` on `key`, noted at `now_ms`, unless a later one is known.
-    fn note(&mut self, kind: Kind, key: Key, at_ms: u64, now_ms: u64) {
+    fn note(&mut self, kind: Kind, key: u64, at_ms: u64, now_ms: u64) {
         self.forget_older_than(now_ms.saturating_sub(HORIZON.as_millis() as u64));
         let map = self.map(kind);
         if map.get(&key).is_some_and(|m| m.at_ms >= at_ms) {
@@ -127,7 +129,7 @@ impl Marks {
 
     /// Removes the mark on `key` if it is the one noted at `noted_ms` (an older entry of a key
     /// noted again since must not remove its later mark early), returning its instant.
-    fn take(&mut self, kind: Kind, key: Key, noted_ms: u64) -> Option<u64> {
+    fn take(&mut self, kind: Kind, key: u64, noted_ms: u64) -> Option<u64> {
         let map = self.map(kind);
         if map.get(&key)?.noted_ms != noted_ms {
             return None;
@@ -151,24 +153,24 @@ impl Revocations {
         self.marks
             .lock()
             .expect("revocation marks")
-            .note(kind, key, at_ms, now_ms());
+            .note(kind, keys::short(&key), at_ms, now_ms());
         self.any.store(true, Ordering::Release);
     }
 
     /// Is `verdict` (on `token`) revoked by a mark this process knows?
-    pub fn revokes(&self, token: &Key, verdict: &Verdict) -> bool {
+    pub fn revokes(&self, token: &Key, verdict: &Cached) -> bool {
         self.covering(token, verdict).is_some()
     }
 
     /// The latest mark this process knows that revokes `verdict` (on `token`), ms since the
     /// epoch.
-    pub fn covering(&self, token: &Key, verdict: &Verdict) -> Option<u64> {
+    pub fn covering(&self, token: &Key, verdict: &Cached) -> Option<u64> {
         if !self.any.load(Ordering::Acquire) {
             return None;
         }
         let marks = self.marks.lock().expect("revocation marks");
-        let user = verdict.named_user().and_then(|u| marks.users.get(u));
-        let token = marks.tokens.get(token);
+        let user = verdict.named_user().and_then(|u| marks.users.get(&u));
+        let token = marks.tokens.get(&keys::short(token));
         [
             Some(marks.floor_ms),
             token.map(|m| m.at_ms),
@@ -176,7 +178,7 @@ impl Revocations {
         ]
         .into_iter()
         .flatten()
-        .filter(|at| *at != 0 && covers(*at, verdict.issued_ms))
+        .filter(|at| *at != 0 && covers(*at, verdict.issued_ms()))
         .max()
     }
 
@@ -357,16 +359,16 @@ fn apply(hint: Hint, revocations: &Revocations, l1: &L1) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::verdict::Answer;
+    use crate::verdict::{Answer, Verdict};
 
-    fn verdict(user: Key, issued_ms: u64) -> Verdict {
-        Verdict {
+    fn verdict(user: Key, issued_ms: u64) -> Cached {
+        Cached::from(&Verdict {
             answer: Answer::Names(user),
             issued_ms,
             fresh_until_ms: issued_ms + 1,
             usable_until_ms: issued_ms + 1,
             exp_ms: None,
-        }
+        })
     }
 
     #[test]
@@ -399,7 +401,7 @@ mod tests {
     #[test]
     fn a_mark_noted_again_lives_a_full_horizon_from_its_latest_note() {
         let mut marks = Marks::default();
-        let (key, t0, later) = ([5u8; 32], 10_000_000_000, 10_000_060_000);
+        let (key, t0, later) = (5, 10_000_000_000, 10_000_060_000);
         let horizon = HORIZON.as_millis() as u64;
         marks.note(Kind::User, key, t0, t0);
         marks.note(Kind::User, key, later, later);
@@ -409,7 +411,7 @@ mod tests {
             Some(later),
             "forgetting the first note must not forget the later mark"
         );
-        marks.note(Kind::Token, [6; 32], later, later + horizon + 1);
+        marks.note(Kind::Token, 6, later, later + horizon + 1);
         assert!(
             !marks.users.contains_key(&key),
             "forgotten a horizon after its latest note"
