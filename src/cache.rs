@@ -26,6 +26,7 @@
 
 use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::keys::{self, Key};
@@ -137,7 +138,28 @@ pub struct L1 {
     inner: Arc<Tables>,
 }
 
+/// Where L1 reads the time (ms since the Unix epoch).
+#[derive(Debug, Clone)]
+pub enum Clock {
+    /// The system clock ([`crate::verdict::now_ms`]).
+    System,
+    /// A clock the holder of the `Arc` sets by hand (tests).
+    Manual(Arc<AtomicU64>),
+}
+
+impl Clock {
+    /// The time now, ms since the Unix epoch.
+    pub fn now_ms(&self) -> u64 {
+        match self {
+            Clock::System => now_ms(),
+            Clock::Manual(ms) => ms.load(Ordering::Relaxed),
+        }
+    }
+}
+
 struct Tables {
+    /// The time every expiry is read against.
+    clock: Clock,
     verdicts: Table<VerdictSlot>,
     seen: Table<SeenSlot>,
     /// The key of the name tags, random per process.
@@ -151,11 +173,19 @@ impl L1 {
     /// MiB). Each shard is rounded down to whole buckets of 8 slots; below 512 slots the
     /// capacity is rounded down to a multiple of 8 (0 to 7: nothing is kept).
     pub fn new(capacity: u64) -> Self {
+        L1::with_clock(capacity, Clock::System)
+    }
+
+    /// [`L1::new`] reading the time from `clock`: a test moves a [`Clock::Manual`] past a
+    /// verdict's end instead of sleeping.
+    pub fn with_clock(capacity: u64, clock: Clock) -> Self {
+        let now = clock.now_ms();
         L1 {
             inner: Arc::new(Tables {
-                verdicts: Table::new(capacity),
-                seen: Table::new(capacity),
+                verdicts: Table::new(capacity, now),
+                seen: Table::new(capacity, now),
                 names: RandomState::new(),
+                clock,
             }),
         }
     }
@@ -173,13 +203,13 @@ impl L1 {
 
     /// The verdict on `token`, if any and within its TTL.
     pub fn get(&self, token: &Key) -> Option<Cached> {
-        let now = now_ms();
+        let now = self.inner.clock.now_ms();
         self.find(token).filter(|v| v.fresh_until_ms > now)
     }
 
     /// The verdict on `token` if it is still usable for `stale_if_error` (fresh or not).
     pub fn get_usable(&self, token: &Key) -> Option<Cached> {
-        let now = now_ms();
+        let now = self.inner.clock.now_ms();
         self.find(token).filter(|v| v.usable_until_ms > now)
     }
 
@@ -200,7 +230,7 @@ impl L1 {
             *n = name;
         }
         let key = VerdictSlot::key(token);
-        let now = now_ms();
+        let now = self.inner.clock.now_ms();
         let mut shard = self.inner.verdicts.shard(&key);
         let clock = shard.clock(now);
         if let Some(slot) = VerdictSlot::seal(&key, &cached, shard.epoch_ms) {
@@ -240,7 +270,7 @@ impl L1 {
     pub fn mark_seen(&self, user: &Key, until_ms: u64) {
         let key = SeenSlot::key(user);
         let mut shard = self.inner.seen.shard(&key);
-        let clock = shard.clock(now_ms());
+        let clock = shard.clock(self.inner.clock.now_ms());
         let until = shard.units(until_ms);
         match until {
             Some(until) if until > clock => {
@@ -255,7 +285,7 @@ impl L1 {
     pub fn seen(&self, user: &Key) -> bool {
         let key = SeenSlot::key(user);
         let mut shard = self.inner.seen.shard(&key);
-        let clock = shard.clock(now_ms());
+        let clock = shard.clock(self.inner.clock.now_ms());
         shard
             .find(&key)
             .is_some_and(|(b, w)| shard.buckets[b].slots[w].until > clock)
@@ -302,14 +332,15 @@ struct Bucket<S> {
 }
 
 impl<S: Slot> Table<S> {
-    fn new(capacity: u64) -> Self {
+    /// Empty shards for `capacity` entries, their epoch at `now_ms`.
+    fn new(capacity: u64, now_ms: u64) -> Self {
         let slots = usize::try_from(capacity).unwrap_or(usize::MAX);
         let mut shards = MAX_SHARDS;
         while shards > 1 && slots / (shards * WAYS) < MIN_SHARD_BUCKETS {
             shards /= 2;
         }
         let max_buckets = slots / (shards * WAYS);
-        let epoch_ms = now_ms();
+        let epoch_ms = now_ms;
         Table {
             shards: (0..shards)
                 .map(|_| {
@@ -664,7 +695,7 @@ mod tests {
     #[test]
     fn capacity_is_split_into_shards_of_whole_buckets() {
         let sizes = |capacity| {
-            let t = Table::<VerdictSlot>::new(capacity);
+            let t = Table::<VerdictSlot>::new(capacity, now_ms());
             (t.shards.len(), t.max_buckets)
         };
         assert_eq!(sizes(1_000_000), (64, 1953), "999,936 slots");
@@ -702,13 +733,21 @@ mod tests {
 
     #[test]
     fn expiry_is_checked_on_read() {
-        let l1 = L1::new(100);
-        l1.insert(&[1; 32], &valid(ALICE, 200, 400), None);
-        assert!(l1.get(&[1; 32]).is_some());
-        std::thread::sleep(std::time::Duration::from_millis(250));
+        let now = Arc::new(AtomicU64::new(now_ms()));
+        let l1 = L1::with_clock(100, Clock::Manual(now.clone()));
+        let v = valid(ALICE, 200, 400);
+        l1.insert(&[1; 32], &v, None);
+        now.store(v.fresh_until_ms - 1, Ordering::Relaxed);
+        assert!(l1.get(&[1; 32]).is_some(), "1 ms before its TTL ends");
+        now.store(v.fresh_until_ms, Ordering::Relaxed);
         assert_eq!(l1.get(&[1; 32]), None, "past its TTL");
         assert!(l1.get_usable(&[1; 32]).is_some(), "within stale_if_error");
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        now.store(v.usable_until_ms - 1, Ordering::Relaxed);
+        assert!(
+            l1.get_usable(&[1; 32]).is_some(),
+            "1 ms before its usable end"
+        );
+        now.store(v.usable_until_ms, Ordering::Relaxed);
         assert_eq!(l1.get_usable(&[1; 32]), None, "past its usable end");
     }
 
