@@ -24,13 +24,14 @@
 //! earlier one (more revocation marks cover it). Only verdicts this broker decided or read back
 //! authenticated from Redis ever get here.
 
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroU64;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::keys::{self, Key};
-use crate::verdict::{now_ms, Answer, Verdict};
+use crate::verdict::{covers, now_ms, Answer, Verdict, HORIZON};
 use extauth_protocol::wire::Reason;
 
 /// Slots per bucket: 8 fingerprints are half a cache line.
@@ -164,6 +165,8 @@ struct Tables {
     seen: Table<SeenSlot>,
     /// The key of the name tags, random per process.
     names: RandomState,
+    /// What revocations this process knows of.
+    revocations: Revocations,
 }
 
 impl L1 {
@@ -185,6 +188,7 @@ impl L1 {
                 verdicts: Table::new(capacity, now),
                 seen: Table::new(capacity, now),
                 names: RandomState::new(),
+                revocations: Revocations::default(),
                 clock,
             }),
         }
@@ -201,16 +205,44 @@ impl L1 {
         NameTag(NonZeroU64::new(hash).unwrap_or(NonZeroU64::MIN))
     }
 
-    /// The verdict on `token`, if any and within its TTL.
+    /// The verdict on `token`, if any, within its TTL and not revoked by a mark this process
+    /// knows ([`L1::note_user_mark`], [`L1::note_token_mark`]).
     pub fn get(&self, token: &Key) -> Option<Cached> {
         let now = self.inner.clock.now_ms();
-        self.find(token).filter(|v| v.fresh_until_ms > now)
+        self.find(token)
+            .filter(|v| v.fresh_until_ms > now && !self.revoked(token, v))
     }
 
-    /// The verdict on `token` if it is still usable for `stale_if_error` (fresh or not).
+    /// The verdict on `token` if it is still usable for `stale_if_error` (fresh or not) and
+    /// not revoked.
     pub fn get_usable(&self, token: &Key) -> Option<Cached> {
         let now = self.inner.clock.now_ms();
-        self.find(token).filter(|v| v.usable_until_ms > now)
+        self.find(token)
+            .filter(|v| v.usable_until_ms > now && !self.revoked(token, v))
+    }
+
+    fn revoked(&self, token: &Key, verdict: &Cached) -> bool {
+        self.inner.revocations.covering(token, verdict).is_some()
+    }
+
+    /// Records that every verdict naming the user whose key is `user`, issued up to `at_ms`
+    /// (ms since the epoch), is revoked. Kept for [`HORIZON`], at most [`MAX_MARKS`] marks.
+    pub fn note_user_mark(&self, user: &Key, at_ms: u64) {
+        let now = self.inner.clock.now_ms();
+        self.inner.revocations.note(Kind::User, user, at_ms, now);
+    }
+
+    /// Records that every verdict on `token` issued up to `at_ms` is revoked.
+    pub fn note_token_mark(&self, token: &Key, at_ms: u64) {
+        let now = self.inner.clock.now_ms();
+        self.inner.revocations.note(Kind::Token, token, at_ms, now);
+    }
+
+    /// The latest mark this process knows that covers `verdict` on `token` (ms since the
+    /// epoch): a flight compares it with its own start, since a revocation may have come
+    /// while it asked the provider.
+    pub fn mark_covering(&self, token: &Key, verdict: &Cached) -> Option<u64> {
+        self.inner.revocations.covering(token, verdict)
     }
 
     fn find(&self, token: &Key) -> Option<Cached> {
@@ -291,6 +323,142 @@ impl L1 {
             .is_some_and(|(b, w)| shard.buckets[b].slots[w].until > clock)
     }
 }
+
+// --- Revocation marks ---
+
+/// Most marks kept in process; past it the oldest are folded into a floor (every verdict issued
+/// before it is treated as revoked), so memory stays bounded whatever is revoked.
+pub const MAX_MARKS: usize = 100_000;
+
+/// The revocation marks this process knows, bounded in number and age. They live with the
+/// verdicts they revoke: [`L1::get`] never hands out a verdict a mark covers.
+#[derive(Default)]
+struct Revocations {
+    marks: Mutex<Marks>,
+    /// False while no mark and no floor exist: the hot path then takes no lock.
+    any: AtomicBool,
+}
+
+/// Which kind of key a mark is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    User,
+    Token,
+}
+
+/// Marks by [`keys::short`] of the user or token key, as L1 keeps a verdict's named user: two
+/// keys sharing it by chance (2^-64) only revoke more.
+#[derive(Default)]
+struct Marks {
+    users: HashMap<u64, Mark>,
+    tokens: HashMap<u64, Mark>,
+    /// When each mark was noted, oldest first, for expiry and for folding the oldest into the
+    /// floor. A key noted again (a later mark) has several entries: only its latest counts.
+    order: VecDeque<(u64, Kind, u64)>,
+    /// Every verdict issued up to this instant is revoked (0: none).
+    floor_ms: u64,
+}
+
+/// A revocation mark, and when this process noted it (both ms since the epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mark {
+    at_ms: u64,
+    noted_ms: u64,
+}
+
+impl Marks {
+    fn map(&mut self, kind: Kind) -> &mut HashMap<u64, Mark> {
+        match kind {
+            Kind::User => &mut self.users,
+            Kind::Token => &mut self.tokens,
+        }
+    }
+
+    /// Keeps the mark `at_ms` on `key`, noted at `now_ms`, unless a later one is known.
+    fn note(&mut self, kind: Kind, key: u64, at_ms: u64, now_ms: u64) {
+        self.forget_older_than(now_ms.saturating_sub(HORIZON.as_millis() as u64));
+        let map = self.map(kind);
+        if map.get(&key).is_some_and(|m| m.at_ms >= at_ms) {
+            return;
+        }
+        map.insert(
+            key,
+            Mark {
+                at_ms,
+                noted_ms: now_ms,
+            },
+        );
+        self.order.push_back((now_ms, kind, key));
+        while self.users.len() + self.tokens.len() > MAX_MARKS {
+            let Some((noted, kind, key)) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(at) = self.take(kind, key, noted) {
+                self.floor_ms = self.floor_ms.max(at);
+            }
+        }
+    }
+
+    fn forget_older_than(&mut self, cutoff_ms: u64) {
+        while let Some(&(noted, kind, key)) = self.order.front() {
+            if noted >= cutoff_ms {
+                break;
+            }
+            self.order.pop_front();
+            self.take(kind, key, noted);
+        }
+    }
+
+    /// Removes the mark on `key` if it is the one noted at `noted_ms` (an older entry of a key
+    /// noted again since must not remove its later mark early), returning its instant.
+    fn take(&mut self, kind: Kind, key: u64, noted_ms: u64) -> Option<u64> {
+        let map = self.map(kind);
+        if map.get(&key)?.noted_ms != noted_ms {
+            return None;
+        }
+        map.remove(&key).map(|m| m.at_ms)
+    }
+}
+
+impl Revocations {
+    /// Records that verdicts on the `kind` key `key` issued up to `at_ms` are revoked (noted at
+    /// `now_ms`; both ms since the epoch).
+    fn note(&self, kind: Kind, key: &Key, at_ms: u64, now_ms: u64) {
+        self.marks
+            .lock()
+            .expect("revocation marks")
+            .note(kind, keys::short(key), at_ms, now_ms);
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// The latest mark this process knows that revokes `verdict` (on `token`), ms since the
+    /// epoch.
+    fn covering(&self, token: &Key, verdict: &Cached) -> Option<u64> {
+        if !self.any.load(Ordering::Acquire) {
+            return None;
+        }
+        let marks = self.marks.lock().expect("revocation marks");
+        let user = verdict.named_user().and_then(|u| marks.users.get(&u));
+        let token = marks.tokens.get(&keys::short(token));
+        [
+            Some(marks.floor_ms),
+            token.map(|m| m.at_ms),
+            user.map(|m| m.at_ms),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|at| *at != 0 && covers(*at, verdict.issued_ms()))
+        .max()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        let marks = self.marks.lock().expect("revocation marks");
+        marks.users.len() + marks.tokens.len()
+    }
+}
+
+// --- The tables ---
 
 /// What a table's slots have in common.
 trait Slot: Copy + Default {
@@ -961,5 +1129,87 @@ mod tests {
         }
         let seen: Vec<u32> = (0..20).filter(|&n| l1.seen(&user(n))).collect();
         assert_eq!(seen, (4..20).collect::<Vec<_>>());
+    }
+
+    fn marked(user: Key, issued_ms: u64) -> Cached {
+        Cached::from(&Verdict {
+            answer: Answer::Names(user),
+            issued_ms,
+            fresh_until_ms: issued_ms + 1,
+            usable_until_ms: issued_ms + 1,
+            exp_ms: None,
+        })
+    }
+
+    use crate::verdict::SKEW_MS;
+
+    fn revokes(r: &Revocations, token: &Key, v: &Cached) -> bool {
+        r.covering(token, v).is_some()
+    }
+
+    #[test]
+    fn marks_revoke_what_was_issued_before_them_and_a_skew_after() {
+        let r = Revocations::default();
+        let (alice, bob, token) = ([1; 32], [2; 32], [9; 32]);
+        let now = now_ms();
+        assert!(!revokes(&r, &token, &marked(alice, now)));
+        r.note(Kind::User, &alice, now, now);
+        assert!(revokes(&r, &token, &marked(alice, now - 60_000)));
+        assert!(
+            revokes(&r, &token, &marked(alice, now + SKEW_MS)),
+            "within the skew"
+        );
+        assert!(!revokes(&r, &token, &marked(alice, now + SKEW_MS + 1)));
+        assert!(
+            !revokes(&r, &token, &marked(bob, now - 60_000)),
+            "another user"
+        );
+        r.note(Kind::User, &alice, now - 120_000, now);
+        assert!(
+            revokes(&r, &token, &marked(alice, now)),
+            "an older mark never lowers one"
+        );
+        r.note(Kind::Token, &token, now, now);
+        assert!(revokes(&r, &token, &marked(bob, now - 1)));
+        assert!(!revokes(&r, &[8; 32], &marked(bob, now - 1)));
+    }
+
+    #[test]
+    fn a_mark_noted_again_lives_a_full_horizon_from_its_latest_note() {
+        let mut marks = Marks::default();
+        let (key, t0, later) = (5, 10_000_000_000, 10_000_060_000);
+        let horizon = HORIZON.as_millis() as u64;
+        marks.note(Kind::User, key, t0, t0);
+        marks.note(Kind::User, key, later, later);
+        marks.forget_older_than(t0 + 1);
+        assert_eq!(
+            marks.users.get(&key).map(|m| m.at_ms),
+            Some(later),
+            "forgetting the first note must not forget the later mark"
+        );
+        marks.note(Kind::Token, 6, later, later + horizon + 1);
+        assert!(
+            !marks.users.contains_key(&key),
+            "forgotten a horizon after its latest note"
+        );
+        assert_eq!(marks.order.len(), 1);
+    }
+
+    #[test]
+    fn marks_are_bounded_and_the_oldest_fold_into_a_floor() {
+        let r = Revocations::default();
+        let now = now_ms();
+        for i in 0..(MAX_MARKS + 10) as u64 {
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&i.to_be_bytes());
+            r.note(Kind::User, &key, now - 1_000_000 + i, now);
+        }
+        assert_eq!(r.len(), MAX_MARKS);
+        let stranger = marked([0xff; 32], now - 1_000_000);
+        assert!(
+            revokes(&r, &[0; 32], &stranger),
+            "an evicted mark still revokes through the floor"
+        );
+        assert!(!revokes(&r, &[0; 32], &marked([0xff; 32], now)));
     }
 }

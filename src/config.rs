@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::binding::{BindingRules, Folding, Subject};
+use crate::decision::{BindingRules, Folding, Subject};
 use crate::directory::DirectoryConfig;
 use crate::endpoint::{self, EndpointLimits, HttpFrontConfig, IpRange};
 use crate::kick::{KickConfig, OnRevoke};

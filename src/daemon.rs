@@ -351,7 +351,11 @@ async fn reload_on_hangup(
             continue;
         };
         systemd::notify(&[NotifyState::Reloading]);
-        match reload().and_then(|new| Domains::build(&new).map(|domains| (new, domains))) {
+        match reload().and_then(|new| {
+            Domains::build(&new)
+                .map(|domains| (new, domains))
+                .map_err(Into::into)
+        }) {
             Ok((new, domains)) => {
                 warn_unreloadable(&running, &new);
                 domains.prefetch();

@@ -1,5 +1,8 @@
-//! The decision on one extauth request: check input -> domain -> L1 -> flight -> decision for
-//! this user. See `docs/architecture.md` for the rules and their sources.
+//! The decision on one extauth request, top-down: check the input, look up the domain, derive
+//! the keys, then L1 ([`crate::cache`]: verdicts not revoked, by token key) or else the
+//! token's flight ([`crate::flight`]: Redis, the cluster lock, the validator, the decision on
+//! its answer), and finally the decision for this user. See `docs/architecture.md` for the
+//! rules and their sources.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +16,7 @@ use crate::domain::{Domain, Domains};
 use crate::flight::{Ask, FlightError, FlightParts, Flights};
 use crate::keys::{Key, KeyDeriver};
 use crate::metrics;
-use crate::revoke::{self, Local, Revocations, RevokeError, Revoked, Target};
+use crate::revoke::{self, RevokeError, Revoked, Target};
 use crate::store::{Op, Redis};
 use crate::validate::TokenCheck;
 use crate::verdict::now_ms;
@@ -89,7 +92,6 @@ pub struct Engine {
     keys: KeyDeriver,
     l1: L1,
     redis: Option<Redis>,
-    revocations: Arc<Revocations>,
     flights: Flights,
     /// Replaced whole on reload (SIGHUP); requests in flight keep the domain they started with.
     domains: ArcSwap<Domains>,
@@ -100,18 +102,15 @@ impl Engine {
     /// An engine with an empty L1.
     pub fn new(parts: EngineParts) -> Self {
         let l1 = L1::new(parts.l1_capacity);
-        let revocations = Arc::new(Revocations::default());
         let flights = Flights::new(FlightParts {
             keys: parts.keys.clone(),
             redis: parts.redis.clone(),
             l1: l1.clone(),
-            revocations: revocations.clone(),
         });
         Engine {
             keys: parts.keys,
             l1,
             redis: parts.redis,
-            revocations,
             flights,
             domains: ArcSwap::from_pointee(parts.domains),
             max_token_len: parts.max_token_len,
@@ -140,11 +139,7 @@ impl Engine {
     /// Starts the background task that applies other brokers' revocation hints (Redis only).
     pub fn spawn_revocation_listener(&self) {
         if let Some(redis) = &self.redis {
-            tokio::spawn(revoke::listen(
-                redis.clone(),
-                self.revocations.clone(),
-                self.l1.clone(),
-            ));
+            tokio::spawn(revoke::listen(redis.clone(), self.l1.clone()));
         }
     }
 
@@ -234,21 +229,19 @@ impl Engine {
         let per_user = domain.validator.asks_about_user().then_some(user);
         let token_key = self.keys.token(domain_name, token.expose(), per_user);
         if let Some(v) = self.l1.get(&token_key) {
-            if !self.revocations.revokes(&token_key, &v) {
-                metrics::cache_hit(Source::L1);
-                // One keyed digest per hit: the user is matched by its name tag, and by its
-                // user key only the first time the verdict is decided for the user it names.
-                let name = self.l1.name_tag(domain_name, user);
-                let decision = v.decide_by_name(name).unwrap_or_else(|| {
-                    let user_key = self.keys.user(domain_name, user);
-                    let decision = v.decide(&user_key);
-                    if decision.0 {
-                        self.l1.bind(&token_key, &user_key, name);
-                    }
-                    decision
-                });
-                return Ok(decided(decision, Source::L1));
-            }
+            metrics::cache_hit(Source::L1);
+            // One keyed digest per hit: the user is matched by its name tag, and by its user
+            // key only the first time the verdict is decided for the user it names.
+            let name = self.l1.name_tag(domain_name, user);
+            let decision = v.decide_by_name(name).unwrap_or_else(|| {
+                let user_key = self.keys.user(domain_name, user);
+                let decision = v.decide(&user_key);
+                if decision.0 {
+                    self.l1.bind(&token_key, &user_key, name);
+                }
+                decision
+            });
+            return Ok(decided(decision, Source::L1));
         }
         let user_key = self.keys.user(domain_name, user);
         Err(Pending {
@@ -281,18 +274,13 @@ impl Engine {
                 domain: domain_name,
                 token,
             },
-            domain: &domain,
+            validator: &*domain.validator,
+            decider: &domain.decider,
+            seen_ttl: domain.config.seen_ttl,
             deadline,
         };
         match self.flights.fetch(&ask).await {
-            Ok(fetched) => {
-                let decision = fetched.verdict.decide(&user_key);
-                if decision.0 && fetched.source != Source::L1 {
-                    self.mark_seen(&domain, user_key, fetched.source == Source::Provider)
-                        .await;
-                }
-                decided(decision, fetched.source)
-            }
+            Ok(fetched) => decided(fetched.verdict.decide(&user_key), fetched.source),
             Err(FlightError::Deadline) => {
                 debug!(
                     user,
@@ -360,28 +348,13 @@ impl Engine {
         }
     }
 
-    /// Remembers that the user logged in: here, and in Redis when `share` (the request that
-    /// asked the provider; verdicts read from Redis were shared by the broker that did).
-    async fn mark_seen(&self, domain: &Domain, user_key: Key, share: bool) {
-        let until = seen_until(domain);
-        self.l1.mark_seen(&user_key, until);
-        if let (true, Some(redis)) = (share, &self.redis) {
-            let health = self.flights.health();
-            health.check(Op::SeenWrite, redis.mark_seen(&user_key, until).await);
-        }
-    }
-
     /// Revokes `target` here and, through Redis, on every broker.
     ///
     /// # Errors
     /// A Redis error (the revocation may be incomplete cluster-wide), or a user/domain that
     /// cannot be a JID part.
     pub async fn revoke(&self, target: &Target<'_>) -> Result<Revoked, RevokeError> {
-        let local = Local {
-            revocations: &self.revocations,
-            l1: &self.l1,
-        };
-        revoke::revoke(target, &self.keys, self.redis.as_ref(), Some(local)).await
+        revoke::revoke(target, &self.keys, self.redis.as_ref(), Some(&self.l1)).await
     }
 }
 

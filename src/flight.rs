@@ -3,10 +3,12 @@
 //! every broker (Go's singleflight and groupcache; docs/architecture.md).
 //!
 //! A flight re-checks Redis (another broker may just have decided), takes the token's cluster
-//! lock or waits for its holder's verdict, else asks the domain's validator, binds the answer to
-//! a user ([`crate::domain::Domain::verdict`]) and stores the verdict in Redis and L1. Every
-//! verdict read back from Redis is authenticated, clamped to this broker's lifetimes and checked
-//! against the revocation marks, here and in Redis.
+//! lock or waits for its holder's verdict, else asks the domain's validator, has the answer
+//! decided ([`Decider::verdict`]: which user it names, for how long) and stores the verdict in
+//! Redis and L1, and the user it names as seen. Every verdict read back from Redis is
+//! authenticated, clamped to this broker's lifetimes and checked against the revocation marks,
+//! here (L1 keeps them) and in Redis. It returns what it got ([`Fetched`]); the per-user
+//! decision is the caller's.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,13 +20,12 @@ use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
 use crate::cache::{Cached, L1};
-use crate::domain::Domain;
+use crate::decision::Decider;
 use crate::keys::{Key, KeyDeriver};
 use crate::metrics;
-use crate::revoke::{covers, Revocations};
 use crate::store::{Health, Op, Redis};
-use crate::validate::{ProviderError, TokenCheck, Validation};
-use crate::verdict::{now_ms, Answer, Verdict};
+use crate::validate::{ProviderError, TokenCheck, Validation, Validator};
+use crate::verdict::{covers, now_ms, Answer, Verdict};
 use extauth_protocol::wire::{Reason, Source};
 
 /// How long a broker holds the cluster-wide flight lock of a token at most; other brokers wait
@@ -68,8 +69,13 @@ pub struct Ask<'a> {
     pub user_key: Key,
     /// What the validator is asked.
     pub check: TokenCheck<'a>,
-    /// The domain's settings and validator.
-    pub domain: &'a Domain,
+    /// The domain's validator.
+    pub validator: &'a dyn Validator,
+    /// How the domain decides on its validator's answers, and its lifetimes.
+    pub decider: &'a Decider,
+    /// How long a user whose login a flight proved is known for `isuser` (the domain's
+    /// `seen_ttl`).
+    pub seen_ttl: Duration,
     /// When the requester stops waiting.
     pub deadline: Instant,
 }
@@ -90,10 +96,9 @@ pub struct FlightParts {
     pub keys: KeyDeriver,
     /// The shared store, if configured.
     pub redis: Option<Redis>,
-    /// The in-process cache, shared with the engine.
+    /// The in-process cache and its revocation marks, shared with the engine and the hint
+    /// listener.
     pub l1: L1,
-    /// Revocation marks, shared with the engine and the hint listener.
-    pub revocations: Arc<Revocations>,
 }
 
 /// Runs flights. Cheap to share behind an `Arc`.
@@ -128,14 +133,32 @@ impl Flights {
 
     /// The verdict on `ask`'s token: from the flight already running for it in this process,
     /// or from a new one this request leads. A flight cut at its leader's deadline is run again
-    /// for a waiter that still has time.
+    /// for a waiter that still has time. A verdict naming the asking user that did not come
+    /// from L1 marks the user as seen (in Redis too when this broker asked the provider).
     pub async fn fetch(&self, ask: &Ask<'_>) -> Landed {
-        let landed = self.join(ask).await;
+        let mut landed = self.join(ask).await;
         let time_left = ask.deadline.saturating_duration_since(Instant::now());
         if landed == Err(FlightError::Deadline) && time_left >= MIN_PROVIDER_BUDGET {
-            return self.join(ask).await;
+            landed = self.join(ask).await;
+        }
+        if let Ok(fetched) = &landed {
+            if fetched.source != Source::L1 && fetched.verdict.decide(&ask.user_key).0 {
+                self.mark_seen(ask, fetched.source == Source::Provider)
+                    .await;
+            }
         }
         landed
+    }
+
+    /// Remembers that the asking user logged in: here, and in Redis when `share` (the request
+    /// that asked the provider; verdicts read from Redis were shared by the broker that did).
+    async fn mark_seen(&self, ask: &Ask<'_>, share: bool) {
+        let until = now_ms() + ask.seen_ttl.as_millis() as u64;
+        self.parts.l1.mark_seen(&ask.user_key, until);
+        if let (true, Some(redis)) = (share, &self.parts.redis) {
+            let marked = redis.mark_seen(&ask.user_key, until).await;
+            self.health.check(Op::SeenWrite, marked);
+        }
     }
 
     /// Joins or leads the flight for `ask`'s token. If the leader's request is dropped (its
@@ -179,18 +202,13 @@ impl Flights {
         let started_ms = now_ms();
         let l1 = &self.parts.l1;
         // A flight that landed between the caller's cache miss and this one.
-        if let Some(v) = l1
-            .get(&ask.token_key)
-            .filter(|v| self.current(&ask.token_key, v))
-        {
+        if let Some(v) = l1.get(&ask.token_key) {
             return Ok(Fetched {
                 verdict: v,
                 source: Source::L1,
             });
         }
-        let mut stale = l1
-            .get_usable(&ask.token_key)
-            .filter(|v| self.current(&ask.token_key, v));
+        let mut stale = l1.get_usable(&ask.token_key);
         if let Some(v) = self.stored_verdict(ask).await {
             if v.is_fresh_at(now_ms()) {
                 return Ok(self.shared(ask, v));
@@ -241,11 +259,6 @@ impl Flights {
         }
     }
 
-    /// Is `verdict` on `token` not revoked by a mark this process knows?
-    fn current(&self, token: &Key, verdict: &Cached) -> bool {
-        !self.parts.revocations.revokes(token, verdict)
-    }
-
     /// Keeps `verdict` in L1, bound to the asking user's name when it names that user (the
     /// only user whose name this flight knows).
     fn keep(&self, ask: &Ask<'_>, verdict: &Verdict) {
@@ -275,21 +288,22 @@ impl Flights {
         let now = now_ms();
         let verdict = stored
             .verdict?
-            .clamped(&ask.domain.config.lifetimes(), now)
+            .clamped(ask.decider.lifetimes(), now)
             .filter(|v| v.is_usable_at(now))?;
+        let l1 = &self.parts.l1;
         if let Some(mark) = stored.token_mark {
-            self.parts.revocations.note_token(ask.token_key, mark);
+            l1.note_token_mark(&ask.token_key, mark);
         }
         if let Some(user) = verdict.named_user() {
             let mark = self
                 .health
                 .check(Op::MarkRead, redis.user_mark(user).await)?;
             if let Some(mark) = mark {
-                self.parts.revocations.note_user(*user, mark);
+                l1.note_user_mark(user, mark);
             }
         }
-        self.current(&ask.token_key, &Cached::from(&verdict))
-            .then_some(verdict)
+        let revoked = l1.mark_covering(&ask.token_key, &Cached::from(&verdict));
+        revoked.is_none().then_some(verdict)
     }
 
     /// Takes the cluster-wide flight lock of the token, or waits for the broker holding it to
@@ -342,7 +356,7 @@ impl Flights {
         if left < MIN_PROVIDER_BUDGET {
             return Err(FlightError::Deadline);
         }
-        let validator = &ask.domain.validator;
+        let validator = ask.validator;
         let validation = tokio::time::timeout(left, validator.validate(ask.check))
             .await
             .map_err(|_| FlightError::Deadline)?;
@@ -351,7 +365,7 @@ impl Flights {
             return Err(FlightError::Unavailable(why));
         }
         let verdict = ask
-            .domain
+            .decider
             .verdict(validation, &ask.check, &self.parts.keys, started_ms);
         info!(
             user = ask.check.user,
@@ -370,8 +384,8 @@ impl Flights {
         let token = &ask.token_key;
         let mut race = self
             .parts
-            .revocations
-            .covering(token, &Cached::from(&verdict))
+            .l1
+            .mark_covering(token, &Cached::from(&verdict))
             .map(Race::Mark);
         if let (None, Some(redis)) = (race, &self.parts.redis) {
             let written = self

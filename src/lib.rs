@@ -7,10 +7,10 @@
 
 pub mod admin;
 pub mod admission;
-pub mod binding;
 pub mod cache;
 pub mod config;
 pub mod daemon;
+pub mod decision;
 pub mod demo;
 pub mod devprovider;
 pub mod directory;

@@ -4,8 +4,8 @@
 
 use std::fmt::Write;
 
-use crate::binding::{BindingRules, Subject};
 use crate::config::{Config, DomainConfig, IsUserPolicy, ListenAddr};
+use crate::decision::{BindingRules, Subject};
 use crate::validate::ValidatorConfig;
 
 /// The readable summary of `config`.

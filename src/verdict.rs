@@ -41,6 +41,17 @@ pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// (`max_ttl` + `stale_if_error`, each at most [`MAX_LIFETIME`]), with a minute to spare.
 pub const HORIZON: Duration = Duration::from_secs(2 * MAX_LIFETIME.as_secs() + 60);
 
+/// Clocks of brokers and Redis may disagree by this much (ms; NTP keeps them far closer): a
+/// verdict issued up to this long after a revocation mark is still taken as revoked by it,
+/// which costs a provider call, never a wrong yes.
+pub const SKEW_MS: u64 = 500;
+
+/// Does a revocation mark set at `mark_ms` revoke a verdict issued at `issued_ms` (both ms
+/// since the epoch)? Yes up to [`SKEW_MS`] after the mark.
+pub fn covers(mark_ms: u64, issued_ms: u64) -> bool {
+    issued_ms <= mark_ms.saturating_add(SKEW_MS)
+}
+
 /// A verdict issued more than this far in the future (ms) by another broker's clock is not
 /// believed: it would live longer than its rules allow.
 const FUTURE_SKEW_MS: u64 = 5_000;

@@ -173,3 +173,48 @@ fn the_reader_finds_grouped_and_nested_paths_and_skips_comments() {
         Some(["a", "b", "c", "a"].map(String::from).to_vec())
     );
 }
+
+/// The module map of `docs/architecture.md` ("Module map"): its layers, top first, as
+/// `N  module, module ...  (what they are)` lines inside the fenced block after the heading.
+fn documented_layers() -> BTreeMap<String, usize> {
+    let doc = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/architecture.md"))
+        .unwrap();
+    let map = doc
+        .split("\n## Module map\n")
+        .nth(1)
+        .expect("docs/architecture.md has a \"## Module map\" section");
+    let block = map.split("```").nth(1).expect("a fenced block in the module map");
+    let mut layers = BTreeMap::new();
+    for line in block.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+        let (number, rest) = line.trim().split_once(' ').expect("`N  modules`");
+        let layer: usize = number.parse().expect("a layer number first");
+        let modules = rest.split("  (").next().unwrap();
+        for module in modules.split(',').map(str::trim) {
+            let before = layers.insert(module.to_owned(), layer);
+            assert_eq!(before, None, "{module} is on two layers of the map");
+        }
+    }
+    layers
+}
+
+#[test]
+fn the_documented_module_map_is_the_code() {
+    let (graph, layers) = (module_graph(), documented_layers());
+    let listed: BTreeSet<&String> = layers.keys().collect();
+    let modules: BTreeSet<&String> = graph.keys().collect();
+    assert_eq!(
+        listed, modules,
+        "docs/architecture.md's module map must list every module of src/ once"
+    );
+    for (from, targets) in &graph {
+        for to in targets {
+            assert!(
+                layers[to] < layers[from],
+                "{from} (layer {}) imports {to} (layer {}): the module map in \
+                 docs/architecture.md says it may not; move the item down or the map",
+                layers[from],
+                layers[to]
+            );
+        }
+    }
+}

@@ -1,5 +1,9 @@
-//! Which XMPP user a token names: the rules that bind a valid token's claims to one localpart
-//! (and optionally one domain), refusing anything ambiguous.
+//! The decision on a provider's answer: which XMPP user a valid token names, and how long that
+//! verdict holds ([`Decider::verdict`]). The per-login decision then compares the named user
+//! with the one logging in ([`crate::verdict::Verdict::decide`]).
+//!
+//! Binding: the rules that bind a valid token's claims to one localpart (and optionally one
+//! domain), refusing anything ambiguous.
 //!
 //! ejabberd sends the localpart after nodeprep (RFC 3920 appendix A; ejabberd's `jid:nodeprep`,
 //! Unicode 3.2 tables). A provider's username claim may not be in that form, and folding it the
@@ -12,11 +16,146 @@
 //! A token that names no user logs in nobody: no subject claim, a subject that is not a string
 //! (no fallback to another claim), or a machine token whose subject is the client itself
 //! (RFC 9068 section 2.2: `sub` is the client id for client-credentials grants).
+//!
+//! Lifetimes: a valid token's verdict lives min(`exp`, issued + `max_ttl`) (RFC 7662 section
+//! 4), usable for `stale_if_error` longer but never past `exp`; a refusal lives `negative_ttl`.
+
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use tracing::{info, warn};
 
+use crate::keys::KeyDeriver;
+use crate::metrics;
+use crate::throttle::Throttle;
+use crate::validate::{TokenCheck, Validation};
+use crate::verdict::{now_ms, Answer, Lifetimes, Verdict};
 use extauth_protocol::wire::Reason;
+
+/// A provider whose `exp` is this far in the past while it says the token is active has a
+/// clock or time-zone problem worth a warning (s).
+const CLOCK_SKEW_WARN_S: u64 = 300;
+
+/// How often each kind of per-token diagnostic may be logged per domain.
+const DIAGNOSTIC_EVERY: Duration = Duration::from_secs(60);
+
+/// How one domain turns its validator's answers into verdicts: its binding rules and
+/// lifetimes, and the diagnostics it logs at a bounded rate.
+pub struct Decider {
+    binding: BindingRules,
+    lifetimes: Lifetimes,
+    /// The validator's kind (`introspection`, `jwt`...), for diagnostics and metrics.
+    kind: &'static str,
+    skew_log: Throttle,
+    unbound_log: Throttle,
+}
+
+impl Decider {
+    /// Decides with `binding` and `lifetimes` on the answers of a validator of `kind`.
+    pub fn new(binding: BindingRules, lifetimes: Lifetimes, kind: &'static str) -> Self {
+        Decider {
+            binding,
+            lifetimes,
+            kind,
+            skew_log: Throttle::new(DIAGNOSTIC_EVERY),
+            unbound_log: Throttle::new(DIAGNOSTIC_EVERY),
+        }
+    }
+
+    /// The longest this domain lets a verdict live (also for verdicts read back from Redis).
+    pub fn lifetimes(&self) -> &Lifetimes {
+        &self.lifetimes
+    }
+
+    /// Turns a provider's answer on `check.token` into a verdict issued at `issued_ms` (when
+    /// the flight started, ms since the epoch). An `Unavailable` answer is never cached; callers
+    /// do not pass one (it would be refused as `upstream_unavailable`).
+    pub fn verdict(
+        &self,
+        validation: Validation,
+        check: &TokenCheck<'_>,
+        keys: &KeyDeriver,
+        issued_ms: u64,
+    ) -> Verdict {
+        let refused = |reason| self.refusal(reason, issued_ms);
+        let grant = match validation {
+            Validation::Valid(grant) => grant,
+            Validation::Invalid(reason) => return refused(reason),
+            Validation::Unavailable(_) => return refused(Reason::UpstreamUnavailable),
+        };
+        let exp_ms = grant.exp.map(|s| s.saturating_mul(1000));
+        if let Some(exp) = exp_ms.filter(|e| *e <= now_ms()) {
+            self.note_expired_but_active(exp);
+            return refused(Reason::Expired);
+        }
+        let user = if grant.user_confirmed {
+            check.user.to_owned()
+        } else {
+            match self.binding.localpart(&grant.claims, check.domain) {
+                Ok(user) => user,
+                Err(unbound) => {
+                    self.note_unbound(&unbound);
+                    return refused(unbound.reason);
+                }
+            }
+        };
+        let ms = |d: Duration| d.as_millis() as u64;
+        let cap = |t: u64| exp_ms.map_or(t, |e| e.min(t));
+        let fresh_until_ms = cap(issued_ms + ms(self.lifetimes.max_ttl));
+        Verdict {
+            answer: Answer::Names(keys.user(check.domain, &user)),
+            issued_ms,
+            fresh_until_ms,
+            usable_until_ms: cap(fresh_until_ms + ms(self.lifetimes.stale_if_error)),
+            exp_ms,
+        }
+    }
+
+    fn refusal(&self, reason: Reason, issued_ms: u64) -> Verdict {
+        let until = issued_ms + self.lifetimes.negative_ttl.as_millis() as u64;
+        Verdict {
+            answer: Answer::Refused(reason),
+            issued_ms,
+            fresh_until_ms: until,
+            usable_until_ms: until,
+            exp_ms: None,
+        }
+    }
+
+    /// A token the provider calls valid whose `exp` passed long ago: a clock or time-zone
+    /// problem at the provider (Django with `USE_TZ = False`), which refuses every login.
+    fn note_expired_but_active(&self, exp_ms: u64) {
+        let skew_s = now_ms().saturating_sub(exp_ms) / 1000;
+        if skew_s < CLOCK_SKEW_WARN_S {
+            return;
+        }
+        metrics::provider_clock_skew(self.kind, skew_s);
+        if self.skew_log.allow() {
+            warn!(
+                validator = self.kind,
+                skew_s,
+                "the provider says a token is valid whose exp is {skew_s} s in the past: its clock \
+                 or time zone is probably wrong (Django: USE_TZ = True); such logins are refused as expired"
+            );
+        }
+    }
+
+    /// A valid token that names no user of this domain: logged (at a bounded rate) with the
+    /// claim and setting involved, so an operator can tell a misconfiguration from an attack.
+    fn note_unbound(&self, unbound: &Unbound) {
+        metrics::unbound(unbound.reason);
+        if self.unbound_log.allow() {
+            info!(
+                validator = self.kind,
+                reason = unbound.reason.as_str(),
+                "token refused: {} (see subject_claim, claim_folding, jid_claim, domain_claim in \
+                 docs/configuration.md)",
+                unbound.why
+            );
+        }
+    }
+}
 
 /// How a subject claim may differ from the localpart ejabberd sends (TOML `claim_folding`,
 /// flag `--claim-folding`, env `EXTAUTH_CLAIM_FOLDING`: the same names everywhere).
@@ -285,6 +424,8 @@ fn same_domain(claimed: &str, domain: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::validate::Grant;
+    use extauth_protocol::extauth::Secret;
     use serde_json::json;
 
     fn rules(subject: &[&str], folding: Folding) -> BindingRules {
@@ -512,5 +653,118 @@ mod tests {
         ] {
             assert!(!is_canonical(bad), "{bad:?}");
         }
+    }
+
+    fn decider(stale_if_error: u64) -> Decider {
+        Decider::new(
+            rules(&["username"], Folding::Exact),
+            Lifetimes {
+                max_ttl: Duration::from_secs(300),
+                negative_ttl: Duration::from_secs(10),
+                stale_if_error: Duration::from_secs(stale_if_error),
+            },
+            "introspection",
+        )
+    }
+
+    fn valid(claims: Value, exp: Option<u64>) -> Validation {
+        Validation::Valid(Grant {
+            claims: claims.as_object().unwrap().clone(),
+            exp,
+            user_confirmed: false,
+        })
+    }
+
+    struct Asked {
+        keys: KeyDeriver,
+        token: Secret,
+    }
+
+    impl Asked {
+        fn new() -> Self {
+            Asked {
+                keys: KeyDeriver::new(&Secret::new("k".repeat(32))),
+                token: Secret::new("tok".into()),
+            }
+        }
+
+        /// The decision for `user` on a verdict issued now.
+        fn decide(&self, d: &Decider, user: &str, v: Validation) -> (bool, Reason, Verdict) {
+            let check = TokenCheck {
+                user,
+                domain: "example.com",
+                token: &self.token,
+            };
+            let verdict = d.verdict(v, &check, &self.keys, now_ms());
+            let (ok, reason) = verdict.decide(&self.keys.user("example.com", user));
+            (ok, reason, verdict)
+        }
+    }
+
+    #[test]
+    fn verdicts_name_the_claimed_user_and_refuse_the_rest() {
+        let (d, a) = (decider(0), Asked::new());
+        let ok = |v, user| a.decide(&d, user, v).1;
+        assert_eq!(
+            ok(valid(json!({"username": "alice"}), None), "alice"),
+            Reason::Accepted
+        );
+        assert_eq!(
+            ok(valid(json!({"username": "alice"}), None), "bob"),
+            Reason::WrongUser
+        );
+        assert_eq!(
+            ok(valid(json!({"username": "Alice"}), None), "alice"),
+            Reason::NonCanonicalClaim,
+            "exact binding by default"
+        );
+        assert_eq!(
+            ok(valid(json!({"sub": "bob"}), None), "bob"),
+            Reason::NoUser,
+            "no silent fallback to sub"
+        );
+        let confirmed = Validation::Valid(Grant {
+            user_confirmed: true,
+            ..Grant::default()
+        });
+        assert_eq!(ok(confirmed, "anyone"), Reason::Accepted);
+        assert_eq!(
+            ok(Validation::Invalid(Reason::Inactive), "alice"),
+            Reason::Inactive
+        );
+    }
+
+    #[test]
+    fn lifetimes_follow_exp_max_ttl_and_stale_if_error() {
+        let (d, a) = (decider(120), Asked::new());
+        let now_s = now_ms() / 1000;
+        let (_, _, v) = a.decide(
+            &d,
+            "alice",
+            valid(json!({"username": "alice"}), Some(now_s + 60)),
+        );
+        assert!(
+            v.fresh_until_ms <= (now_s + 60) * 1000 && v.usable_until_ms == v.fresh_until_ms,
+            "capped by exp: {v:?}"
+        );
+        let (_, _, v) = a.decide(&d, "alice", valid(json!({"username": "alice"}), None));
+        assert_eq!(
+            v.usable_until_ms - v.fresh_until_ms,
+            120_000,
+            "stale grace without exp"
+        );
+        assert_eq!(
+            v.fresh_until_ms - v.issued_ms,
+            300_000,
+            "max_ttl without exp"
+        );
+        let (ok, reason, _) = a.decide(
+            &d,
+            "alice",
+            valid(json!({"username": "alice"}), Some(now_s.saturating_sub(1))),
+        );
+        assert_eq!((ok, reason), (false, Reason::Expired));
+        let (_, _, v) = a.decide(&d, "alice", Validation::Invalid(Reason::Inactive));
+        assert_eq!(v.fresh_until_ms - v.issued_ms, 10_000, "negative_ttl");
     }
 }
