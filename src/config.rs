@@ -15,15 +15,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
 use crate::binding::{BindingRules, Folding, Subject};
 use crate::directory::DirectoryConfig;
+use crate::endpoint::EndpointError;
 use crate::endpoint::{self, EndpointLimits, HttpFrontConfig, IpRange};
-use crate::kick::{KickConfig, OnRevoke};
-use crate::secrets::{read_secret, ConfigUrl};
+use crate::kick::{KickConfig, KickConfigError, OnRevoke};
+use crate::secrets::{read_secret, ConfigUrl, SecretError};
 use crate::store::{RedisConfig, RedisMode};
 use crate::validate::breaker::BreakerConfig;
 use crate::validate::gate;
@@ -32,6 +32,156 @@ use crate::validate::introspection::IntrospectionConfig;
 use crate::validate::ValidatorConfig;
 use crate::verdict::{Lifetimes, MAX_LIFETIME};
 use extauth_protocol::extauth::Secret;
+
+/// A bad or missing setting (the message names the flag, key or file, never a secret value).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The `--config` file cannot be read.
+    #[error("reading config file {}", path.display())]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The `--config` file is not valid TOML for these settings (an unknown key, a bad value).
+    #[error("parsing config file {}: {message}", path.display())]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// Where and what, with quoted values replaced by `"..."` (they may be secrets).
+        message: String,
+    },
+    /// A `--listen` address that is neither `unix:/path` nor `tcp:HOST:PORT`.
+    #[error("bad listen address {address:?}: want unix:/path or tcp:HOST:PORT")]
+    ListenAddress {
+        /// The address as given.
+        address: String,
+    },
+    /// `--socket-mode` is not an octal permission mode.
+    #[error("--socket-mode {mode:?} is not an octal mode like 0660")]
+    SocketMode {
+        /// The mode as given.
+        mode: String,
+    },
+    /// A secret file cannot be used.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// `--redis` without `--cache-secret-file`.
+    #[error(
+        "--redis needs --cache-secret-file: every broker sharing Redis must derive the same \
+         cache keys (create one with: head -c 32 /dev/urandom | base64 > cache.key)"
+    )]
+    RedisWithoutCacheSecret,
+    /// The cache secret is shorter than 32 bytes.
+    #[error("--cache-secret-file must hold at least 32 bytes")]
+    ShortCacheSecret,
+    /// `--admin-listen` without `--admin-secret-file`.
+    #[error("--admin-listen needs --admin-secret-file (the bearer secret callers present)")]
+    AdminWithoutSecret,
+    /// A domain named by `--domain` (or `domain` in the file) has bad settings.
+    #[error("domain {name}")]
+    Domain {
+        /// The domain as given.
+        name: String,
+        /// What is wrong with it.
+        #[source]
+        source: Box<ConfigError>,
+    },
+    /// A `[domains."..."]` table has bad settings.
+    #[error("[domains.\"{name}\"]")]
+    DomainTable {
+        /// The table's domain.
+        name: String,
+        /// What is wrong with it.
+        #[source]
+        source: Box<ConfigError>,
+    },
+    /// No validator for a domain.
+    #[error(
+        "no validator: give --introspection-url or --issuer (with --client-id), or a validator \
+         table in the config file"
+    )]
+    NoValidator,
+    /// Both `subject_claim` and `jid_claim`.
+    #[error("give subject_claim or jid_claim, not both")]
+    SubjectAndJidClaim,
+    /// `subject_claim` is an empty list or names an empty claim.
+    #[error("subject_claim must name at least one claim, and no empty one")]
+    EmptySubjectClaim,
+    /// `isuser = "directory"` without a `directory` table.
+    #[error("isuser = \"directory\" needs a directory = {{ url = ... }} table")]
+    DirectoryMissing,
+    /// A duration of 0 seconds.
+    #[error("{key} must be at least 1 second")]
+    ZeroSeconds {
+        /// The key (`max_ttl`, `seen_ttl`, ...).
+        key: &'static str,
+    },
+    /// A verdict lifetime longer than the revocation marks last.
+    #[error(
+        "{key} must be at most {} seconds: revocation marks outlive cached verdicts by that bound",
+        MAX_LIFETIME.as_secs()
+    )]
+    LifetimeTooLong {
+        /// The key (`max_ttl`, `negative_ttl`, `stale_if_error`).
+        key: &'static str,
+    },
+    /// `provider_concurrency` out of range.
+    #[error("provider_concurrency must be between 1 and 4096, not {value}")]
+    ProviderConcurrency {
+        /// The value given.
+        value: usize,
+    },
+    /// `--log-format` is neither `text` nor `json`.
+    #[error("--log-format {format:?}: want text or json")]
+    LogFormat {
+        /// The format as given.
+        format: String,
+    },
+    /// `--group` without `--user`.
+    #[error("--group needs --user")]
+    GroupWithoutUser,
+    /// An `--allow-uid` or `--allow-gid` entry names no user or group.
+    #[error("{flag} {name}: no such user or group")]
+    NoSuchId {
+        /// `--allow-uid` or `--allow-gid`.
+        flag: &'static str,
+        /// The name as given.
+        name: String,
+    },
+    /// A bad `[on_revoke] kick` table.
+    #[error(transparent)]
+    Kick(#[from] KickConfigError),
+    /// `--provider-max-response-bytes` out of range.
+    #[error("--provider-max-response-bytes must be between 1024 and 1073741824, got {value}")]
+    ProviderMaxResponseBytes {
+        /// The value given.
+        value: u64,
+    },
+    /// `--http-tls` without a certificate.
+    #[error("--http-tls needs --tls-cert and --tls-key")]
+    HttpTlsWithoutCert,
+    /// `--http-listen` with no way to authenticate callers.
+    #[error(
+        "--http-listen needs --http-secret-file (the secret callers present), or --http-tls \
+         with --client-ca (callers present a client certificate)"
+    )]
+    HttpWithoutSecret,
+    /// A bad `--http-allow` entry.
+    #[error("--http-allow")]
+    HttpAllow(#[source] EndpointError),
+    /// `--client-ca` without a server certificate.
+    #[error("--client-ca needs --tls-cert and --tls-key")]
+    ClientCaWithoutCert,
+    /// Only one of `--tls-cert` and `--tls-key`.
+    #[error("--tls-cert and --tls-key go together")]
+    TlsHalf,
+    /// The TLS certificate, key or client CA cannot be loaded.
+    #[error(transparent)]
+    Tls(#[from] extauth_protocol::tls::TlsError),
+}
 
 /// Flags of `extauth-broker run`; every field is optional so the file can fill it in.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -357,16 +507,18 @@ pub enum ListenAddr {
 }
 
 impl std::str::FromStr for ListenAddr {
-    type Err = anyhow::Error;
+    type Err = ConfigError;
 
     /// Parses `unix:/path` or `tcp:HOST:PORT`.
-    fn from_str(s: &str) -> Result<Self> {
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
         match s.trim().split_once(':') {
             Some(("unix", p)) if !p.is_empty() => Ok(ListenAddr::Unix(PathBuf::from(p))),
             Some(("tcp", hp)) if hp.rsplit_once(':').is_some() => {
                 Ok(ListenAddr::Tcp(hp.to_owned()))
             }
-            _ => bail!("bad listen address {s:?}: want unix:/path or tcp:HOST:PORT"),
+            _ => Err(ConfigError::ListenAddress {
+                address: s.to_owned(),
+            }),
         }
     }
 }
@@ -571,7 +723,7 @@ impl RunArgs {
     ///
     /// # Errors
     /// A message naming the bad or missing setting (never its secret value).
-    pub fn resolve(self) -> Result<Config> {
+    pub fn resolve(self) -> Result<Config, ConfigError> {
         self.with_file()?.into_config()
     }
 
@@ -579,18 +731,17 @@ impl RunArgs {
     ///
     /// # Errors
     /// An unreadable or invalid file.
-    pub fn with_file(self) -> Result<RunArgs> {
+    pub fn with_file(self) -> Result<RunArgs, ConfigError> {
         let Some(path) = &self.config else {
             return Ok(self);
         };
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config file {}", path.display()))?;
-        let file: RunArgs = toml::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "parsing config file {}: {}",
-                path.display(),
-                describe_toml_error(&e, &text)
-            )
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.clone(),
+            source,
+        })?;
+        let file: RunArgs = toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+            path: path.clone(),
+            message: describe_toml_error(&e, &text),
         })?;
         Ok(self.merge(file))
     }
@@ -599,32 +750,29 @@ impl RunArgs {
     ///
     /// # Errors
     /// A message naming the bad or missing setting (never its secret value).
-    pub fn into_config(self) -> Result<Config> {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
         let listen = self
             .listen
             .iter()
             .map(|s| s.parse())
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         let socket_mode = self.socket_mode.as_deref().unwrap_or("0660");
         let socket_mode = u32::from_str_radix(socket_mode.trim_start_matches("0o"), 8)
             .ok()
             .filter(|m| *m <= 0o777)
-            .with_context(|| {
-                format!("--socket-mode {socket_mode:?} is not an octal mode like 0660")
+            .ok_or_else(|| ConfigError::SocketMode {
+                mode: socket_mode.to_owned(),
             })?;
         let cache_secret = match (&self.redis, &self.cache_secret_file) {
             (_, Some(path)) => read_secret(path, "--cache-secret-file")?,
-            (Some(_), None) => bail!(
-                "--redis needs --cache-secret-file: every broker sharing Redis must derive the same \
-                 cache keys (create one with: head -c 32 /dev/urandom | base64 > cache.key)"
-            ),
+            (Some(_), None) => return Err(ConfigError::RedisWithoutCacheSecret),
             (None, None) => Secret::new(hex::encode(rand::random::<[u8; 32]>())),
         };
         if cache_secret.expose().len() < 32 {
-            bail!("--cache-secret-file must hold at least 32 bytes");
+            return Err(ConfigError::ShortCacheSecret);
         }
         if self.admin_listen.is_some() && self.admin_secret_file.is_none() {
-            bail!("--admin-listen needs --admin-secret-file (the bearer secret callers present)");
+            return Err(ConfigError::AdminWithoutSecret);
         }
         let admin_secret = self
             .admin_secret_file
@@ -638,18 +786,20 @@ impl RunArgs {
         for name in &self.domain_names {
             domains.insert(
                 name.to_lowercase(),
-                defaults
-                    .resolve()
-                    .with_context(|| format!("domain {name}"))?,
+                defaults.resolve().map_err(|e| ConfigError::Domain {
+                    name: name.clone(),
+                    source: Box::new(e),
+                })?,
             );
         }
         for (name, table) in &self.domains {
             let merged = table.clone().over(defaults.clone());
             domains.insert(
                 name.to_lowercase(),
-                merged
-                    .resolve()
-                    .with_context(|| format!("[domains.\"{name}\"]"))?,
+                merged.resolve().map_err(|e| ConfigError::DomainTable {
+                    name: name.clone(),
+                    source: Box::new(e),
+                })?,
             );
         }
         let any_domain = match domains.is_empty() {
@@ -682,11 +832,15 @@ impl RunArgs {
             log_json: match self.log_format.as_deref().unwrap_or("text") {
                 "text" => false,
                 "json" => true,
-                other => bail!("--log-format {other:?}: want text or json"),
+                other => {
+                    return Err(ConfigError::LogFormat {
+                        format: other.to_owned(),
+                    })
+                }
             },
             run_as: match (&self.user, &self.group) {
                 (Some(u), g) => Some((u.clone(), g.clone())),
-                (None, Some(_)) => bail!("--group needs --user"),
+                (None, Some(_)) => return Err(ConfigError::GroupWithoutUser),
                 (None, None) => None,
             },
             limits: Limits {
@@ -715,11 +869,11 @@ impl RunArgs {
     }
 
     /// The `[on_revoke] kick` hook, checked.
-    fn kick(&self) -> Result<Option<KickConfig>> {
+    fn kick(&self) -> Result<Option<KickConfig>, ConfigError> {
         let Some(kick) = &self.on_revoke.kick else {
             return Ok(None);
         };
-        kick.check().map_err(anyhow::Error::msg)?;
+        kick.check()?;
         Ok(Some(kick.clone()))
     }
 
@@ -727,13 +881,13 @@ impl RunArgs {
     ///
     /// # Errors
     /// `provider_max_response_bytes` out of range.
-    pub fn provider_policy(&self) -> Result<ProviderPolicy> {
+    pub fn provider_policy(&self) -> Result<ProviderPolicy, ConfigError> {
         let max = self
             .provider_max_response_bytes
             .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
         // Below 1 KiB no real answer fits; above 1 GiB the cap no longer protects the host.
         if !(1024..=1 << 30).contains(&max) {
-            bail!("--provider-max-response-bytes must be between 1024 and 1073741824, got {max}");
+            return Err(ConfigError::ProviderMaxResponseBytes { value: max });
         }
         Ok(ProviderPolicy {
             max_response_bytes: max,
@@ -764,13 +918,13 @@ impl RunArgs {
     fn http_front(
         &self,
         tls: &Option<Arc<rustls::ServerConfig>>,
-    ) -> Result<Option<HttpFrontConfig>> {
+    ) -> Result<Option<HttpFrontConfig>, ConfigError> {
         let Some(listen) = &self.http_listen else {
             return Ok(None);
         };
         let tls = match (self.http_tls.unwrap_or(false), tls) {
             (true, Some(tls)) => Some(tls.clone()),
-            (true, None) => bail!("--http-tls needs --tls-cert and --tls-key"),
+            (true, None) => return Err(ConfigError::HttpTlsWithoutCert),
             (false, _) => None,
         };
         let mtls = tls.is_some() && self.client_ca.is_some();
@@ -780,20 +934,13 @@ impl RunArgs {
             .map(|p| read_secret(p, "--http-secret-file"))
             .transpose()?;
         if secret.is_none() && !mtls {
-            bail!(
-                "--http-listen needs --http-secret-file (the secret callers present), or --http-tls \
-                 with --client-ca (callers present a client certificate)"
-            );
+            return Err(ConfigError::HttpWithoutSecret);
         }
         let allow = self
             .http_allow
             .iter()
-            .map(|s| {
-                s.trim()
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("--http-allow: {e}"))
-            })
-            .collect::<Result<Vec<IpRange>>>()?;
+            .map(|s| s.trim().parse().map_err(ConfigError::HttpAllow))
+            .collect::<Result<Vec<IpRange>, _>>()?;
         Ok(Some(HttpFrontConfig {
             listen: listen.clone(),
             secret,
@@ -808,18 +955,16 @@ impl RunArgs {
     }
 
     /// The TLS server settings, when `--tls-cert` is given.
-    fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>> {
+    fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
         match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Ok(Some(extauth_protocol::tls::server_config(
                 cert,
                 key,
                 self.client_ca.as_deref(),
             )?)),
-            (None, None) if self.client_ca.is_some() => {
-                bail!("--client-ca needs --tls-cert and --tls-key")
-            }
+            (None, None) if self.client_ca.is_some() => Err(ConfigError::ClientCaWithoutCert),
             (None, None) => Ok(None),
-            _ => bail!("--tls-cert and --tls-key go together"),
+            _ => Err(ConfigError::TlsHalf),
         }
     }
 
@@ -896,15 +1041,13 @@ impl DomainFile {
         }
     }
 
-    fn resolve(&self) -> Result<DomainConfig> {
-        let validator = self.validator.clone().context(
-            "no validator: give --introspection-url or --issuer (with --client-id), or a validator table in the config file",
-        )?;
+    fn resolve(&self) -> Result<DomainConfig, ConfigError> {
+        let validator = self.validator.clone().ok_or(ConfigError::NoValidator)?;
         let subject = match (&self.jid_claim, &self.subject_claim) {
-            (Some(_), Some(_)) => bail!("give subject_claim or jid_claim, not both"),
+            (Some(_), Some(_)) => return Err(ConfigError::SubjectAndJidClaim),
             (Some(jid), None) => Subject::Jid(jid.clone()),
             (None, Some(names)) if names.is_empty() || names.iter().any(String::is_empty) => {
-                bail!("subject_claim must name at least one claim, and no empty one")
+                return Err(ConfigError::EmptySubjectClaim)
             }
             (None, Some(names)) => Subject::Localpart(names.clone()),
             (None, None) => Subject::Localpart(vec![default_subject_claim(&validator).into()]),
@@ -916,21 +1059,16 @@ impl DomainFile {
         };
         let isuser = self.isuser.unwrap_or_default();
         if isuser == IsUserPolicy::Directory && self.directory.is_none() {
-            bail!("isuser = \"directory\" needs a directory = {{ url = ... }} table");
+            return Err(ConfigError::DirectoryMissing);
         }
-        let seconds = |v: Option<u64>, default: u64, name: &str| -> Result<Duration> {
-            match v.unwrap_or(default) {
-                0 => bail!("{name} must be at least 1 second"),
-                s => Ok(Duration::from_secs(s)),
-            }
+        let seconds = |v: Option<u64>, default: u64, key| match v.unwrap_or(default) {
+            0 => Err(ConfigError::ZeroSeconds { key }),
+            s => Ok(Duration::from_secs(s)),
         };
-        let lifetime = |v: Option<u64>, default: u64, name: &str| -> Result<Duration> {
-            let d = seconds(v, default, name)?;
+        let lifetime = |v: Option<u64>, default: u64, key| {
+            let d = seconds(v, default, key)?;
             if d > MAX_LIFETIME {
-                bail!(
-                    "{name} must be at most {} seconds: revocation marks outlive cached verdicts by that bound",
-                    MAX_LIFETIME.as_secs()
-                );
+                return Err(ConfigError::LifetimeTooLong { key });
             }
             Ok(d)
         };
@@ -950,7 +1088,7 @@ impl DomainFile {
                 .unwrap_or(gate::DEFAULT_CONCURRENCY)
             {
                 n @ 1..=4096 => n,
-                n => bail!("provider_concurrency must be between 1 and 4096, not {n}"),
+                value => return Err(ConfigError::ProviderConcurrency { value }),
             },
             isuser,
             directory: self.directory.clone(),
@@ -1007,14 +1145,21 @@ impl DomainConfig {
 }
 
 /// Resolves names or numbers to ids.
-fn ids(names: &[String], flag: &str, lookup: fn(&str) -> Option<u32>) -> Result<Vec<u32>> {
+fn ids(
+    names: &[String],
+    flag: &'static str,
+    lookup: fn(&str) -> Option<u32>,
+) -> Result<Vec<u32>, ConfigError> {
     names
         .iter()
         .map(|n| {
             n.parse()
                 .ok()
                 .or_else(|| lookup(n))
-                .with_context(|| format!("{flag} {n}: no such user or group"))
+                .ok_or_else(|| ConfigError::NoSuchId {
+                    flag,
+                    name: n.clone(),
+                })
         })
         .collect()
 }
@@ -1235,8 +1380,13 @@ mod tests {
         let file: RunArgs =
             toml::from_str("[domains.\"a\"]\njid_claim = \"jid\"\nsubject_claim = \"sub\"\n")
                 .unwrap();
-        let err = format!("{:#}", base().merge(file).into_config().unwrap_err());
-        assert!(err.contains("not both"), "{err}");
+        // As main prints it: the table, then what is wrong with it.
+        let err = anyhow::Error::from(base().merge(file).into_config().unwrap_err());
+        let err = format!("{err:#}");
+        assert_eq!(
+            err, "[domains.\"a\"]: give subject_claim or jid_claim, not both",
+            "{err}"
+        );
     }
 
     #[test]
