@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use serde::de::{DeserializeSeed, MapAccess, Visitor};
 use serde::Deserialize;
 
 use crate::binding::{BindingRules, Folding, Subject};
@@ -183,15 +184,53 @@ pub enum ConfigError {
     Tls(#[from] extauth_protocol::tls::TlsError),
 }
 
-/// Flags of `extauth-broker run`; every field is optional so the file can fill it in.
-#[derive(Debug, Clone, Default, Args, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RunArgs {
-    /// TOML file with any of these settings (keys are the flag names with `_` for `-`), plus
-    /// `[defaults]` and `[domains."example.com"]` tables.
+/// The flags `run` and `revoke` share: the configuration file and the Redis every broker
+/// shares. In the file, `redis`, `redis_mode`, `redis_master` and `cache_secret_file` are
+/// top-level keys like `run`'s others (see [`RunArgs`]'s `Deserialize`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct RedisArgs {
+    /// TOML file with any of `run`'s settings (keys are the flag names with `_` for `-`), plus
+    /// `[defaults]`, `[domains."example.com"]` and `[on_revoke]` tables; `revoke` reads its
+    /// Redis settings, cache secret and `[on_revoke]` from it.
     #[arg(long, env = "EXTAUTH_CONFIG")]
-    #[serde(skip)]
     pub config: Option<PathBuf>,
+
+    /// Shared cache, e.g. `redis://127.0.0.1:6379/0` (`rediss://` for TLS); with
+    /// `--redis-mode sentinel` or `cluster`, a comma-separated list of sentinels or seed nodes.
+    /// Without it verdicts stay in process.
+    #[arg(long, env = "EXTAUTH_REDIS")]
+    pub redis: Option<String>,
+
+    /// How Redis is deployed: standalone, sentinel or cluster [default: standalone].
+    #[arg(long, env = "EXTAUTH_REDIS_MODE")]
+    pub redis_mode: Option<RedisMode>,
+
+    /// The Sentinel service name of the master [default: mymaster].
+    #[arg(long, env = "EXTAUTH_REDIS_MASTER")]
+    pub redis_master: Option<String>,
+
+    /// File holding the cache key secret (>= 32 bytes); required with --redis, so every broker
+    /// derives the same keys. Without Redis a random per-process secret is used.
+    #[arg(long, env = "EXTAUTH_CACHE_SECRET_FILE")]
+    pub cache_secret_file: Option<PathBuf>,
+}
+
+/// The TOML keys of [`RedisArgs`] (`config` is a flag only).
+const STORE_KEYS: [&str; 4] = ["redis", "redis_mode", "redis_master", "cache_secret_file"];
+
+/// Flags of `extauth-broker run`; every field is optional so the file can fill it in.
+///
+/// The file's keys are read by the derived code (`remote = "Self"`) through [`StoreKeys`],
+/// which takes the [`RedisArgs`] keys out on the way: serde's `flatten` would silence
+/// `deny_unknown_fields` and drop the line numbers of errors in those keys.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub struct RunArgs {
+    /// The configuration file and the Redis every broker shares: flags shared with `revoke`,
+    /// TOML keys at the top level of the file.
+    #[command(flatten)]
+    #[serde(skip)]
+    pub store: RedisArgs,
 
     /// Where shims connect: `unix:/path` or `tcp:HOST:PORT`; repeatable (env: comma-separated).
     #[arg(long, env = "EXTAUTH_LISTEN", value_delimiter = ',')]
@@ -236,25 +275,6 @@ pub struct RunArgs {
     /// `ascii_case` or `nodeprep` (see docs/configuration.md) [default: exact].
     #[arg(long, env = "EXTAUTH_CLAIM_FOLDING")]
     pub claim_folding: Option<Folding>,
-
-    /// Shared cache, e.g. `redis://127.0.0.1:6379/0` (`rediss://` for TLS); with
-    /// `--redis-mode sentinel` or `cluster`, a comma-separated list of sentinels or seed nodes.
-    /// Without it verdicts stay in process.
-    #[arg(long, env = "EXTAUTH_REDIS")]
-    pub redis: Option<String>,
-
-    /// How Redis is deployed: standalone, sentinel or cluster [default: standalone].
-    #[arg(long, env = "EXTAUTH_REDIS_MODE")]
-    pub redis_mode: Option<RedisMode>,
-
-    /// The Sentinel service name of the master [default: mymaster].
-    #[arg(long, env = "EXTAUTH_REDIS_MASTER")]
-    pub redis_master: Option<String>,
-
-    /// File holding the cache key secret (>= 32 bytes); required with --redis, so every broker
-    /// derives the same keys. Without Redis a random per-process secret is used.
-    #[arg(long, env = "EXTAUTH_CACHE_SECRET_FILE")]
-    pub cache_secret_file: Option<PathBuf>,
 
     /// Longest time a positive verdict is cached, seconds; never past the token's `exp` [default: 300].
     #[arg(long, env = "EXTAUTH_MAX_TTL")]
@@ -656,10 +676,6 @@ impl RunArgs {
             client_id,
             client_secret_file,
             claim_folding,
-            redis,
-            redis_mode,
-            redis_master,
-            cache_secret_file,
             max_ttl,
             negative_ttl,
             seen_ttl,
@@ -695,6 +711,13 @@ impl RunArgs {
             max_handshakes,
             max_handshakes_per_ip
         );
+        self.store.redis = self.store.redis.or(file.store.redis);
+        self.store.redis_mode = self.store.redis_mode.or(file.store.redis_mode);
+        self.store.redis_master = self.store.redis_master.or(file.store.redis_master);
+        self.store.cache_secret_file = self
+            .store
+            .cache_secret_file
+            .or(file.store.cache_secret_file);
         if self.subject_claim.is_empty() {
             self.subject_claim = file.subject_claim;
         }
@@ -732,7 +755,7 @@ impl RunArgs {
     /// # Errors
     /// An unreadable or invalid file.
     pub fn with_file(self) -> Result<RunArgs, ConfigError> {
-        let Some(path) = &self.config else {
+        let Some(path) = &self.store.config else {
             return Ok(self);
         };
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
@@ -763,7 +786,7 @@ impl RunArgs {
             .ok_or_else(|| ConfigError::SocketMode {
                 mode: socket_mode.to_owned(),
             })?;
-        let cache_secret = match (&self.redis, &self.cache_secret_file) {
+        let cache_secret = match (&self.store.redis, &self.store.cache_secret_file) {
             (_, Some(path)) => read_secret(path, "--cache-secret-file")?,
             (Some(_), None) => return Err(ConfigError::RedisWithoutCacheSecret),
             (None, None) => Secret::new(hex::encode(rand::random::<[u8; 32]>())),
@@ -970,7 +993,8 @@ impl RunArgs {
 
     /// The shared store's settings, when `--redis` is given.
     pub fn redis_config(&self) -> Option<RedisConfig> {
-        let urls = self
+        let store = &self.store;
+        let urls = store
             .redis
             .as_ref()?
             .split(',')
@@ -979,9 +1003,9 @@ impl RunArgs {
             .map(ConfigUrl::from)
             .collect();
         Some(RedisConfig {
-            mode: self.redis_mode.unwrap_or_default(),
+            mode: store.redis_mode.unwrap_or_default(),
             urls,
-            master: self
+            master: store
                 .redis_master
                 .clone()
                 .unwrap_or_else(|| "mymaster".into()),
@@ -1018,6 +1042,155 @@ impl RunArgs {
             ..DomainFile::default()
         };
         flags.over(self.defaults.clone())
+    }
+}
+
+impl<'de> Deserialize<'de> for RunArgs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut store = RedisArgs::default();
+        let mut args = RunArgs::deserialize(StoreKeys {
+            inner: deserializer,
+            store: &mut store,
+        })?;
+        args.store = store;
+        Ok(args)
+    }
+}
+
+/// A deserializer for [`RunArgs`]'s table that reads the [`STORE_KEYS`] into `store` and hands
+/// every other key to the derived code. The values are read by the file's own deserializer, so
+/// an error in them keeps its line and column.
+struct StoreKeys<'a, D> {
+    inner: D,
+    store: &'a mut RedisArgs,
+}
+
+impl<'de, D: serde::Deserializer<'de>> serde::Deserializer<'de> for StoreKeys<'_, D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        self.inner.deserialize_any(visitor)
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, D::Error> {
+        let visitor = StoreVisitor {
+            visitor,
+            store: self.store,
+            fields,
+        };
+        self.inner.deserialize_struct(name, fields, visitor)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+        ignored_any
+    }
+}
+
+/// The derived visitor of [`RunArgs`], given the table through [`StoreMap`].
+struct StoreVisitor<'a, V> {
+    visitor: V,
+    store: &'a mut RedisArgs,
+    fields: &'static [&'static str],
+}
+
+impl<'de, V: Visitor<'de>> Visitor<'de> for StoreVisitor<'_, V> {
+    type Value = V::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.visitor.expecting(f)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+        self.visitor.visit_map(StoreMap {
+            map,
+            store: self.store,
+            fields: self.fields,
+        })
+    }
+}
+
+/// The table without the [`STORE_KEYS`], which it reads into `store` as it meets them.
+struct StoreMap<'a, A> {
+    map: A,
+    store: &'a mut RedisArgs,
+    fields: &'static [&'static str],
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for StoreMap<'_, A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        let mut seed = Some(seed);
+        loop {
+            let key = KeySeed {
+                seed: &mut seed,
+                fields: self.fields,
+            };
+            match self.map.next_key_seed(key)? {
+                None => return Ok(None),
+                Some(Key::Field(field)) => return Ok(Some(field)),
+                Some(Key::Store("redis")) => self.store.redis = self.map.next_value()?,
+                Some(Key::Store("redis_mode")) => self.store.redis_mode = self.map.next_value()?,
+                Some(Key::Store("redis_master")) => {
+                    self.store.redis_master = self.map.next_value()?
+                }
+                Some(Key::Store(_)) => self.store.cache_secret_file = self.map.next_value()?,
+            }
+        }
+    }
+
+    fn next_value_seed<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<S::Value, A::Error> {
+        self.map.next_value_seed(seed)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.map.size_hint()
+    }
+}
+
+/// A key of the table: one of [`STORE_KEYS`], or a field of the derived code.
+enum Key<F> {
+    Store(&'static str),
+    Field(F),
+}
+
+/// Reads a key; an unknown one is refused here, listing the [`STORE_KEYS`] with the others.
+struct KeySeed<'s, K> {
+    seed: &'s mut Option<K>,
+    fields: &'static [&'static str],
+}
+
+impl<'de, K: DeserializeSeed<'de>> DeserializeSeed<'de> for KeySeed<'_, K> {
+    type Value = Key<K::Value>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        use serde::de::{Error, IntoDeserializer};
+        let name = String::deserialize(d)?;
+        if let Some(key) = STORE_KEYS.iter().find(|k| **k == name) {
+            return Ok(Key::Store(key));
+        }
+        if !self.fields.contains(&name.as_str()) {
+            static EXPECTED: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+            let fields = self.fields;
+            let expected =
+                EXPECTED.get_or_init(|| STORE_KEYS.iter().chain(fields).copied().collect());
+            return Err(D::Error::unknown_field(&name, expected));
+        }
+        let seed = self
+            .seed
+            .take()
+            .ok_or_else(|| D::Error::custom("key read twice"))?;
+        seed.deserialize(name.into_deserializer()).map(Key::Field)
     }
 }
 
@@ -1248,7 +1421,10 @@ mod tests {
         )
         .unwrap();
         let args = RunArgs {
-            config: Some(path.clone()),
+            store: RedisArgs {
+                config: Some(path.clone()),
+                ..RedisArgs::default()
+            },
             ..RunArgs::default()
         };
         let err = format!("{:#}", args.with_file().unwrap_err());
@@ -1256,7 +1432,10 @@ mod tests {
         assert!(err.contains("line 3"), "{err}");
         std::fs::write(&path, "max_ttl = \"hunter4\"\n").unwrap();
         let args = RunArgs {
-            config: Some(path),
+            store: RedisArgs {
+                config: Some(path),
+                ..RedisArgs::default()
+            },
             ..RunArgs::default()
         };
         let err = format!("{:#}", args.with_file().unwrap_err());
@@ -1275,8 +1454,11 @@ mod tests {
         let config = RunArgs {
             introspection_url: Some("https://u:PASSWORD123@idp/i?access_token=PASSWORD123".into()),
             client_secret_file: Some(cache_secret.clone()),
-            redis: Some("redis://:PASSWORD123@127.0.0.1:1/0".into()),
-            cache_secret_file: Some(cache_secret),
+            store: RedisArgs {
+                redis: Some("redis://:PASSWORD123@127.0.0.1:1/0".into()),
+                cache_secret_file: Some(cache_secret),
+                ..RedisArgs::default()
+            },
             ..base()
         }
         .into_config()
@@ -1293,7 +1475,10 @@ mod tests {
     #[test]
     fn redis_without_a_cache_secret_is_refused() {
         let args = RunArgs {
-            redis: Some("redis://127.0.0.1:1".into()),
+            store: RedisArgs {
+                redis: Some("redis://127.0.0.1:1".into()),
+                ..RedisArgs::default()
+            },
             ..base()
         };
         let err = args.into_config().unwrap_err().to_string();
