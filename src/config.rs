@@ -220,7 +220,7 @@ const STORE_KEYS: [&str; 4] = ["redis", "redis_mode", "redis_master", "cache_sec
 
 /// Flags of `extauth-broker run`; every field is optional so the file can fill it in.
 ///
-/// The file's keys are read by the derived code (`remote = "Self"`) through [`StoreKeys`],
+/// The file's keys are read by the derived code (`remote = "Self"`) through `StoreKeys`,
 /// which takes the [`RedisArgs`] keys out on the way: serde's `flatten` would silence
 /// `deny_unknown_fields` and drop the line numbers of errors in those keys.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
