@@ -15,15 +15,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use clap::Args;
+use serde::de::{DeserializeSeed, MapAccess, Visitor};
 use serde::Deserialize;
 
 use crate::decision::{BindingRules, Folding, Subject};
 use crate::directory::DirectoryConfig;
+use crate::endpoint::EndpointError;
 use crate::endpoint::{self, EndpointLimits, HttpFrontConfig, IpRange};
-use crate::kick::{KickConfig, OnRevoke};
-use crate::secrets::{read_secret, ConfigUrl};
+use crate::kick::{KickConfig, KickConfigError, OnRevoke};
+use crate::secrets::{read_secret, ConfigUrl, SecretError};
 use crate::store::{RedisConfig, RedisMode};
 use crate::validate::breaker::BreakerConfig;
 use crate::validate::gate;
@@ -33,15 +34,203 @@ use crate::validate::ValidatorConfig;
 use crate::verdict::{Lifetimes, MAX_LIFETIME};
 use extauth_protocol::extauth::Secret;
 
-/// Flags of `extauth-broker run`; every field is optional so the file can fill it in.
-#[derive(Debug, Clone, Default, Args, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RunArgs {
-    /// TOML file with any of these settings (keys are the flag names with `_` for `-`), plus
-    /// `[defaults]` and `[domains."example.com"]` tables.
+/// A bad or missing setting (the message names the flag, key or file, never a secret value).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The `--config` file cannot be read.
+    #[error("reading config file {}", path.display())]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The `--config` file is not valid TOML for these settings (an unknown key, a bad value).
+    #[error("parsing config file {}: {message}", path.display())]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// Where and what, with quoted values replaced by `"..."` (they may be secrets).
+        message: String,
+    },
+    /// A `--listen` address that is neither `unix:/path` nor `tcp:HOST:PORT`.
+    #[error("bad listen address {address:?}: want unix:/path or tcp:HOST:PORT")]
+    ListenAddress {
+        /// The address as given.
+        address: String,
+    },
+    /// `--socket-mode` is not an octal permission mode.
+    #[error("--socket-mode {mode:?} is not an octal mode like 0660")]
+    SocketMode {
+        /// The mode as given.
+        mode: String,
+    },
+    /// A secret file cannot be used.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// `--redis` without `--cache-secret-file`.
+    #[error(
+        "--redis needs --cache-secret-file: every broker sharing Redis must derive the same \
+         cache keys (create one with: head -c 32 /dev/urandom | base64 > cache.key)"
+    )]
+    RedisWithoutCacheSecret,
+    /// The cache secret is shorter than 32 bytes.
+    #[error("--cache-secret-file must hold at least 32 bytes")]
+    ShortCacheSecret,
+    /// `--admin-listen` without `--admin-secret-file`.
+    #[error("--admin-listen needs --admin-secret-file (the bearer secret callers present)")]
+    AdminWithoutSecret,
+    /// A domain named by `--domain` (or `domain` in the file) has bad settings.
+    #[error("domain {name}")]
+    Domain {
+        /// The domain as given.
+        name: String,
+        /// What is wrong with it.
+        #[source]
+        source: Box<ConfigError>,
+    },
+    /// A `[domains."..."]` table has bad settings.
+    #[error("[domains.\"{name}\"]")]
+    DomainTable {
+        /// The table's domain.
+        name: String,
+        /// What is wrong with it.
+        #[source]
+        source: Box<ConfigError>,
+    },
+    /// No validator for a domain.
+    #[error(
+        "no validator: give --introspection-url or --issuer (with --client-id), or a validator \
+         table in the config file"
+    )]
+    NoValidator,
+    /// Both `subject_claim` and `jid_claim`.
+    #[error("give subject_claim or jid_claim, not both")]
+    SubjectAndJidClaim,
+    /// `subject_claim` is an empty list or names an empty claim.
+    #[error("subject_claim must name at least one claim, and no empty one")]
+    EmptySubjectClaim,
+    /// `isuser = "directory"` without a `directory` table.
+    #[error("isuser = \"directory\" needs a directory = {{ url = ... }} table")]
+    DirectoryMissing,
+    /// A duration of 0 seconds.
+    #[error("{key} must be at least 1 second")]
+    ZeroSeconds {
+        /// The key (`max_ttl`, `seen_ttl`, ...).
+        key: &'static str,
+    },
+    /// A verdict lifetime longer than the revocation marks last.
+    #[error(
+        "{key} must be at most {} seconds: revocation marks outlive cached verdicts by that bound",
+        MAX_LIFETIME.as_secs()
+    )]
+    LifetimeTooLong {
+        /// The key (`max_ttl`, `negative_ttl`, `stale_if_error`).
+        key: &'static str,
+    },
+    /// `provider_concurrency` out of range.
+    #[error("provider_concurrency must be between 1 and 4096, not {value}")]
+    ProviderConcurrency {
+        /// The value given.
+        value: usize,
+    },
+    /// `--log-format` is neither `text` nor `json`.
+    #[error("--log-format {format:?}: want text or json")]
+    LogFormat {
+        /// The format as given.
+        format: String,
+    },
+    /// `--group` without `--user`.
+    #[error("--group needs --user")]
+    GroupWithoutUser,
+    /// An `--allow-uid` or `--allow-gid` entry names no user or group.
+    #[error("{flag} {name}: no such user or group")]
+    NoSuchId {
+        /// `--allow-uid` or `--allow-gid`.
+        flag: &'static str,
+        /// The name as given.
+        name: String,
+    },
+    /// A bad `[on_revoke] kick` table.
+    #[error(transparent)]
+    Kick(#[from] KickConfigError),
+    /// `--provider-max-response-bytes` out of range.
+    #[error("--provider-max-response-bytes must be between 1024 and 1073741824, got {value}")]
+    ProviderMaxResponseBytes {
+        /// The value given.
+        value: u64,
+    },
+    /// `--http-tls` without a certificate.
+    #[error("--http-tls needs --tls-cert and --tls-key")]
+    HttpTlsWithoutCert,
+    /// `--http-listen` with no way to authenticate callers.
+    #[error(
+        "--http-listen needs --http-secret-file (the secret callers present), or --http-tls \
+         with --client-ca (callers present a client certificate)"
+    )]
+    HttpWithoutSecret,
+    /// A bad `--http-allow` entry.
+    #[error("--http-allow")]
+    HttpAllow(#[source] EndpointError),
+    /// `--client-ca` without a server certificate.
+    #[error("--client-ca needs --tls-cert and --tls-key")]
+    ClientCaWithoutCert,
+    /// Only one of `--tls-cert` and `--tls-key`.
+    #[error("--tls-cert and --tls-key go together")]
+    TlsHalf,
+    /// The TLS certificate, key or client CA cannot be loaded.
+    #[error(transparent)]
+    Tls(#[from] extauth_protocol::tls::TlsError),
+}
+
+/// The flags `run` and `revoke` share: the configuration file and the Redis every broker
+/// shares. In the file, `redis`, `redis_mode`, `redis_master` and `cache_secret_file` are
+/// top-level keys like `run`'s others (see [`RunArgs`]'s `Deserialize`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct RedisArgs {
+    /// TOML file with any of `run`'s settings (keys are the flag names with `_` for `-`), plus
+    /// `[defaults]`, `[domains."example.com"]` and `[on_revoke]` tables; `revoke` reads its
+    /// Redis settings, cache secret and `[on_revoke]` from it.
     #[arg(long, env = "EXTAUTH_CONFIG")]
-    #[serde(skip)]
     pub config: Option<PathBuf>,
+
+    /// Shared cache, e.g. `redis://127.0.0.1:6379/0` (`rediss://` for TLS); with
+    /// `--redis-mode sentinel` or `cluster`, a comma-separated list of sentinels or seed nodes.
+    /// Without it verdicts stay in process.
+    #[arg(long, env = "EXTAUTH_REDIS")]
+    pub redis: Option<String>,
+
+    /// How Redis is deployed: standalone, sentinel or cluster [default: standalone].
+    #[arg(long, env = "EXTAUTH_REDIS_MODE")]
+    pub redis_mode: Option<RedisMode>,
+
+    /// The Sentinel service name of the master [default: mymaster].
+    #[arg(long, env = "EXTAUTH_REDIS_MASTER")]
+    pub redis_master: Option<String>,
+
+    /// File holding the cache key secret (>= 32 bytes); required with --redis, so every broker
+    /// derives the same keys. Without Redis a random per-process secret is used.
+    #[arg(long, env = "EXTAUTH_CACHE_SECRET_FILE")]
+    pub cache_secret_file: Option<PathBuf>,
+}
+
+/// The TOML keys of [`RedisArgs`] (`config` is a flag only).
+const STORE_KEYS: [&str; 4] = ["redis", "redis_mode", "redis_master", "cache_secret_file"];
+
+/// Flags of `extauth-broker run`; every field is optional so the file can fill it in.
+///
+/// The file's keys are read by the derived code (`remote = "Self"`) through `StoreKeys`,
+/// which takes the [`RedisArgs`] keys out on the way: serde's `flatten` would silence
+/// `deny_unknown_fields` and drop the line numbers of errors in those keys.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub struct RunArgs {
+    /// The configuration file and the Redis every broker shares: flags shared with `revoke`,
+    /// TOML keys at the top level of the file.
+    #[command(flatten)]
+    #[serde(skip)]
+    pub store: RedisArgs,
 
     /// Where shims connect: `unix:/path` or `tcp:HOST:PORT`; repeatable (env: comma-separated).
     #[arg(long, env = "EXTAUTH_LISTEN", value_delimiter = ',')]
@@ -86,25 +275,6 @@ pub struct RunArgs {
     /// `ascii_case` or `nodeprep` (see docs/configuration.md) [default: exact].
     #[arg(long, env = "EXTAUTH_CLAIM_FOLDING")]
     pub claim_folding: Option<Folding>,
-
-    /// Shared cache, e.g. `redis://127.0.0.1:6379/0` (`rediss://` for TLS); with
-    /// `--redis-mode sentinel` or `cluster`, a comma-separated list of sentinels or seed nodes.
-    /// Without it verdicts stay in process.
-    #[arg(long, env = "EXTAUTH_REDIS")]
-    pub redis: Option<String>,
-
-    /// How Redis is deployed: standalone, sentinel or cluster [default: standalone].
-    #[arg(long, env = "EXTAUTH_REDIS_MODE")]
-    pub redis_mode: Option<RedisMode>,
-
-    /// The Sentinel service name of the master [default: mymaster].
-    #[arg(long, env = "EXTAUTH_REDIS_MASTER")]
-    pub redis_master: Option<String>,
-
-    /// File holding the cache key secret (>= 32 bytes); required with --redis, so every broker
-    /// derives the same keys. Without Redis a random per-process secret is used.
-    #[arg(long, env = "EXTAUTH_CACHE_SECRET_FILE")]
-    pub cache_secret_file: Option<PathBuf>,
 
     /// Longest time a positive verdict is cached, seconds; never past the token's `exp` [default: 300].
     #[arg(long, env = "EXTAUTH_MAX_TTL")]
@@ -357,16 +527,18 @@ pub enum ListenAddr {
 }
 
 impl std::str::FromStr for ListenAddr {
-    type Err = anyhow::Error;
+    type Err = ConfigError;
 
     /// Parses `unix:/path` or `tcp:HOST:PORT`.
-    fn from_str(s: &str) -> Result<Self> {
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
         match s.trim().split_once(':') {
             Some(("unix", p)) if !p.is_empty() => Ok(ListenAddr::Unix(PathBuf::from(p))),
             Some(("tcp", hp)) if hp.rsplit_once(':').is_some() => {
                 Ok(ListenAddr::Tcp(hp.to_owned()))
             }
-            _ => bail!("bad listen address {s:?}: want unix:/path or tcp:HOST:PORT"),
+            _ => Err(ConfigError::ListenAddress {
+                address: s.to_owned(),
+            }),
         }
     }
 }
@@ -504,10 +676,6 @@ impl RunArgs {
             client_id,
             client_secret_file,
             claim_folding,
-            redis,
-            redis_mode,
-            redis_master,
-            cache_secret_file,
             max_ttl,
             negative_ttl,
             seen_ttl,
@@ -543,6 +711,13 @@ impl RunArgs {
             max_handshakes,
             max_handshakes_per_ip
         );
+        self.store.redis = self.store.redis.or(file.store.redis);
+        self.store.redis_mode = self.store.redis_mode.or(file.store.redis_mode);
+        self.store.redis_master = self.store.redis_master.or(file.store.redis_master);
+        self.store.cache_secret_file = self
+            .store
+            .cache_secret_file
+            .or(file.store.cache_secret_file);
         if self.subject_claim.is_empty() {
             self.subject_claim = file.subject_claim;
         }
@@ -571,7 +746,7 @@ impl RunArgs {
     ///
     /// # Errors
     /// A message naming the bad or missing setting (never its secret value).
-    pub fn resolve(self) -> Result<Config> {
+    pub fn resolve(self) -> Result<Config, ConfigError> {
         self.with_file()?.into_config()
     }
 
@@ -579,18 +754,17 @@ impl RunArgs {
     ///
     /// # Errors
     /// An unreadable or invalid file.
-    pub fn with_file(self) -> Result<RunArgs> {
-        let Some(path) = &self.config else {
+    pub fn with_file(self) -> Result<RunArgs, ConfigError> {
+        let Some(path) = &self.store.config else {
             return Ok(self);
         };
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config file {}", path.display()))?;
-        let file: RunArgs = toml::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "parsing config file {}: {}",
-                path.display(),
-                describe_toml_error(&e, &text)
-            )
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.clone(),
+            source,
+        })?;
+        let file: RunArgs = toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+            path: path.clone(),
+            message: describe_toml_error(&e, &text),
         })?;
         Ok(self.merge(file))
     }
@@ -599,32 +773,29 @@ impl RunArgs {
     ///
     /// # Errors
     /// A message naming the bad or missing setting (never its secret value).
-    pub fn into_config(self) -> Result<Config> {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
         let listen = self
             .listen
             .iter()
             .map(|s| s.parse())
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         let socket_mode = self.socket_mode.as_deref().unwrap_or("0660");
         let socket_mode = u32::from_str_radix(socket_mode.trim_start_matches("0o"), 8)
             .ok()
             .filter(|m| *m <= 0o777)
-            .with_context(|| {
-                format!("--socket-mode {socket_mode:?} is not an octal mode like 0660")
+            .ok_or_else(|| ConfigError::SocketMode {
+                mode: socket_mode.to_owned(),
             })?;
-        let cache_secret = match (&self.redis, &self.cache_secret_file) {
+        let cache_secret = match (&self.store.redis, &self.store.cache_secret_file) {
             (_, Some(path)) => read_secret(path, "--cache-secret-file")?,
-            (Some(_), None) => bail!(
-                "--redis needs --cache-secret-file: every broker sharing Redis must derive the same \
-                 cache keys (create one with: head -c 32 /dev/urandom | base64 > cache.key)"
-            ),
+            (Some(_), None) => return Err(ConfigError::RedisWithoutCacheSecret),
             (None, None) => Secret::new(hex::encode(rand::random::<[u8; 32]>())),
         };
         if cache_secret.expose().len() < 32 {
-            bail!("--cache-secret-file must hold at least 32 bytes");
+            return Err(ConfigError::ShortCacheSecret);
         }
         if self.admin_listen.is_some() && self.admin_secret_file.is_none() {
-            bail!("--admin-listen needs --admin-secret-file (the bearer secret callers present)");
+            return Err(ConfigError::AdminWithoutSecret);
         }
         let admin_secret = self
             .admin_secret_file
@@ -638,18 +809,20 @@ impl RunArgs {
         for name in &self.domain_names {
             domains.insert(
                 name.to_lowercase(),
-                defaults
-                    .resolve()
-                    .with_context(|| format!("domain {name}"))?,
+                defaults.resolve().map_err(|e| ConfigError::Domain {
+                    name: name.clone(),
+                    source: Box::new(e),
+                })?,
             );
         }
         for (name, table) in &self.domains {
             let merged = table.clone().over(defaults.clone());
             domains.insert(
                 name.to_lowercase(),
-                merged
-                    .resolve()
-                    .with_context(|| format!("[domains.\"{name}\"]"))?,
+                merged.resolve().map_err(|e| ConfigError::DomainTable {
+                    name: name.clone(),
+                    source: Box::new(e),
+                })?,
             );
         }
         let any_domain = match domains.is_empty() {
@@ -682,11 +855,15 @@ impl RunArgs {
             log_json: match self.log_format.as_deref().unwrap_or("text") {
                 "text" => false,
                 "json" => true,
-                other => bail!("--log-format {other:?}: want text or json"),
+                other => {
+                    return Err(ConfigError::LogFormat {
+                        format: other.to_owned(),
+                    })
+                }
             },
             run_as: match (&self.user, &self.group) {
                 (Some(u), g) => Some((u.clone(), g.clone())),
-                (None, Some(_)) => bail!("--group needs --user"),
+                (None, Some(_)) => return Err(ConfigError::GroupWithoutUser),
                 (None, None) => None,
             },
             limits: Limits {
@@ -715,11 +892,11 @@ impl RunArgs {
     }
 
     /// The `[on_revoke] kick` hook, checked.
-    fn kick(&self) -> Result<Option<KickConfig>> {
+    fn kick(&self) -> Result<Option<KickConfig>, ConfigError> {
         let Some(kick) = &self.on_revoke.kick else {
             return Ok(None);
         };
-        kick.check().map_err(anyhow::Error::msg)?;
+        kick.check()?;
         Ok(Some(kick.clone()))
     }
 
@@ -727,13 +904,13 @@ impl RunArgs {
     ///
     /// # Errors
     /// `provider_max_response_bytes` out of range.
-    pub fn provider_policy(&self) -> Result<ProviderPolicy> {
+    pub fn provider_policy(&self) -> Result<ProviderPolicy, ConfigError> {
         let max = self
             .provider_max_response_bytes
             .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
         // Below 1 KiB no real answer fits; above 1 GiB the cap no longer protects the host.
         if !(1024..=1 << 30).contains(&max) {
-            bail!("--provider-max-response-bytes must be between 1024 and 1073741824, got {max}");
+            return Err(ConfigError::ProviderMaxResponseBytes { value: max });
         }
         Ok(ProviderPolicy {
             max_response_bytes: max,
@@ -764,13 +941,13 @@ impl RunArgs {
     fn http_front(
         &self,
         tls: &Option<Arc<rustls::ServerConfig>>,
-    ) -> Result<Option<HttpFrontConfig>> {
+    ) -> Result<Option<HttpFrontConfig>, ConfigError> {
         let Some(listen) = &self.http_listen else {
             return Ok(None);
         };
         let tls = match (self.http_tls.unwrap_or(false), tls) {
             (true, Some(tls)) => Some(tls.clone()),
-            (true, None) => bail!("--http-tls needs --tls-cert and --tls-key"),
+            (true, None) => return Err(ConfigError::HttpTlsWithoutCert),
             (false, _) => None,
         };
         let mtls = tls.is_some() && self.client_ca.is_some();
@@ -780,20 +957,13 @@ impl RunArgs {
             .map(|p| read_secret(p, "--http-secret-file"))
             .transpose()?;
         if secret.is_none() && !mtls {
-            bail!(
-                "--http-listen needs --http-secret-file (the secret callers present), or --http-tls \
-                 with --client-ca (callers present a client certificate)"
-            );
+            return Err(ConfigError::HttpWithoutSecret);
         }
         let allow = self
             .http_allow
             .iter()
-            .map(|s| {
-                s.trim()
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("--http-allow: {e}"))
-            })
-            .collect::<Result<Vec<IpRange>>>()?;
+            .map(|s| s.trim().parse().map_err(ConfigError::HttpAllow))
+            .collect::<Result<Vec<IpRange>, _>>()?;
         Ok(Some(HttpFrontConfig {
             listen: listen.clone(),
             secret,
@@ -808,24 +978,23 @@ impl RunArgs {
     }
 
     /// The TLS server settings, when `--tls-cert` is given.
-    fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>> {
+    fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
         match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Ok(Some(extauth_protocol::tls::server_config(
                 cert,
                 key,
                 self.client_ca.as_deref(),
             )?)),
-            (None, None) if self.client_ca.is_some() => {
-                bail!("--client-ca needs --tls-cert and --tls-key")
-            }
+            (None, None) if self.client_ca.is_some() => Err(ConfigError::ClientCaWithoutCert),
             (None, None) => Ok(None),
-            _ => bail!("--tls-cert and --tls-key go together"),
+            _ => Err(ConfigError::TlsHalf),
         }
     }
 
     /// The shared store's settings, when `--redis` is given.
     pub fn redis_config(&self) -> Option<RedisConfig> {
-        let urls = self
+        let store = &self.store;
+        let urls = store
             .redis
             .as_ref()?
             .split(',')
@@ -834,9 +1003,9 @@ impl RunArgs {
             .map(ConfigUrl::from)
             .collect();
         Some(RedisConfig {
-            mode: self.redis_mode.unwrap_or_default(),
+            mode: store.redis_mode.unwrap_or_default(),
             urls,
-            master: self
+            master: store
                 .redis_master
                 .clone()
                 .unwrap_or_else(|| "mymaster".into()),
@@ -876,6 +1045,155 @@ impl RunArgs {
     }
 }
 
+impl<'de> Deserialize<'de> for RunArgs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut store = RedisArgs::default();
+        let mut args = RunArgs::deserialize(StoreKeys {
+            inner: deserializer,
+            store: &mut store,
+        })?;
+        args.store = store;
+        Ok(args)
+    }
+}
+
+/// A deserializer for [`RunArgs`]'s table that reads the [`STORE_KEYS`] into `store` and hands
+/// every other key to the derived code. The values are read by the file's own deserializer, so
+/// an error in them keeps its line and column.
+struct StoreKeys<'a, D> {
+    inner: D,
+    store: &'a mut RedisArgs,
+}
+
+impl<'de, D: serde::Deserializer<'de>> serde::Deserializer<'de> for StoreKeys<'_, D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        self.inner.deserialize_any(visitor)
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, D::Error> {
+        let visitor = StoreVisitor {
+            visitor,
+            store: self.store,
+            fields,
+        };
+        self.inner.deserialize_struct(name, fields, visitor)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+        ignored_any
+    }
+}
+
+/// The derived visitor of [`RunArgs`], given the table through [`StoreMap`].
+struct StoreVisitor<'a, V> {
+    visitor: V,
+    store: &'a mut RedisArgs,
+    fields: &'static [&'static str],
+}
+
+impl<'de, V: Visitor<'de>> Visitor<'de> for StoreVisitor<'_, V> {
+    type Value = V::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.visitor.expecting(f)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+        self.visitor.visit_map(StoreMap {
+            map,
+            store: self.store,
+            fields: self.fields,
+        })
+    }
+}
+
+/// The table without the [`STORE_KEYS`], which it reads into `store` as it meets them.
+struct StoreMap<'a, A> {
+    map: A,
+    store: &'a mut RedisArgs,
+    fields: &'static [&'static str],
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for StoreMap<'_, A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        let mut seed = Some(seed);
+        loop {
+            let key = KeySeed {
+                seed: &mut seed,
+                fields: self.fields,
+            };
+            match self.map.next_key_seed(key)? {
+                None => return Ok(None),
+                Some(Key::Field(field)) => return Ok(Some(field)),
+                Some(Key::Store("redis")) => self.store.redis = self.map.next_value()?,
+                Some(Key::Store("redis_mode")) => self.store.redis_mode = self.map.next_value()?,
+                Some(Key::Store("redis_master")) => {
+                    self.store.redis_master = self.map.next_value()?
+                }
+                Some(Key::Store(_)) => self.store.cache_secret_file = self.map.next_value()?,
+            }
+        }
+    }
+
+    fn next_value_seed<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<S::Value, A::Error> {
+        self.map.next_value_seed(seed)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.map.size_hint()
+    }
+}
+
+/// A key of the table: one of [`STORE_KEYS`], or a field of the derived code.
+enum Key<F> {
+    Store(&'static str),
+    Field(F),
+}
+
+/// Reads a key; an unknown one is refused here, listing the [`STORE_KEYS`] with the others.
+struct KeySeed<'s, K> {
+    seed: &'s mut Option<K>,
+    fields: &'static [&'static str],
+}
+
+impl<'de, K: DeserializeSeed<'de>> DeserializeSeed<'de> for KeySeed<'_, K> {
+    type Value = Key<K::Value>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        use serde::de::{Error, IntoDeserializer};
+        let name = String::deserialize(d)?;
+        if let Some(key) = STORE_KEYS.iter().find(|k| **k == name) {
+            return Ok(Key::Store(key));
+        }
+        if !self.fields.contains(&name.as_str()) {
+            static EXPECTED: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+            let fields = self.fields;
+            let expected =
+                EXPECTED.get_or_init(|| STORE_KEYS.iter().chain(fields).copied().collect());
+            return Err(D::Error::unknown_field(&name, expected));
+        }
+        let seed = self
+            .seed
+            .take()
+            .ok_or_else(|| D::Error::custom("key read twice"))?;
+        seed.deserialize(name.into_deserializer()).map(Key::Field)
+    }
+}
+
 impl DomainFile {
     /// `self` with every unset key taken from `base`.
     fn over(self, base: DomainFile) -> DomainFile {
@@ -896,15 +1214,13 @@ impl DomainFile {
         }
     }
 
-    fn resolve(&self) -> Result<DomainConfig> {
-        let validator = self.validator.clone().context(
-            "no validator: give --introspection-url or --issuer (with --client-id), or a validator table in the config file",
-        )?;
+    fn resolve(&self) -> Result<DomainConfig, ConfigError> {
+        let validator = self.validator.clone().ok_or(ConfigError::NoValidator)?;
         let subject = match (&self.jid_claim, &self.subject_claim) {
-            (Some(_), Some(_)) => bail!("give subject_claim or jid_claim, not both"),
+            (Some(_), Some(_)) => return Err(ConfigError::SubjectAndJidClaim),
             (Some(jid), None) => Subject::Jid(jid.clone()),
             (None, Some(names)) if names.is_empty() || names.iter().any(String::is_empty) => {
-                bail!("subject_claim must name at least one claim, and no empty one")
+                return Err(ConfigError::EmptySubjectClaim)
             }
             (None, Some(names)) => Subject::Localpart(names.clone()),
             (None, None) => Subject::Localpart(vec![default_subject_claim(&validator).into()]),
@@ -916,21 +1232,16 @@ impl DomainFile {
         };
         let isuser = self.isuser.unwrap_or_default();
         if isuser == IsUserPolicy::Directory && self.directory.is_none() {
-            bail!("isuser = \"directory\" needs a directory = {{ url = ... }} table");
+            return Err(ConfigError::DirectoryMissing);
         }
-        let seconds = |v: Option<u64>, default: u64, name: &str| -> Result<Duration> {
-            match v.unwrap_or(default) {
-                0 => bail!("{name} must be at least 1 second"),
-                s => Ok(Duration::from_secs(s)),
-            }
+        let seconds = |v: Option<u64>, default: u64, key| match v.unwrap_or(default) {
+            0 => Err(ConfigError::ZeroSeconds { key }),
+            s => Ok(Duration::from_secs(s)),
         };
-        let lifetime = |v: Option<u64>, default: u64, name: &str| -> Result<Duration> {
-            let d = seconds(v, default, name)?;
+        let lifetime = |v: Option<u64>, default: u64, key| {
+            let d = seconds(v, default, key)?;
             if d > MAX_LIFETIME {
-                bail!(
-                    "{name} must be at most {} seconds: revocation marks outlive cached verdicts by that bound",
-                    MAX_LIFETIME.as_secs()
-                );
+                return Err(ConfigError::LifetimeTooLong { key });
             }
             Ok(d)
         };
@@ -950,7 +1261,7 @@ impl DomainFile {
                 .unwrap_or(gate::DEFAULT_CONCURRENCY)
             {
                 n @ 1..=4096 => n,
-                n => bail!("provider_concurrency must be between 1 and 4096, not {n}"),
+                value => return Err(ConfigError::ProviderConcurrency { value }),
             },
             isuser,
             directory: self.directory.clone(),
@@ -1007,14 +1318,21 @@ impl DomainConfig {
 }
 
 /// Resolves names or numbers to ids.
-fn ids(names: &[String], flag: &str, lookup: fn(&str) -> Option<u32>) -> Result<Vec<u32>> {
+fn ids(
+    names: &[String],
+    flag: &'static str,
+    lookup: fn(&str) -> Option<u32>,
+) -> Result<Vec<u32>, ConfigError> {
     names
         .iter()
         .map(|n| {
             n.parse()
                 .ok()
                 .or_else(|| lookup(n))
-                .with_context(|| format!("{flag} {n}: no such user or group"))
+                .ok_or_else(|| ConfigError::NoSuchId {
+                    flag,
+                    name: n.clone(),
+                })
         })
         .collect()
 }
@@ -1103,7 +1421,10 @@ mod tests {
         )
         .unwrap();
         let args = RunArgs {
-            config: Some(path.clone()),
+            store: RedisArgs {
+                config: Some(path.clone()),
+                ..RedisArgs::default()
+            },
             ..RunArgs::default()
         };
         let err = format!("{:#}", args.with_file().unwrap_err());
@@ -1111,7 +1432,10 @@ mod tests {
         assert!(err.contains("line 3"), "{err}");
         std::fs::write(&path, "max_ttl = \"hunter4\"\n").unwrap();
         let args = RunArgs {
-            config: Some(path),
+            store: RedisArgs {
+                config: Some(path),
+                ..RedisArgs::default()
+            },
             ..RunArgs::default()
         };
         let err = format!("{:#}", args.with_file().unwrap_err());
@@ -1130,8 +1454,11 @@ mod tests {
         let config = RunArgs {
             introspection_url: Some("https://u:PASSWORD123@idp/i?access_token=PASSWORD123".into()),
             client_secret_file: Some(cache_secret.clone()),
-            redis: Some("redis://:PASSWORD123@127.0.0.1:1/0".into()),
-            cache_secret_file: Some(cache_secret),
+            store: RedisArgs {
+                redis: Some("redis://:PASSWORD123@127.0.0.1:1/0".into()),
+                cache_secret_file: Some(cache_secret),
+                ..RedisArgs::default()
+            },
             ..base()
         }
         .into_config()
@@ -1148,7 +1475,10 @@ mod tests {
     #[test]
     fn redis_without_a_cache_secret_is_refused() {
         let args = RunArgs {
-            redis: Some("redis://127.0.0.1:1".into()),
+            store: RedisArgs {
+                redis: Some("redis://127.0.0.1:1".into()),
+                ..RedisArgs::default()
+            },
             ..base()
         };
         let err = args.into_config().unwrap_err().to_string();
@@ -1235,8 +1565,13 @@ mod tests {
         let file: RunArgs =
             toml::from_str("[domains.\"a\"]\njid_claim = \"jid\"\nsubject_claim = \"sub\"\n")
                 .unwrap();
-        let err = format!("{:#}", base().merge(file).into_config().unwrap_err());
-        assert!(err.contains("not both"), "{err}");
+        // As main prints it: the table, then what is wrong with it.
+        let err = anyhow::Error::from(base().merge(file).into_config().unwrap_err());
+        let err = format!("{err:#}");
+        assert_eq!(
+            err, "[domains.\"a\"]: give subject_claim or jid_claim, not both",
+            "{err}"
+        );
     }
 
     #[test]

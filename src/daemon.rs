@@ -205,9 +205,7 @@ async fn sockets(config: &Config, inherited: Vec<(Role, Inherited)>) -> Result<S
             tls: front.tls.clone().map(tokio_rustls::TlsAcceptor::from),
             allow: front.allow.clone(),
         };
-        access
-            .check_exposure(listener.local_addr()?, config.tcp.insecure, "--http-listen")
-            .map_err(anyhow::Error::msg)?;
+        access.check_exposure(listener.local_addr()?, config.tcp.insecure, "--http-listen")?;
         sockets.http = Some(listener);
     }
     if let (None, Some(addr)) = (&sockets.admin, &config.admin_listen) {

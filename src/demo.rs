@@ -162,7 +162,7 @@ fn config(provider: &DevProvider, client_secret: &str, socket: PathBuf) -> Resul
         url = provider.url(),
     );
     let args: RunArgs = toml::from_str(&file).context("demo configuration")?;
-    args.resolve()
+    Ok(args.resolve()?)
 }
 
 fn shim_path(given: Option<PathBuf>) -> Result<PathBuf> {

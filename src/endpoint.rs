@@ -121,6 +121,28 @@ pub async fn serve(
     endpoint.accept_loop(listener).await;
 }
 
+/// A bad endpoint setting: an exposed plaintext listener or a bad allow-list entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    /// Plaintext on an address that is not loopback, without `--insecure-tcp`.
+    #[error(
+        "{flag} {local} is not a loopback address: tokens would cross the network in clear. \
+         Serve it over TLS (--http-tls with --tls-cert and --tls-key), or give --insecure-tcp"
+    )]
+    NotLoopback {
+        /// The flag that configured the listener (`--http-listen`).
+        flag: String,
+        /// The listening address.
+        local: std::net::SocketAddr,
+    },
+    /// An allow-list entry that is neither an address nor a CIDR range.
+    #[error("{value:?} is not an address or CIDR range like 10.0.0.0/8")]
+    BadRange {
+        /// The entry as given.
+        value: String,
+    },
+}
+
 /// Who may open a connection to an endpoint, and how it must speak.
 #[derive(Clone, Default)]
 pub struct Access {
@@ -142,12 +164,12 @@ impl Access {
         local: std::net::SocketAddr,
         insecure: bool,
         flag: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), EndpointError> {
         if self.tls.is_none() && !insecure && !local.ip().is_loopback() {
-            return Err(format!(
-                "{flag} {local} is not a loopback address: tokens would cross the network in clear. \
-                 Serve it over TLS (--http-tls with --tls-cert and --tls-key), or give --insecure-tcp"
-            ));
+            return Err(EndpointError::NotLoopback {
+                flag: flag.to_owned(),
+                local,
+            });
         }
         Ok(())
     }
@@ -184,10 +206,12 @@ impl IpRange {
 }
 
 impl std::str::FromStr for IpRange {
-    type Err = String;
+    type Err = EndpointError;
 
-    fn from_str(s: &str) -> Result<IpRange, String> {
-        let bad = || format!("{s:?} is not an address or CIDR range like 10.0.0.0/8");
+    fn from_str(s: &str) -> Result<IpRange, EndpointError> {
+        let bad = || EndpointError::BadRange {
+            value: s.to_owned(),
+        };
         let (addr, prefix) = match s.split_once('/') {
             Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| bad())?)),
             None => (s, None),

@@ -26,8 +26,9 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::metrics;
-use crate::secrets::{read_secret, redact_url, ConfigUrl};
+use crate::secrets::{read_secret, redact_url, ConfigUrl, SecretError};
 use crate::validate::http::{HttpTimeouts, ProviderClient, ProviderPolicy};
+use crate::validate::SetupError;
 use extauth_protocol::extauth::Secret;
 
 /// Default of a kick's `timeout`, seconds: well under the admin endpoint's request timeout
@@ -94,6 +95,45 @@ fn default_timeout() -> f64 {
     DEFAULT_TIMEOUT
 }
 
+/// A bad `[on_revoke] kick` setting, or a hook that cannot be built (the message names the
+/// setting, a URL only in redacted form, never a secret).
+#[derive(Debug, thiserror::Error)]
+pub enum KickConfigError {
+    /// `timeout` is not in (0, 30] seconds.
+    #[error("on_revoke.kick.timeout must be in (0, {MAX_TIMEOUT}] seconds, got {timeout}")]
+    Timeout {
+        /// The value given.
+        timeout: f64,
+    },
+    /// Both `bearer_file` and `basic_user` are given.
+    #[error("on_revoke.kick: bearer_file and basic_user exclude each other")]
+    BearerAndBasic,
+    /// `basic_user` without `basic_password_file`, or the reverse.
+    #[error("on_revoke.kick: basic_user and basic_password_file go together")]
+    BasicHalf,
+    /// `argv` is empty.
+    #[error("on_revoke.kick.argv is empty")]
+    EmptyArgv,
+    /// `argv`'s program is not an absolute path.
+    #[error("on_revoke.kick.argv: the program must be an absolute path, got {program:?}")]
+    RelativeProgram {
+        /// The program given.
+        program: String,
+    },
+    /// `argv` lacks `{user}` or `{host}`.
+    #[error("on_revoke.kick.argv must contain {placeholder} (the revoked user's JID part)")]
+    MissingPlaceholder {
+        /// `{user}` or `{host}`.
+        placeholder: &'static str,
+    },
+    /// The HTTP client for `url` cannot be built (a bad or plain-http URL, ...).
+    #[error(transparent)]
+    Client(#[from] SetupError),
+    /// `bearer_file` or `basic_password_file` cannot be read.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+}
+
 impl KickConfig {
     /// The kick's time bound.
     pub fn timeout(&self) -> Duration {
@@ -132,27 +172,21 @@ impl KickConfig {
     ///
     /// # Errors
     /// A message naming the bad setting (a URL only in redacted form).
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), KickConfigError> {
         let timeout = match self {
             KickConfig::HttpApi(c) => c.timeout,
             KickConfig::Command(c) => c.timeout,
         };
         if !(timeout.is_finite() && timeout > 0.0 && timeout <= MAX_TIMEOUT) {
-            return Err(format!(
-                "on_revoke.kick.timeout must be in (0, {MAX_TIMEOUT}] seconds, got {timeout}"
-            ));
+            return Err(KickConfigError::Timeout { timeout });
         }
         match self {
             KickConfig::HttpApi(c) => {
                 if c.bearer_file.is_some() && c.basic_user.is_some() {
-                    return Err(
-                        "on_revoke.kick: bearer_file and basic_user exclude each other".into(),
-                    );
+                    return Err(KickConfigError::BearerAndBasic);
                 }
                 if c.basic_user.is_some() != c.basic_password_file.is_some() {
-                    return Err(
-                        "on_revoke.kick: basic_user and basic_password_file go together".into(),
-                    );
+                    return Err(KickConfigError::BasicHalf);
                 }
                 Ok(())
             }
@@ -161,20 +195,18 @@ impl KickConfig {
     }
 }
 
-fn check_argv(argv: &[String]) -> Result<(), String> {
+fn check_argv(argv: &[String]) -> Result<(), KickConfigError> {
     let Some(program) = argv.first() else {
-        return Err("on_revoke.kick.argv is empty".into());
+        return Err(KickConfigError::EmptyArgv);
     };
     if !program.starts_with('/') {
-        return Err(format!(
-            "on_revoke.kick.argv: the program must be an absolute path, got {program:?}"
-        ));
+        return Err(KickConfigError::RelativeProgram {
+            program: program.clone(),
+        });
     }
     for placeholder in ["{user}", "{host}"] {
         if !argv.iter().any(|a| a.contains(placeholder)) {
-            return Err(format!(
-                "on_revoke.kick.argv must contain {placeholder} (the revoked user's JID part)"
-            ));
+            return Err(KickConfigError::MissingPlaceholder { placeholder });
         }
     }
     Ok(())
@@ -282,8 +314,8 @@ impl Kicker {
     /// # Errors
     /// A bad setting or an unreadable secret file (the message names the setting, never a
     /// secret).
-    pub fn new(config: &KickConfig, policy: &ProviderPolicy) -> anyhow::Result<Kicker> {
-        config.check().map_err(anyhow::Error::msg)?;
+    pub fn new(config: &KickConfig, policy: &ProviderPolicy) -> Result<Kicker, KickConfigError> {
+        config.check()?;
         let timeout = config.timeout();
         let how = match config {
             KickConfig::HttpApi(c) => {
@@ -297,8 +329,7 @@ impl Kicker {
                     c.url.expose(),
                     timeouts,
                     policy,
-                )
-                .map_err(anyhow::Error::msg)?;
+                )?;
                 let auth = match (&c.bearer_file, &c.basic_user, &c.basic_password_file) {
                     (Some(file), _, _) => {
                         Auth::Bearer(read_secret(file, "on_revoke.kick.bearer_file")?)
@@ -473,7 +504,7 @@ mod tests {
         }
         let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
         let kick = file.on_revoke.kick.ok_or("no kick")?;
-        kick.check()?;
+        kick.check().map_err(|e| e.to_string())?;
         Ok(kick)
     }
 

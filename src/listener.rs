@@ -5,10 +5,9 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
 use nix::unistd::{Gid, Group, Uid, User};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -25,6 +24,58 @@ use crate::throttle::Throttle;
 /// of each kind in a window is a warning, the rest debug lines (all are counted).
 static PEER_WARNING: Throttle = Throttle::new(WARNING_WINDOW);
 static TLS_WARNING: Throttle = Throttle::new(WARNING_WINDOW);
+
+/// Why a listening socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// bind(2) failed.
+    #[error("binding {address}")]
+    Bind {
+        /// `tcp:HOST:PORT` or `unix:/path`.
+        address: String,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The mode of a new Unix socket could not be set.
+    #[error("setting mode {mode:o} on {}", path.display())]
+    Mode {
+        /// The mode (`--socket-mode`).
+        mode: u32,
+        /// The socket's path.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// A process answers on the Unix socket's path.
+    #[error("{} is in use by a running process (another broker?)", path.display())]
+    InUse {
+        /// The socket's path.
+        path: PathBuf,
+    },
+    /// A stale socket left at the path could not be removed.
+    #[error("removing stale socket {}", path.display())]
+    RemoveStale {
+        /// The socket's path.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// Plain TCP on an address that is not loopback, without `--insecure-tcp`.
+    #[error(
+        "tcp:{local} is not a loopback address: tokens would cross the network in clear. Give \
+         --tls-cert and --tls-key (shims then use tls:HOST:PORT), or --insecure-tcp"
+    )]
+    NotLoopback {
+        /// The listening address.
+        local: SocketAddr,
+    },
+    /// A socket could not be read or registered with the runtime.
+    #[error(transparent)]
+    Socket(#[from] io::Error),
+}
 
 /// The two halves of an accepted, checked stream.
 pub type Halves = (
@@ -75,20 +126,35 @@ impl Listener {
     ///
     /// # Errors
     /// Bind failures, a live socket already at the path, an unprotected non-loopback address.
-    pub async fn bind(addr: &ListenAddr, mode: u32, security: &TcpSecurity) -> Result<Listener> {
+    pub async fn bind(
+        addr: &ListenAddr,
+        mode: u32,
+        security: &TcpSecurity,
+    ) -> Result<Listener, ListenError> {
         match addr {
             ListenAddr::Tcp(hostport) => {
-                let listener = TcpListener::bind(hostport)
-                    .await
-                    .with_context(|| format!("binding tcp:{hostport}"))?;
+                let listener =
+                    TcpListener::bind(hostport)
+                        .await
+                        .map_err(|source| ListenError::Bind {
+                            address: format!("tcp:{hostport}"),
+                            source,
+                        })?;
                 Listener::tcp(listener, security)
             }
             ListenAddr::Unix(path) => {
                 remove_stale_socket(path).await?;
-                let listener = UnixListener::bind(path)
-                    .with_context(|| format!("binding unix:{}", path.display()))?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-                    .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
+                let listener = UnixListener::bind(path).map_err(|source| ListenError::Bind {
+                    address: format!("unix:{}", path.display()),
+                    source,
+                })?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
+                    |source| ListenError::Mode {
+                        mode,
+                        path: path.clone(),
+                        source,
+                    },
+                )?;
                 Ok(Listener::Unix {
                     listener,
                     path: Some(Arc::from(path.as_path())),
@@ -102,7 +168,7 @@ impl Listener {
     ///
     /// # Errors
     /// A socket that cannot be registered with the runtime, or an unprotected non-loopback one.
-    pub fn inherited(socket: Inherited, security: &TcpSecurity) -> Result<Listener> {
+    pub fn inherited(socket: Inherited, security: &TcpSecurity) -> Result<Listener, ListenError> {
         match socket {
             Inherited::Unix(l) => {
                 l.set_nonblocking(true)?;
@@ -123,13 +189,10 @@ impl Listener {
         }
     }
 
-    fn tcp(listener: TcpListener, security: &TcpSecurity) -> Result<Listener> {
+    fn tcp(listener: TcpListener, security: &TcpSecurity) -> Result<Listener, ListenError> {
         let local: SocketAddr = listener.local_addr()?;
         if security.tls.is_none() && !security.insecure && !local.ip().is_loopback() {
-            bail!(
-                "tcp:{local} is not a loopback address: tokens would cross the network in clear. Give \
-                 --tls-cert and --tls-key (shims then use tls:HOST:PORT), or --insecure-tcp"
-            );
+            return Err(ListenError::NotLoopback { local });
         }
         Ok(Listener::Tcp {
             listener,
@@ -184,17 +247,19 @@ impl Listener {
     }
 }
 
-async fn remove_stale_socket(path: &Path) -> Result<()> {
+async fn remove_stale_socket(path: &Path) -> Result<(), ListenError> {
     if !path.exists() {
         return Ok(());
     }
     if UnixStream::connect(path).await.is_ok() {
-        bail!(
-            "{} is in use by a running process (another broker?)",
-            path.display()
-        );
+        return Err(ListenError::InUse {
+            path: path.to_owned(),
+        });
     }
-    std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))
+    std::fs::remove_file(path).map_err(|source| ListenError::RemoveStale {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl Incoming {

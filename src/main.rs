@@ -95,7 +95,7 @@ fn serve(args: RunArgs) -> Result<()> {
     let config = merged.into_config()?;
     let context = RunContext {
         inherited,
-        reload: Some(Box::new(move || args.clone().resolve())),
+        reload: Some(Box::new(move || Ok(args.clone().resolve()?))),
         set_log_level: Some(set_log_level),
     };
     let shutdown = CancellationToken::new();

@@ -11,11 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::config::{ListenAddr, RunArgs};
+use crate::config::{ListenAddr, RedisArgs, RunArgs};
 use crate::keys::KeyDeriver;
 use crate::revoke::{self, Target};
 use crate::secrets::read_secret;
-use crate::store::RedisMode;
 use extauth_protocol::extauth::Command;
 use extauth_protocol::wire::{self, ClientMsg, Hello, Request, ServerMsg};
 
@@ -194,21 +193,9 @@ fn summarise(text: &str) -> String {
 /// Flags of `extauth-broker revoke`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RevokeArgs {
-    /// The broker's TOML file, for `redis` and `cache_secret_file`.
-    #[arg(long, env = "EXTAUTH_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// The Redis every broker shares (as `run --redis`).
-    #[arg(long, env = "EXTAUTH_REDIS")]
-    pub redis: Option<String>,
-    /// How Redis is deployed (as `run --redis-mode`).
-    #[arg(long, env = "EXTAUTH_REDIS_MODE")]
-    pub redis_mode: Option<RedisMode>,
-    /// The Sentinel service name (as `run --redis-master`).
-    #[arg(long, env = "EXTAUTH_REDIS_MASTER")]
-    pub redis_master: Option<String>,
-    /// The cache key secret every broker uses.
-    #[arg(long, env = "EXTAUTH_CACHE_SECRET_FILE")]
-    pub cache_secret_file: Option<PathBuf>,
+    /// The configuration file and the Redis every broker shares (as for `run`).
+    #[command(flatten)]
+    pub store: RedisArgs,
     /// Whose verdicts.
     #[command(flatten)]
     pub account: Account,
@@ -229,11 +216,7 @@ pub struct RevokeArgs {
 /// Redis failure, or a kick that failed (the revocation stands; the message says so).
 pub async fn revoke(args: RevokeArgs) -> Result<()> {
     let file = RunArgs {
-        config: args.config,
-        redis: args.redis,
-        redis_mode: args.redis_mode,
-        redis_master: args.redis_master,
-        cache_secret_file: args.cache_secret_file,
+        store: args.store,
         ..Default::default()
     }
     .with_file()?;
@@ -242,6 +225,7 @@ pub async fn revoke(args: RevokeArgs) -> Result<()> {
          revokes through its admin endpoint: POST /revoke",
     )?;
     let secret_file = file
+        .store
         .cache_secret_file
         .clone()
         .context("--cache-secret-file is required (the brokers' cache key secret)")?;

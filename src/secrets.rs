@@ -4,9 +4,8 @@
 //! A leaf module: configuration, validators, the Redis store and the CLI all use it, and it
 //! uses none of them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use extauth_protocol::extauth::Secret;
@@ -122,16 +121,46 @@ impl std::fmt::Display for ConfigUrl {
     }
 }
 
+/// Why a secret file could not be used; names the setting and the path, never the content.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// The file could not be read. The I/O error is part of the message rather than a separate
+    /// source: the validators keep this message as text, and it is the end of the chain anyway.
+    #[error("{flag}: reading {}: {error}", path.display())]
+    Read {
+        /// The flag or key naming the file (`--cache-secret-file`, `client_secret_file`, ...).
+        flag: String,
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        error: std::io::Error,
+    },
+    /// The file's first line is empty.
+    #[error("{flag}: {} is empty", path.display())]
+    Empty {
+        /// The flag or key naming the file.
+        flag: String,
+        /// The file.
+        path: PathBuf,
+    },
+}
+
 /// Reads a secret from the first line of a file (trailing newline and spaces removed).
 ///
 /// # Errors
 /// An unreadable or empty file; the message names the flag and path, never the content.
-pub fn read_secret(path: &Path, flag: &str) -> Result<Secret> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{flag}: reading {}", path.display()))?;
+pub fn read_secret(path: &Path, flag: &str) -> Result<Secret, SecretError> {
+    let text = std::fs::read_to_string(path).map_err(|error| SecretError::Read {
+        flag: flag.to_owned(),
+        path: path.to_owned(),
+        error,
+    })?;
     let line = text.lines().next().unwrap_or("").trim();
     if line.is_empty() {
-        bail!("{flag}: {} is empty", path.display());
+        return Err(SecretError::Empty {
+            flag: flag.to_owned(),
+            path: path.to_owned(),
+        });
     }
     Ok(Secret::new(line.to_owned()))
 }

@@ -311,8 +311,11 @@ mod tests {
             introspection_url: Some("https://u:PASSWORD123@idp/i".into()),
             client_id: Some("broker".into()),
             client_secret_file: Some(secret),
-            redis: Some("redis://:PASSWORD123@127.0.0.1:1/0".into()),
-            cache_secret_file: Some(cache_secret),
+            store: crate::config::RedisArgs {
+                redis: Some("redis://:PASSWORD123@127.0.0.1:1/0".into()),
+                cache_secret_file: Some(cache_secret),
+                ..Default::default()
+            },
             ..file
         }
         .into_config()

@@ -8,7 +8,6 @@
 use std::os::fd::{FromRawFd, RawFd};
 use std::time::Duration;
 
-use anyhow::{bail, Result};
 use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
 use sd_notify::NotifyState;
 use tracing::{debug, warn};
@@ -33,6 +32,31 @@ pub enum Inherited {
     Tcp(std::net::TcpListener),
 }
 
+/// Why the sockets systemd passed cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SystemdError {
+    /// `LISTEN_PID`, `LISTEN_FDS` or `LISTEN_FDNAMES` is malformed.
+    #[error(transparent)]
+    Environment(#[from] std::io::Error),
+    /// A socket's `FileDescriptorName=` is not one the broker knows.
+    #[error("socket name {name:?} (FileDescriptorName=) is not one of shim, metrics, admin")]
+    UnknownName {
+        /// The name given in the `.socket` unit.
+        name: String,
+    },
+    /// The address of an inherited fd could not be read (getsockname(2)).
+    #[error(transparent)]
+    Socket(#[from] nix::Error),
+    /// An inherited fd is neither a Unix nor a TCP socket.
+    #[error("inherited fd {fd} is a {family:?} socket, not Unix or TCP")]
+    Family {
+        /// The file descriptor.
+        fd: RawFd,
+        /// Its address family, when it has one.
+        family: Option<AddressFamily>,
+    },
+}
+
 /// Takes the sockets systemd passed (`LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES`) and clears
 /// those variables, so children do not inherit them.
 ///
@@ -41,7 +65,7 @@ pub enum Inherited {
 ///
 /// # Errors
 /// Malformed variables, an unknown socket name, or a socket that is neither Unix nor TCP.
-pub unsafe fn take_listeners() -> Result<Vec<(Role, Inherited)>> {
+pub unsafe fn take_listeners() -> Result<Vec<(Role, Inherited)>, SystemdError> {
     let fds: Vec<(RawFd, String)> =
         unsafe { sd_notify::listen_fds_with_names_and_unset_env()? }.collect();
     fds.into_iter()
@@ -49,14 +73,14 @@ pub unsafe fn take_listeners() -> Result<Vec<(Role, Inherited)>> {
         .collect()
 }
 
-fn role(name: &str) -> Result<Role> {
+fn role(name: &str) -> Result<Role, SystemdError> {
     match name {
         "shim" | "unknown" | "" => Ok(Role::Shim),
         "metrics" => Ok(Role::Metrics),
         "admin" => Ok(Role::Admin),
-        other => {
-            bail!("socket name {other:?} (FileDescriptorName=) is not one of shim, metrics, admin")
-        }
+        other => Err(SystemdError::UnknownName {
+            name: other.to_owned(),
+        }),
     }
 }
 
@@ -64,7 +88,7 @@ fn role(name: &str) -> Result<Role> {
 ///
 /// # Safety
 /// `fd` must be an open listening socket this process owns and uses nowhere else.
-unsafe fn inherit(fd: RawFd) -> Result<Inherited> {
+unsafe fn inherit(fd: RawFd) -> Result<Inherited, SystemdError> {
     let family = getsockname::<SockaddrStorage>(fd)?.family();
     let inherited = match family {
         Some(AddressFamily::Unix) => {
@@ -73,7 +97,7 @@ unsafe fn inherit(fd: RawFd) -> Result<Inherited> {
         Some(AddressFamily::Inet | AddressFamily::Inet6) => {
             Inherited::Tcp(unsafe { std::net::TcpListener::from_raw_fd(fd) })
         }
-        other => bail!("inherited fd {fd} is a {other:?} socket, not Unix or TCP"),
+        family => return Err(SystemdError::Family { fd, family }),
     };
     debug!(fd, ?family, "inherited a listening socket from systemd");
     Ok(inherited)
