@@ -57,7 +57,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => serve(cli.run),
         Some(Command::Run(args)) => serve(*args),
-        Some(Command::CheckConfig(args)) => check_config(*args),
+        Some(Command::CheckConfig(args)) => ops::check_config(*args),
         Some(Command::Demo(args)) => with_runtime("warn", demo::run(args)),
         Some(Command::Probe(args)) => ops::probe(&args),
         Some(Command::Stats(args)) => with_runtime("warn", ops::stats(args)),
@@ -103,40 +103,6 @@ fn serve(args: RunArgs) -> Result<()> {
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         daemon::run(config, context, shutdown).await
     })
-}
-
-/// `check-config`: resolve everything (reading secret files), build every validator, print.
-fn check_config(args: RunArgs) -> Result<()> {
-    let config = args.resolve()?;
-    if let Some(kick) = &config.kick {
-        // Reads the hook's secret files and checks its URL, as the broker does at start-up.
-        extauth_broker::kick::Kicker::new(kick, &config.provider)?;
-    }
-    let discovered = runtime()?.block_on(async {
-        let domains = extauth_broker::domain::Domains::build(&config)?;
-        anyhow::Ok(domains.discover().await)
-    })?;
-    print!("{}", extauth_broker::summary::summary(&config));
-    let mut failed = 0;
-    for (domain, what, url) in discovered {
-        match url {
-            Ok(url) => println!(
-                "discovered for {domain}: {what} is {}",
-                extauth_broker::secrets::redact_url(&url)
-            ),
-            Err(why) => {
-                failed += 1;
-                println!("discovery failed for {domain}: {why}");
-            }
-        }
-    }
-    if failed > 0 {
-        anyhow::bail!(
-            "{failed} provider(s) could not be discovered: their logins would all be refused"
-        );
-    }
-    println!("configuration OK");
-    Ok(())
 }
 
 fn with_runtime(level: &str, job: impl std::future::Future<Output = Result<()>>) -> Result<()> {

@@ -1,6 +1,6 @@
-//! Operator commands: `probe` (one request through the wire protocol, as a shim sends it),
-//! `stats` (a summary of a running broker's Prometheus metrics) and `revoke` (through the Redis
-//! the brokers share).
+//! Operator commands: `check-config` (every setting resolved and every provider discovered),
+//! `probe` (one request through the wire protocol, as a shim sends it), `stats` (a summary of a
+//! running broker's Prometheus metrics) and `revoke` (through the Redis the brokers share).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -12,11 +12,49 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::config::{ListenAddr, RedisArgs, RunArgs};
+use crate::domain::Domains;
 use crate::keys::KeyDeriver;
+use crate::kick::Kicker;
 use crate::revoke::{self, Target};
-use crate::secrets::read_secret;
+use crate::secrets::{read_secret, redact_url};
+use crate::summary::summary;
 use extauth_protocol::extauth::Command;
 use extauth_protocol::wire::{self, ClientMsg, Hello, Request, ServerMsg};
+
+/// `check-config`: resolves everything (reading secret files), builds every validator and the
+/// kick hook, discovers every provider configured by issuer, and prints the effective settings,
+/// secrets redacted.
+///
+/// # Errors
+/// The first configuration error, or providers that could not be discovered (their logins
+/// would all be refused).
+pub fn check_config(args: RunArgs) -> Result<()> {
+    let config = args.resolve()?;
+    if let Some(kick) = &config.kick {
+        // Reads the hook's secret files and checks its URL, as the broker does at start-up.
+        Kicker::new(kick, &config.provider)?;
+    }
+    let discovered = tokio::runtime::Runtime::new()?.block_on(async {
+        let domains = Domains::build(&config)?;
+        anyhow::Ok(domains.discover().await)
+    })?;
+    print!("{}", summary(&config));
+    let mut failed = 0;
+    for (domain, what, url) in discovered {
+        match url {
+            Ok(url) => println!("discovered for {domain}: {what} is {}", redact_url(&url)),
+            Err(why) => {
+                failed += 1;
+                println!("discovery failed for {domain}: {why}");
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} provider(s) could not be discovered: their logins would all be refused");
+    }
+    println!("configuration OK");
+    Ok(())
+}
 
 /// The account an operator command is about, as ejabberd names it (shared by `probe` and
 /// `revoke`).
@@ -152,7 +190,7 @@ pub struct StatsArgs {
 pub async fn stats(args: StatsArgs) -> Result<()> {
     extauth_protocol::tls::install_crypto_provider();
     // reqwest errors name the URL, which may embed credentials: name it redacted instead.
-    let shown = crate::secrets::redact_url(&args.metrics_url);
+    let shown = redact_url(&args.metrics_url);
     let response = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()?
@@ -237,7 +275,7 @@ pub async fn revoke(args: RevokeArgs) -> Result<()> {
     // Built (secret files read) before revoking, so a broken hook is reported before anything
     // changes.
     let kicker = match (&file.on_revoke.kick, args.no_kick) {
-        (Some(kick), false) => Some(crate::kick::Kicker::new(kick, &file.provider_policy()?)?),
+        (Some(kick), false) => Some(Kicker::new(kick, &file.provider_policy()?)?),
         _ => None,
     };
     let redis = crate::store::Redis::new(&store, crate::seal::Sealer::new(&secret))

@@ -177,13 +177,17 @@ fn the_reader_finds_grouped_and_nested_paths_and_skips_comments() {
 /// The module map of `docs/architecture.md` ("Module map"): its layers, top first, as
 /// `N  module, module ...  (what they are)` lines inside the fenced block after the heading.
 fn documented_layers() -> BTreeMap<String, usize> {
-    let doc = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/architecture.md"))
-        .unwrap();
+    let doc =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/architecture.md"))
+            .unwrap();
     let map = doc
         .split("\n## Module map\n")
         .nth(1)
         .expect("docs/architecture.md has a \"## Module map\" section");
-    let block = map.split("```").nth(1).expect("a fenced block in the module map");
+    let block = map
+        .split("```")
+        .nth(1)
+        .expect("a fenced block in the module map");
     let mut layers = BTreeMap::new();
     for line in block.lines().skip(1).filter(|l| !l.trim().is_empty()) {
         let (number, rest) = line.trim().split_once(' ').expect("`N  modules`");
