@@ -60,14 +60,14 @@ const BODY_OVERHEAD: usize = 4 * 1024;
 
 /// Largest `POST /revoke` body accepted (bytes): the longest token the broker accepts
 /// (`--max-token-len`) plus `BODY_OVERHEAD`, 20 KiB by default.
-pub fn body_limit(max_token_len: usize) -> usize {
+pub(crate) fn body_limit(max_token_len: usize) -> usize {
     max_token_len.saturating_add(BODY_OVERHEAD)
 }
 
 /// Serves the admin routes on `listener` within `limits` until `shutdown` is cancelled; bodies
 /// are limited to [`body_limit`]`(max_token_len)` bytes. `kicker`, when set, ends a revoked
 /// user's sessions through ejabberd after each user revocation.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     engine: Arc<Engine>,
     secret: Secret,

@@ -27,7 +27,7 @@ use crate::throttle::Throttle;
 
 /// Where a connection comes from: the unit of the per-source handshake cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Origin {
+pub(crate) enum Origin {
     /// A Unix socket peer, by its user id (SO_PEERCRED). Unix peers pass or fail the peer check
     /// at once, and those that pass are users the operator allowed, so no cap applies; the uid
     /// keeps a refused user's flood from counting with the shims' connections.
@@ -39,7 +39,7 @@ pub enum Origin {
 
 impl Origin {
     /// The origin of a TCP peer at `ip` (an IPv4-mapped IPv6 address counts as its IPv4 one).
-    pub fn tcp(ip: IpAddr) -> Origin {
+    pub(crate) fn tcp(ip: IpAddr) -> Origin {
         match ip {
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
                 Some(v4) => Origin::Ip(IpAddr::V4(v4)),
@@ -54,7 +54,7 @@ impl Origin {
 }
 
 /// Handshakes in progress (peer check, TLS, `Hello`), bounded in total and per source.
-pub struct Handshakes {
+pub(crate) struct Handshakes {
     max: usize,
     max_per_ip: usize,
     table: Mutex<HandshakeTable>,
@@ -69,7 +69,7 @@ struct HandshakeTable {
 }
 
 /// One handshake's place in the budget, given back on drop.
-pub struct Handshake {
+pub(crate) struct Handshake {
     id: u64,
     dropped: CancellationToken,
     budget: Arc<Handshakes>,
@@ -77,7 +77,7 @@ pub struct Handshake {
 
 impl Handshakes {
     /// A budget of `max` handshakes in total and `max_per_ip` per TCP source (each at least 1).
-    pub fn new(max: usize, max_per_ip: usize) -> Arc<Handshakes> {
+    pub(crate) fn new(max: usize, max_per_ip: usize) -> Arc<Handshakes> {
         Arc::new(Handshakes {
             max: max.max(1),
             max_per_ip: max_per_ip.max(1),
@@ -88,7 +88,7 @@ impl Handshakes {
     /// Gives a new connection from `origin` its place, first dropping the oldest handshake of
     /// `origin` when that source is at its cap, or else the oldest of the busiest source when
     /// the budget is full. Never waits and never refuses.
-    pub fn begin(self: &Arc<Self>, origin: Origin) -> Handshake {
+    pub(crate) fn begin(self: &Arc<Self>, origin: Origin) -> Handshake {
         let mut table = lock(&self.table);
         let at_cap = matches!(origin, Origin::Ip(_))
             && table.per_origin.get(&origin).copied().unwrap_or(0) >= self.max_per_ip;
@@ -168,7 +168,7 @@ impl HandshakeTable {
 impl Handshake {
     /// Completes when the budget dropped this handshake to make room for a newer one (already
     /// counted and logged by the budget): the connection must close.
-    pub fn dropped(&self) -> WaitForCancellationFuture<'_> {
+    pub(crate) fn dropped(&self) -> WaitForCancellationFuture<'_> {
         self.dropped.cancelled()
     }
 }
@@ -182,7 +182,7 @@ impl Drop for Handshake {
 }
 
 /// The `--max-connections` slots of connections that completed their handshake.
-pub struct Slots {
+pub(crate) struct Slots {
     capacity: usize,
     table: Mutex<SlotTable>,
 }
@@ -201,21 +201,21 @@ struct Occupant {
 }
 
 /// A connection's slot, given back on drop.
-pub struct Slot {
+pub(crate) struct Slot {
     id: u64,
     evicted: CancellationToken,
     slots: Arc<Slots>,
 }
 
 /// Marks a request in flight on its connection (which is then never evicted) until dropped.
-pub struct InFlight {
+pub(crate) struct InFlight {
     id: u64,
     slots: Arc<Slots>,
 }
 
 impl Slots {
     /// `capacity` slots (at least 1).
-    pub fn new(capacity: usize) -> Arc<Slots> {
+    pub(crate) fn new(capacity: usize) -> Arc<Slots> {
         Arc::new(Slots {
             capacity: capacity.max(1),
             table: Mutex::default(),
@@ -226,7 +226,7 @@ impl Slots {
     /// that request marked in flight in the same step (so the new slot cannot be evicted before
     /// the request is): a free slot, or the one of the idlest connection with no request in
     /// flight, which is told to close. `None` when every slot has a request in flight.
-    pub fn admit(self: &Arc<Self>) -> Option<(Slot, InFlight)> {
+    pub(crate) fn admit(self: &Arc<Self>) -> Option<(Slot, InFlight)> {
         let mut table = lock(&self.table);
         if table.occupants.len() >= self.capacity {
             table.evict_idlest()?;
@@ -287,13 +287,13 @@ impl SlotTable {
 impl Slot {
     /// Completes when this connection was evicted: it must read no further request, answer
     /// those it has, and close.
-    pub fn evicted(&self) -> WaitForCancellationFuture<'_> {
+    pub(crate) fn evicted(&self) -> WaitForCancellationFuture<'_> {
         self.evicted.cancelled()
     }
 
     /// Marks a request in flight. After an eviction (a request read just as it happened) the
     /// mark changes nothing: the request is still answered.
-    pub fn request(&self) -> InFlight {
+    pub(crate) fn request(&self) -> InFlight {
         touch(&self.slots, self.id, |o| o.in_flight += 1);
         InFlight {
             id: self.id,

@@ -27,7 +27,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroU64;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::keys::{self, Key};
@@ -50,14 +50,14 @@ const MAX_ISSUED_GAP: u64 = (1 << 27) - 1;
 
 /// A name tag: a keyed 64-bit hash of `user@domain` (see [`L1::name_tag`]), never 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NameTag(NonZeroU64);
+pub(crate) struct NameTag(NonZeroU64);
 
 /// A verdict as L1 keeps it: what the token proved (the named user by the first 8 bytes of its
 /// key, [`keys::short`], and once known by its [`NameTag`]) and its instants, ms since the Unix
 /// epoch. Built from a [`Verdict`] for every decision, so verdicts from L1, Redis and the
 /// provider are decided alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cached {
+pub(crate) struct Cached {
     held: Held,
     issued_ms: u64,
     fresh_until_ms: u64,
@@ -95,7 +95,7 @@ impl Cached {
     /// The decision for a login of the user whose key is `user`: accepted only when the token
     /// names that user (the first 8 bytes of the keys agree: a 2^-64 chance for another user,
     /// whose key nobody can compute without the cache secret).
-    pub fn decide(&self, user: &Key) -> (bool, Reason) {
+    pub(crate) fn decide(&self, user: &Key) -> (bool, Reason) {
         match self.held {
             Held::Names { user: named, .. } if named == keys::short(user) => {
                 (true, Reason::Accepted)
@@ -107,7 +107,7 @@ impl Cached {
 
     /// The decision for a login of the user tagged `name`, without its user key; `None` when
     /// the named user's tag is not known yet (decide with [`Cached::decide`] then).
-    pub fn decide_by_name(&self, name: NameTag) -> Option<(bool, Reason)> {
+    pub(crate) fn decide_by_name(&self, name: NameTag) -> Option<(bool, Reason)> {
         match self.held {
             Held::Names {
                 name: Some(named), ..
@@ -119,7 +119,7 @@ impl Cached {
     }
 
     /// The first 8 bytes of the named user's key ([`keys::short`]), if the token is valid.
-    pub fn named_user(&self) -> Option<u64> {
+    pub(crate) fn named_user(&self) -> Option<u64> {
         match self.held {
             Held::Names { user, .. } => Some(user),
             Held::Refused(_) => None,
@@ -128,31 +128,34 @@ impl Cached {
 
     /// When the flight that produced it started, ms since the epoch (compared with revocation
     /// marks).
-    pub fn issued_ms(&self) -> u64 {
+    pub(crate) fn issued_ms(&self) -> u64 {
         self.issued_ms
     }
 }
 
 /// The in-process cache. Cheap to clone (the clones share the entries).
 #[derive(Clone)]
-pub struct L1 {
+pub(crate) struct L1 {
     inner: Arc<Tables>,
 }
 
 /// Where L1 reads the time (ms since the Unix epoch).
 #[derive(Debug, Clone)]
-pub enum Clock {
+pub(crate) enum Clock {
     /// The system clock ([`crate::verdict::now_ms`]).
     System,
-    /// A clock the holder of the `Arc` sets by hand (tests).
-    Manual(Arc<AtomicU64>),
+    /// A clock the holder of the `Arc` sets by hand: unit tests move it past a verdict's end
+    /// instead of sleeping.
+    #[cfg(test)]
+    Manual(Arc<std::sync::atomic::AtomicU64>),
 }
 
 impl Clock {
     /// The time now, ms since the Unix epoch.
-    pub fn now_ms(&self) -> u64 {
+    pub(crate) fn now_ms(&self) -> u64 {
         match self {
             Clock::System => now_ms(),
+            #[cfg(test)]
             Clock::Manual(ms) => ms.load(Ordering::Relaxed),
         }
     }
@@ -175,13 +178,13 @@ impl L1 {
     /// full table holds a verdict in about 98 % of its slots, 45 bytes per verdict (1M: 42
     /// MiB). Each shard is rounded down to whole buckets of 8 slots; below 512 slots the
     /// capacity is rounded down to a multiple of 8 (0 to 7: nothing is kept).
-    pub fn new(capacity: u64) -> Self {
+    pub(crate) fn new(capacity: u64) -> Self {
         L1::with_clock(capacity, Clock::System)
     }
 
-    /// [`L1::new`] reading the time from `clock`: a test moves a [`Clock::Manual`] past a
+    /// [`L1::new`] reading the time from `clock`: a test moves a manual clock past a
     /// verdict's end instead of sleeping.
-    pub fn with_clock(capacity: u64, clock: Clock) -> Self {
+    pub(crate) fn with_clock(capacity: u64, clock: Clock) -> Self {
         let now = clock.now_ms();
         L1 {
             inner: Arc::new(Tables {
@@ -199,7 +202,7 @@ impl L1 {
     /// already bound to computes one HMAC, the token key. Tags never leave the process, so a
     /// client learns nothing of them but accept or refuse, and passing for the named user
     /// takes a 2^-64 guess per login.
-    pub fn name_tag(&self, domain: &str, user: &str) -> NameTag {
+    pub(crate) fn name_tag(&self, domain: &str, user: &str) -> NameTag {
         // The tuple hashes each string with a terminator, so ("ab", "c") and ("a", "bc") differ.
         let hash = self.inner.names.hash_one((domain, user));
         NameTag(NonZeroU64::new(hash).unwrap_or(NonZeroU64::MIN))
@@ -207,7 +210,7 @@ impl L1 {
 
     /// The verdict on `token`, if any, within its TTL and not revoked by a mark this process
     /// knows ([`L1::note_user_mark`], [`L1::note_token_mark`]).
-    pub fn get(&self, token: &Key) -> Option<Cached> {
+    pub(crate) fn get(&self, token: &Key) -> Option<Cached> {
         let now = self.inner.clock.now_ms();
         self.find(token)
             .filter(|v| v.fresh_until_ms > now && !self.revoked(token, v))
@@ -215,7 +218,7 @@ impl L1 {
 
     /// The verdict on `token` if it is still usable for `stale_if_error` (fresh or not) and
     /// not revoked.
-    pub fn get_usable(&self, token: &Key) -> Option<Cached> {
+    pub(crate) fn get_usable(&self, token: &Key) -> Option<Cached> {
         let now = self.inner.clock.now_ms();
         self.find(token)
             .filter(|v| v.usable_until_ms > now && !self.revoked(token, v))
@@ -227,13 +230,13 @@ impl L1 {
 
     /// Records that every verdict naming the user whose key is `user`, issued up to `at_ms`
     /// (ms since the epoch), is revoked. Kept for [`HORIZON`], at most [`MAX_MARKS`] marks.
-    pub fn note_user_mark(&self, user: &Key, at_ms: u64) {
+    pub(crate) fn note_user_mark(&self, user: &Key, at_ms: u64) {
         let now = self.inner.clock.now_ms();
         self.inner.revocations.note(Kind::User, user, at_ms, now);
     }
 
     /// Records that every verdict on `token` issued up to `at_ms` is revoked.
-    pub fn note_token_mark(&self, token: &Key, at_ms: u64) {
+    pub(crate) fn note_token_mark(&self, token: &Key, at_ms: u64) {
         let now = self.inner.clock.now_ms();
         self.inner.revocations.note(Kind::Token, token, at_ms, now);
     }
@@ -241,7 +244,7 @@ impl L1 {
     /// The latest mark this process knows that covers `verdict` on `token` (ms since the
     /// epoch): a flight compares it with its own start, since a revocation may have come
     /// while it asked the provider.
-    pub fn mark_covering(&self, token: &Key, verdict: &Cached) -> Option<u64> {
+    pub(crate) fn mark_covering(&self, token: &Key, verdict: &Cached) -> Option<u64> {
         self.inner.revocations.covering(token, verdict)
     }
 
@@ -256,7 +259,7 @@ impl L1 {
     /// Keeps `verdict` until its usable end. `name`: the tag of the user it names, when the
     /// caller knows it (it asked for that very user); otherwise the first hit for the named
     /// user binds it ([`L1::bind`]).
-    pub fn insert(&self, token: &Key, verdict: &Verdict, name: Option<NameTag>) {
+    pub(crate) fn insert(&self, token: &Key, verdict: &Verdict, name: Option<NameTag>) {
         let mut cached = Cached::from(verdict);
         if let Held::Names { name: n, .. } = &mut cached.held {
             *n = name;
@@ -275,7 +278,7 @@ impl L1 {
     /// Remembers that the user whose key is `user` is tagged `name`, if the verdict on `token`
     /// names that user (the caller decided with the key that it does): later hits for the user
     /// need no user key.
-    pub fn bind(&self, token: &Key, user: &Key, name: NameTag) {
+    pub(crate) fn bind(&self, token: &Key, user: &Key, name: NameTag) {
         let key = VerdictSlot::key(token);
         let mut shard = self.inner.verdicts.shard(&key);
         if let Some((b, w)) = shard.find(&key) {
@@ -287,19 +290,19 @@ impl L1 {
     }
 
     /// Drops the verdict on one token (revocation).
-    pub fn invalidate(&self, token: &Key) {
+    pub(crate) fn invalidate(&self, token: &Key) {
         let key = VerdictSlot::key(token);
         self.inner.verdicts.shard(&key).remove(&key);
     }
 
     /// Drops every verdict (after revocations may have been missed).
-    pub fn invalidate_all(&self) {
+    pub(crate) fn invalidate_all(&self) {
         self.inner.verdicts.clear();
     }
 
     /// Marks a user (by [`crate::keys::KeyDeriver::user`] key) as seen until `until_ms`
     /// (rounded down to the second).
-    pub fn mark_seen(&self, user: &Key, until_ms: u64) {
+    pub(crate) fn mark_seen(&self, user: &Key, until_ms: u64) {
         let key = SeenSlot::key(user);
         let mut shard = self.inner.seen.shard(&key);
         let clock = shard.clock(self.inner.clock.now_ms());
@@ -314,7 +317,7 @@ impl L1 {
     }
 
     /// Was the user seen within its "seen" TTL (in this process)?
-    pub fn seen(&self, user: &Key) -> bool {
+    pub(crate) fn seen(&self, user: &Key) -> bool {
         let key = SeenSlot::key(user);
         let mut shard = self.inner.seen.shard(&key);
         let clock = shard.clock(self.inner.clock.now_ms());
@@ -328,7 +331,7 @@ impl L1 {
 
 /// Most marks kept in process; past it the oldest are folded into a floor (every verdict issued
 /// before it is treated as revoked), so memory stays bounded whatever is revoked.
-pub const MAX_MARKS: usize = 100_000;
+pub(crate) const MAX_MARKS: usize = 100_000;
 
 /// The revocation marks this process knows, bounded in number and age. They live with the
 /// verdicts they revoke: [`L1::get`] never hands out a verdict a mark covers.
@@ -828,6 +831,7 @@ impl Slot for SeenSlot {
 mod tests {
     use super::*;
     use std::mem::size_of;
+    use std::sync::atomic::AtomicU64;
 
     const ALICE: Key = [1; 32];
     const BOB: Key = [2; 32];

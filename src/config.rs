@@ -452,24 +452,24 @@ pub struct RunArgs {
     /// Settings every domain starts from (file only).
     #[arg(skip)]
     #[serde(default)]
-    pub defaults: DomainFile,
+    pub(crate) defaults: DomainFile,
 
     /// Per-domain settings (file only).
     #[arg(skip)]
     #[serde(default)]
-    pub domains: BTreeMap<String, DomainFile>,
+    pub(crate) domains: BTreeMap<String, DomainFile>,
 
     /// What a revocation this process performs does besides revoking (file only):
     /// `[on_revoke] kick = {...}` ends the user's sessions through ejabberd (`crate::kick`).
     #[arg(skip)]
     #[serde(default)]
-    pub on_revoke: OnRevoke,
+    pub(crate) on_revoke: OnRevoke,
 }
 
 /// One `[defaults]` or `[domains."..."]` table; every key optional.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DomainFile {
+pub(crate) struct DomainFile {
     /// `{ kind = "introspection" | "userinfo" | "jwt" | "http", ... }`.
     pub validator: Option<ValidatorConfig>,
     /// Claim(s) holding the localpart, a string or a list tried in order while absent
@@ -505,7 +505,7 @@ pub struct DomainFile {
 /// How `isuser` is answered for a domain (see `docs/configuration.md` for the consequences).
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum IsUserPolicy {
+pub(crate) enum IsUserPolicy {
     /// 1 if the user logged in successfully within `seen_ttl`.
     #[default]
     Seen,
@@ -545,7 +545,7 @@ impl std::str::FromStr for ListenAddr {
 
 /// Validated settings of one domain (vhost).
 #[derive(Debug, Clone)]
-pub struct DomainConfig {
+pub(crate) struct DomainConfig {
     /// The validator asked about new tokens.
     pub validator: ValidatorConfig,
     /// Token-to-JID binding.
@@ -572,55 +572,55 @@ pub struct DomainConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Listening sockets (at least one).
-    pub listen: Vec<ListenAddr>,
+    pub(crate) listen: Vec<ListenAddr>,
     /// Mode of Unix sockets.
-    pub socket_mode: u32,
+    pub(crate) socket_mode: u32,
     /// The shared store, if any.
-    pub redis: Option<RedisConfig>,
+    pub(crate) redis: Option<RedisConfig>,
     /// HMAC key for cache keys (>= 32 bytes).
-    pub cache_secret: Secret,
+    pub(crate) cache_secret: Secret,
     /// Most entries in the in-process cache.
-    pub l1_capacity: u64,
+    pub(crate) l1_capacity: u64,
     /// Longest accepted token (bytes).
-    pub max_token_len: usize,
+    pub(crate) max_token_len: usize,
     /// Configured domains.
-    pub domains: BTreeMap<String, DomainConfig>,
+    pub(crate) domains: BTreeMap<String, DomainConfig>,
     /// Settings for any other domain, when no domain is configured (single-tenant mode).
-    pub any_domain: Option<DomainConfig>,
+    pub(crate) any_domain: Option<DomainConfig>,
     /// Rules for every provider call (answer size cap, plain http).
-    pub provider: ProviderPolicy,
+    pub(crate) provider: ProviderPolicy,
     /// The admin endpoint's `HOST:PORT` (it may also come from systemd).
-    pub admin_listen: Option<String>,
+    pub(crate) admin_listen: Option<String>,
     /// The admin endpoint's bearer secret.
-    pub admin_secret: Option<Secret>,
+    pub(crate) admin_secret: Option<Secret>,
     /// The HTTP check front, when `--http-listen` is given.
-    pub http: Option<HttpFrontConfig>,
+    pub(crate) http: Option<HttpFrontConfig>,
     /// The metrics endpoint's `HOST:PORT`.
-    pub metrics_listen: Option<String>,
+    pub(crate) metrics_listen: Option<String>,
     /// The metrics endpoint's connection cap and timeouts.
-    pub metrics_limits: EndpointLimits,
+    pub(crate) metrics_limits: EndpointLimits,
     /// The admin endpoint's connection cap and timeouts.
-    pub admin_limits: EndpointLimits,
+    pub(crate) admin_limits: EndpointLimits,
     /// Log filter.
-    pub log_level: String,
+    pub(crate) log_level: String,
     /// Log as JSON lines?
-    pub log_json: bool,
+    pub(crate) log_json: bool,
     /// User and group to run as after binding (when root).
-    pub run_as: Option<(String, Option<String>)>,
+    pub(crate) run_as: Option<(String, Option<String>)>,
     /// Connection limits.
-    pub limits: Limits,
+    pub(crate) limits: Limits,
     /// Unix socket peer checks.
-    pub peers: PeerPolicy,
+    pub(crate) peers: PeerPolicy,
     /// TCP transport security.
-    pub tcp: TcpSecurity,
+    pub(crate) tcp: TcpSecurity,
     /// The revoke hook ending a revoked user's sessions through ejabberd (checked; its secret
     /// files are read when the hook is built).
-    pub kick: Option<KickConfig>,
+    pub(crate) kick: Option<KickConfig>,
 }
 
 /// Limits on what shims may hold (see `crate::admission`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Most connections served at once (each from its first request on); the idlest gives way.
     pub max_connections: usize,
     /// Most requests in flight per connection.
@@ -637,7 +637,7 @@ pub struct Limits {
 
 /// Which Unix socket peers may talk to the broker (SO_PEERCRED).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PeerPolicy {
+pub(crate) struct PeerPolicy {
     /// Allowed user ids; with `gids`, empty both = the default policy.
     pub uids: Vec<u32>,
     /// Allowed group ids.
@@ -646,7 +646,7 @@ pub struct PeerPolicy {
 
 /// TCP transport security.
 #[derive(Clone)]
-pub struct TcpSecurity {
+pub(crate) struct TcpSecurity {
     /// TLS for every TCP listener, when configured.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Plaintext allowed on non-loopback addresses.
@@ -904,7 +904,7 @@ impl RunArgs {
     ///
     /// # Errors
     /// `provider_max_response_bytes` out of range.
-    pub fn provider_policy(&self) -> Result<ProviderPolicy, ConfigError> {
+    pub(crate) fn provider_policy(&self) -> Result<ProviderPolicy, ConfigError> {
         let max = self
             .provider_max_response_bytes
             .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
@@ -992,7 +992,7 @@ impl RunArgs {
     }
 
     /// The shared store's settings, when `--redis` is given.
-    pub fn redis_config(&self) -> Option<RedisConfig> {
+    pub(crate) fn redis_config(&self) -> Option<RedisConfig> {
         let store = &self.store;
         let urls = store
             .redis
@@ -1308,7 +1308,7 @@ fn one_or_many_opt<'de, D: serde::Deserializer<'de>>(
 
 impl DomainConfig {
     /// How long this domain lets verdicts live.
-    pub fn lifetimes(&self) -> Lifetimes {
+    pub(crate) fn lifetimes(&self) -> Lifetimes {
         Lifetimes {
             max_ttl: self.max_ttl,
             negative_ttl: self.negative_ttl,

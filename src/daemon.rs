@@ -46,7 +46,7 @@ pub struct RunContext {
 ///
 /// # Errors
 /// A bad Redis URL (or no reachable cluster node), or a validator that cannot be built.
-pub async fn engine(config: &Config) -> Result<Engine> {
+pub async fn build_engine(config: &Config) -> Result<Engine> {
     let redis = match &config.redis {
         Some(store) => Some(
             Redis::new(store, Sealer::new(&config.cache_secret))
@@ -88,7 +88,7 @@ pub async fn run(config: Config, context: RunContext, shutdown: CancellationToke
     // handler, not the default action (which ends the process).
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
-    let engine = Arc::new(engine(&config).await?);
+    let engine = Arc::new(build_engine(&config).await?);
     let sockets = sockets(&config, context.inherited).await?;
     reserve_fds(&config, &sockets)?;
     if let Some((user, group)) = &config.run_as {

@@ -42,7 +42,7 @@ const DIAGNOSTIC_EVERY: Duration = Duration::from_secs(60);
 
 /// How one domain turns its validator's answers into verdicts: its binding rules and
 /// lifetimes, and the diagnostics it logs at a bounded rate.
-pub struct Decider {
+pub(crate) struct Decider {
     binding: BindingRules,
     lifetimes: Lifetimes,
     /// The validator's kind (`introspection`, `jwt`...), for diagnostics and metrics.
@@ -53,7 +53,7 @@ pub struct Decider {
 
 impl Decider {
     /// Decides with `binding` and `lifetimes` on the answers of a validator of `kind`.
-    pub fn new(binding: BindingRules, lifetimes: Lifetimes, kind: &'static str) -> Self {
+    pub(crate) fn new(binding: BindingRules, lifetimes: Lifetimes, kind: &'static str) -> Self {
         Decider {
             binding,
             lifetimes,
@@ -64,14 +64,14 @@ impl Decider {
     }
 
     /// The longest this domain lets a verdict live (also for verdicts read back from Redis).
-    pub fn lifetimes(&self) -> &Lifetimes {
+    pub(crate) fn lifetimes(&self) -> &Lifetimes {
         &self.lifetimes
     }
 
     /// Turns a provider's answer on `check.token` into a verdict issued at `issued_ms` (when
     /// the flight started, ms since the epoch). An `Unavailable` answer is never cached; callers
     /// do not pass one (it would be refused as `upstream_unavailable`).
-    pub fn verdict(
+    pub(crate) fn verdict(
         &self,
         validation: Validation,
         check: &TokenCheck<'_>,
@@ -194,7 +194,7 @@ impl Folding {
 
 /// Where the user's name is in the claims.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Subject {
+pub(crate) enum Subject {
     /// The first of these claims that is present holds the localpart; a later one is read only
     /// when an earlier one is absent (a present claim that is not a string refuses).
     Localpart(Vec<String>),
@@ -204,7 +204,7 @@ pub enum Subject {
 
 /// A domain's binding rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BindingRules {
+pub(crate) struct BindingRules {
     /// Where the user's name is.
     pub subject: Subject,
     /// How it may differ from the localpart.
@@ -217,7 +217,7 @@ pub struct BindingRules {
 /// Why a valid token names no user of this domain: the verdict's reason and a log-safe
 /// explanation naming the claim and the setting involved.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unbound {
+pub(crate) struct Unbound {
     /// The refusal reason.
     pub reason: Reason,
     /// For the operator's log (claim names and user names, never a token).
@@ -230,7 +230,11 @@ impl BindingRules {
     /// # Errors
     /// [`Unbound`]: `no_user` (no subject, not a string, a machine token), `non_canonical_claim`,
     /// `wrong_domain`.
-    pub fn localpart(&self, claims: &Map<String, Value>, domain: &str) -> Result<String, Unbound> {
+    pub(crate) fn localpart(
+        &self,
+        claims: &Map<String, Value>,
+        domain: &str,
+    ) -> Result<String, Unbound> {
         self.check_domain_claim(claims, domain)?;
         match &self.subject {
             Subject::Localpart(names) => {
@@ -346,7 +350,7 @@ fn non_canonical(name: &str, value: &str, why: &str, folding: Folding) -> Unboun
 ///
 /// # Errors
 /// A short explanation of what is wrong with it.
-pub fn canonical(value: &str, folding: Folding) -> Result<String, &'static str> {
+pub(crate) fn canonical(value: &str, folding: Folding) -> Result<String, &'static str> {
     let folded = match folding {
         Folding::Exact => value.to_owned(),
         Folding::AsciiCase => value.to_ascii_lowercase(),

@@ -21,7 +21,7 @@ use extauth_protocol::extauth::Secret;
 /// Settings of a directory (TOML: `directory = { url = "https://api/users/{user}@{domain}" }`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DirectoryConfig {
+pub(crate) struct DirectoryConfig {
     /// URL template; `{user}` and `{domain}` are replaced, percent-encoded.
     pub url: ConfigUrl,
     /// HTTP method [default: GET].
@@ -47,7 +47,7 @@ fn default_ttl() -> u64 {
 }
 
 /// A directory client with its answer cache.
-pub struct Directory {
+pub(crate) struct Directory {
     http: ProviderClient,
     method: reqwest::Method,
     config: DirectoryConfig,
@@ -60,7 +60,10 @@ impl Directory {
     ///
     /// # Errors
     /// A bad method, URL, timeout or unreadable token file.
-    pub fn new(config: DirectoryConfig, policy: &ProviderPolicy) -> Result<Self, SetupError> {
+    pub(crate) fn new(
+        config: DirectoryConfig,
+        policy: &ProviderPolicy,
+    ) -> Result<Self, SetupError> {
         let http = ProviderClient::new(
             "directory",
             "directory url",
@@ -90,7 +93,7 @@ impl Directory {
     }
 
     /// Does `user@domain` exist? `None` when the directory gave no definitive answer.
-    pub async fn exists(&self, user: &str, domain: &str, user_key: Key) -> Option<bool> {
+    pub(crate) async fn exists(&self, user: &str, domain: &str, user_key: Key) -> Option<bool> {
         if let Some(known) = self.answers.get(&user_key).await {
             return Some(known);
         }

@@ -14,7 +14,7 @@ use crate::validate::{self, ProviderError, SetupError, Validator};
 /// A domain whose validator or directory cannot be built.
 #[derive(Debug, thiserror::Error)]
 #[error("domain {domain}: {error}")]
-pub struct DomainError {
+pub(crate) struct DomainError {
     /// The domain as configured (`*` for the one serving any domain).
     pub domain: String,
     /// What is wrong with its settings (part of the message, so not a separate cause).
@@ -22,7 +22,7 @@ pub struct DomainError {
 }
 
 /// One served domain.
-pub struct Domain {
+pub(crate) struct Domain {
     /// Its settings.
     pub config: DomainConfig,
     /// Its validator (behind a circuit breaker).
@@ -34,7 +34,7 @@ pub struct Domain {
 }
 
 /// Every served domain, looked up by the (lowercase) domain ejabberd sends.
-pub struct Domains {
+pub(crate) struct Domains {
     named: HashMap<String, Arc<Domain>>,
     /// Serves any domain when none is configured.
     any: Option<Arc<Domain>>,
@@ -45,7 +45,7 @@ impl Domains {
     ///
     /// # Errors
     /// [`DomainError`]: a validator or directory that cannot be built, naming its domain.
-    pub fn build(config: &Config) -> Result<Domains, DomainError> {
+    pub(crate) fn build(config: &Config) -> Result<Domains, DomainError> {
         let build = |name: &str, c| {
             Domain::build(c, &config.provider)
                 .map(Arc::new)
@@ -67,7 +67,7 @@ impl Domains {
     }
 
     /// The domain serving `name`, if any.
-    pub fn get(&self, name: &str) -> Option<&Arc<Domain>> {
+    pub(crate) fn get(&self, name: &str) -> Option<&Arc<Domain>> {
         self.named.get(name).or(self.any.as_ref())
     }
 
@@ -79,7 +79,7 @@ impl Domains {
 
     /// Discovers now the endpoint of every validator configured with `issuer` alone:
     /// `(domain, what is discovered, the URL or why not)`, for `check-config`.
-    pub async fn discover(&self) -> Vec<(String, String, Result<String, ProviderError>)> {
+    pub(crate) async fn discover(&self) -> Vec<(String, String, Result<String, ProviderError>)> {
         let mut found = Vec::new();
         for (name, domain) in self.all() {
             if let Some(url) = domain.validator.discovered() {
@@ -92,7 +92,7 @@ impl Domains {
 
     /// Starts discovering endpoints in the background, so the first login does not wait for
     /// it (and a provider that cannot be discovered is logged at start-up).
-    pub fn prefetch(&self) {
+    pub(crate) fn prefetch(&self) {
         for (_, domain) in self.all() {
             if let Some(url) = domain.validator.discovered() {
                 tokio::spawn(async move {
@@ -109,7 +109,10 @@ impl Domain {
     /// # Errors
     /// [`SetupError`]: a validator or directory that cannot be built (the message names the
     /// setting).
-    pub fn build(config: &DomainConfig, policy: &ProviderPolicy) -> Result<Domain, SetupError> {
+    pub(crate) fn build(
+        config: &DomainConfig,
+        policy: &ProviderPolicy,
+    ) -> Result<Domain, SetupError> {
         let validator = validate::build(
             &config.validator,
             config.breaker,

@@ -54,21 +54,21 @@ use extauth_protocol::extauth::Secret;
 
 /// Default cap of the metrics endpoint (connections): a Prometheus server or two, `stats`, and
 /// health checks need a handful.
-pub const DEFAULT_METRICS_CONNECTIONS: usize = 64;
+pub(crate) const DEFAULT_METRICS_CONNECTIONS: usize = 64;
 /// Default cap of the admin endpoint (connections): an identity provider's webhook and an
 /// operator.
-pub const DEFAULT_ADMIN_CONNECTIONS: usize = 16;
+pub(crate) const DEFAULT_ADMIN_CONNECTIONS: usize = 16;
 
 /// Default connection cap of the HTTP check front: a few XMPP servers' or proxies' connection pools
 /// (MongooseIM's `connection_pool_size` defaults to 10 per host).
-pub const DEFAULT_HTTP_CONNECTIONS: usize = 256;
+pub(crate) const DEFAULT_HTTP_CONNECTIONS: usize = 256;
 
 /// Default header timeout: a client on the same network sends its head in one packet.
-pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default idle timeout: keeps a Prometheus connection across 15 s scrapes.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default request timeout: a revocation waits for Redis; a scrape renders in milliseconds.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest request head (bytes): hyper's read buffer, which bounds what each connection holds
 /// while a head is incomplete. 16 KiB is twice what curl or Prometheus send.
@@ -80,7 +80,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Limits of one HTTP endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EndpointLimits {
+pub(crate) struct EndpointLimits {
     /// Most connections open at once; one more is closed as soon as it is accepted.
     pub max_connections: usize,
     /// Time a request head may take to arrive complete, from the connection's start or from the
@@ -95,7 +95,7 @@ pub struct EndpointLimits {
 impl EndpointLimits {
     /// The file descriptors the endpoint may hold: its cap, plus the one it accepts in order to
     /// close it when at the cap.
-    pub fn max_fds(&self) -> u64 {
+    pub(crate) fn max_fds(&self) -> u64 {
         self.max_connections as u64 + 1
     }
 }
@@ -103,7 +103,7 @@ impl EndpointLimits {
 /// Serves `router` on `listener` until `shutdown` is cancelled, admitting peers by `access`.
 /// `name` (`metrics`, `admin` or `http`) is the `endpoint` label of the metrics and the word
 /// the log lines use.
-pub async fn serve(
+pub(crate) async fn serve(
     name: &'static str,
     listener: TcpListener,
     router: Router,
@@ -145,7 +145,7 @@ pub enum EndpointError {
 
 /// Who may open a connection to an endpoint, and how it must speak.
 #[derive(Clone, Default)]
-pub struct Access {
+pub(crate) struct Access {
     /// TLS every connection must complete first (with client certificates when its
     /// configuration requires them: mTLS).
     pub tls: Option<TlsAcceptor>,
@@ -159,7 +159,7 @@ impl Access {
     ///
     /// # Errors
     /// A non-loopback `local` address without TLS and without `insecure`, naming `flag`.
-    pub fn check_exposure(
+    pub(crate) fn check_exposure(
         &self,
         local: std::net::SocketAddr,
         insecure: bool,
@@ -182,14 +182,14 @@ impl Access {
 /// An address range in CIDR notation (`10.0.0.0/8`, `::1/128`; a bare address is a /32 or
 /// /128), for peer allow lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpRange {
+pub(crate) struct IpRange {
     base: std::net::IpAddr,
     prefix: u8,
 }
 
 impl IpRange {
     /// True when `addr` lies in the range (an IPv4-mapped IPv6 address counts as IPv4).
-    pub fn contains(&self, addr: std::net::IpAddr) -> bool {
+    pub(crate) fn contains(&self, addr: std::net::IpAddr) -> bool {
         use std::net::IpAddr;
         let addr = match addr {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
@@ -233,7 +233,7 @@ impl std::fmt::Display for IpRange {
 }
 
 /// Who may call an endpoint's routes: the caller secret, or a completed mTLS handshake.
-pub struct Callers {
+pub(crate) struct Callers {
     /// The secret callers present; `None` when mTLS alone authenticates them.
     pub secret: Option<Secret>,
     /// True when every connection completed mTLS (a client certificate signed by the client CA).
@@ -242,7 +242,7 @@ pub struct Callers {
 
 /// The header a caller may carry its secret in when `Authorization` is taken by the request
 /// itself (an nginx `auth_request` passes the user's `Authorization: Bearer` through).
-pub const CALLER_HEADER: &str = "x-extauth-caller";
+pub(crate) const CALLER_HEADER: &str = "x-extauth-caller";
 
 /// Middleware: 401 unless the caller is authenticated, before anything reads the body.
 ///
@@ -250,7 +250,7 @@ pub const CALLER_HEADER: &str = "x-extauth-caller";
 /// `Bearer <secret>`), else from `Authorization: Bearer <secret>` (RFC 6750 section 2.1) or
 /// the password of `Authorization: Basic` (RFC 7617: MongooseIM's `basic_auth`, Prosody's
 /// `http_auth_credentials`, a `user:secret@` in a LuaSocket URL). With mTLS no secret is asked.
-pub async fn require_caller(
+pub(crate) async fn require_caller(
     axum::extract::State(callers): axum::extract::State<Arc<Callers>>,
     request: Request<Body>,
     next: axum::middleware::Next,
@@ -645,7 +645,7 @@ impl AsyncWrite for Watched {
 
 /// Settings of the HTTP check front (`--http-listen`; served by the http_front module).
 #[derive(Clone)]
-pub struct HttpFrontConfig {
+pub(crate) struct HttpFrontConfig {
     /// `HOST:PORT` to listen on.
     pub listen: String,
     /// The caller secret; `None` only with mTLS.

@@ -39,9 +39,9 @@ pub struct Outcome {
     /// What ejabberd gets.
     pub ok: bool,
     /// Why.
-    pub reason: Reason,
+    pub(crate) reason: Reason,
     /// Where the answer came from.
-    pub source: Source,
+    pub(crate) source: Source,
 }
 
 impl Outcome {
@@ -56,7 +56,7 @@ impl Outcome {
 
 /// Where a request came in: the `front` label of the request metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Front {
+pub(crate) enum Front {
     /// A shim (ejabberd's or Prosody's external auth program) over the wire protocol.
     Shim,
     /// The HTTP check front (`--http-listen`).
@@ -65,7 +65,7 @@ pub enum Front {
 
 impl Front {
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Front::Shim => "shim",
             Front::Http => "http",
@@ -74,7 +74,7 @@ impl Front {
 }
 
 /// Everything the engine needs, built once at start-up.
-pub struct EngineParts {
+pub(crate) struct EngineParts {
     /// Key derivation (cache secret).
     pub keys: KeyDeriver,
     /// The shared cache, if configured.
@@ -100,7 +100,7 @@ pub struct Engine {
 
 impl Engine {
     /// An engine with an empty L1.
-    pub fn new(parts: EngineParts) -> Self {
+    pub(crate) fn new(parts: EngineParts) -> Self {
         let l1 = L1::new(parts.l1_capacity);
         let flights = Flights::new(FlightParts {
             keys: parts.keys.clone(),
@@ -125,19 +125,19 @@ impl Engine {
     /// Replaces every domain's settings and validator (a configuration reload). Cached verdicts
     /// stay: they were decided under rules that were valid when they were made, expire by their
     /// TTL, and are clamped to the new lifetimes when read back from Redis.
-    pub fn reload(&self, domains: Domains) {
+    pub(crate) fn reload(&self, domains: Domains) {
         self.domains.store(Arc::new(domains));
     }
 
     /// Proves the serving path is alive (the runtime schedules and the cache answers), for the
     /// systemd watchdog.
-    pub async fn ping(&self) {
+    pub(crate) async fn ping(&self) {
         tokio::task::yield_now().await;
         let _ = self.l1.get(&[0u8; 32]);
     }
 
     /// Starts the background task that applies other brokers' revocation hints (Redis only).
-    pub fn spawn_revocation_listener(&self) {
+    pub(crate) fn spawn_revocation_listener(&self) {
         if let Some(redis) = &self.redis {
             tokio::spawn(revoke::listen(redis.clone(), self.l1.clone()));
         }
@@ -146,7 +146,12 @@ impl Engine {
     /// Answers `command` within `deadline` (a request over it is refused as
     /// `deadline_exceeded`) and counts it under `front`: the one entry point of every front, so
     /// all share the cache, the flights, the revocations and the metrics.
-    pub async fn answer(&self, command: &Command, deadline: Duration, front: Front) -> Outcome {
+    pub(crate) async fn answer(
+        &self,
+        command: &Command,
+        deadline: Duration,
+        front: Front,
+    ) -> Outcome {
         let started = Instant::now();
         let outcome = tokio::time::timeout(deadline, self.handle(command, started + deadline))
             .await
@@ -188,7 +193,7 @@ impl Engine {
     /// alone, or a verdict in this process's cache (L1). `None` when answering needs Redis, the
     /// provider or the directory: [`Engine::handle`] decides it then. Synchronous, so a cached
     /// hit is answered where the request is read, without a task. Counted under `front` like [`Engine::answer`].
-    pub fn answer_now(&self, command: &Command, front: Front) -> Option<Outcome> {
+    pub(crate) fn answer_now(&self, command: &Command, front: Front) -> Option<Outcome> {
         let started = Instant::now();
         let outcome = match command {
             Command::Auth {
@@ -353,7 +358,7 @@ impl Engine {
     /// # Errors
     /// A Redis error (the revocation may be incomplete cluster-wide), or a user/domain that
     /// cannot be a JID part.
-    pub async fn revoke(&self, target: &Target<'_>) -> Result<Revoked, RevokeError> {
+    pub(crate) async fn revoke(&self, target: &Target<'_>) -> Result<Revoked, RevokeError> {
         revoke::revoke(target, &self.keys, self.redis.as_ref(), Some(&self.l1)).await
     }
 }

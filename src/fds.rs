@@ -14,11 +14,11 @@ use nix::sys::resource::{getrlimit, Resource};
 /// Fewest descriptors that must stay for shim connections, Redis and providers while the HTTP
 /// endpoints hold their caps: a two-node cluster with ejabberd's default pool and a few
 /// provider connections, with room to spare.
-pub const SHIM_RESERVE: u64 = 64;
+pub(crate) const SHIM_RESERVE: u64 = 64;
 
 /// The descriptor limit and how many are open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Budget {
+pub(crate) struct Budget {
     /// The soft `RLIMIT_NOFILE` (the one that applies).
     pub limit: u64,
     /// Descriptors open now.
@@ -30,7 +30,7 @@ impl Budget {
     ///
     /// # Errors
     /// getrlimit(2) refused, or `/proc` unreadable.
-    pub fn measure() -> io::Result<Budget> {
+    pub(crate) fn measure() -> io::Result<Budget> {
         let (limit, _) = getrlimit(Resource::RLIMIT_NOFILE)?;
         // The directory handle read_dir holds is one of the entries it lists.
         let open = std::fs::read_dir("/proc/self/fd")?
@@ -47,7 +47,7 @@ impl Budget {
     ///
     /// # Errors
     /// [`TooFewLeft`] when fewer would be left.
-    pub fn reserve(&self, endpoints: u64) -> Result<u64, TooFewLeft> {
+    pub(crate) fn reserve(&self, endpoints: u64) -> Result<u64, TooFewLeft> {
         let left = self
             .limit
             .saturating_sub(self.open.saturating_add(endpoints));
@@ -64,7 +64,7 @@ impl Budget {
 
 /// The HTTP endpoints' caps would leave fewer than [`SHIM_RESERVE`] descriptors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TooFewLeft {
+pub(crate) struct TooFewLeft {
     /// The budget measured.
     pub budget: Budget,
     /// Descriptors the endpoints may hold.

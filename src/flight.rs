@@ -33,13 +33,13 @@ use extauth_protocol::wire::{Reason, Source};
 /// validating themselves.
 const LOCK_TTL: Duration = Duration::from_secs(6);
 /// Least time left before a request's deadline for a provider call to be started.
-pub const MIN_PROVIDER_BUDGET: Duration = Duration::from_millis(50);
+pub(crate) const MIN_PROVIDER_BUDGET: Duration = Duration::from_millis(50);
 /// How often a broker waiting on another broker's flight looks for its verdict.
 const LOCK_POLL: Duration = Duration::from_millis(10);
 
 /// A verdict and where it came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fetched {
+pub(crate) struct Fetched {
     /// The verdict on the token, in the form L1 keeps (every waiter decides for its own user).
     pub verdict: Cached,
     /// Where it came from.
@@ -48,7 +48,7 @@ pub struct Fetched {
 
 /// Why a flight produced no verdict; shared with its waiters, never cached.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FlightError {
+pub(crate) enum FlightError {
     /// The provider could not answer.
     #[error(transparent)]
     Unavailable(ProviderError),
@@ -58,10 +58,10 @@ pub enum FlightError {
 }
 
 /// What a flight's waiters get.
-pub type Landed = Result<Fetched, FlightError>;
+pub(crate) type Landed = Result<Fetched, FlightError>;
 
 /// One request's question: the verdict on this token, for this domain, by this deadline.
-pub struct Ask<'a> {
+pub(crate) struct Ask<'a> {
     /// The token's key (with the user for validators whose answer depends on it).
     pub token_key: Key,
     /// The requesting user's key: a verdict naming this user is kept in L1 bound to the user's
@@ -91,7 +91,7 @@ enum Coordination {
 }
 
 /// What [`Flights`] needs, built once at start-up.
-pub struct FlightParts {
+pub(crate) struct FlightParts {
     /// Key derivation (the named user's key).
     pub keys: KeyDeriver,
     /// The shared store, if configured.
@@ -102,7 +102,7 @@ pub struct FlightParts {
 }
 
 /// Runs flights. Cheap to share behind an `Arc`.
-pub struct Flights {
+pub(crate) struct Flights {
     parts: FlightParts,
     /// Flights in progress in this process, by token key.
     running: Mutex<HashMap<Key, Arc<OnceCell<Landed>>>>,
@@ -113,7 +113,7 @@ pub struct Flights {
 
 impl Flights {
     /// Flights over `parts`.
-    pub fn new(parts: FlightParts) -> Self {
+    pub(crate) fn new(parts: FlightParts) -> Self {
         Flights {
             parts,
             running: Mutex::new(HashMap::new()),
@@ -127,7 +127,7 @@ impl Flights {
     }
 
     /// Redis outage bookkeeping, shared with the engine's own Redis calls.
-    pub fn health(&self) -> &Health {
+    pub(crate) fn health(&self) -> &Health {
         &self.health
     }
 
@@ -135,7 +135,7 @@ impl Flights {
     /// or from a new one this request leads. A flight cut at its leader's deadline is run again
     /// for a waiter that still has time. A verdict naming the asking user that did not come
     /// from L1 marks the user as seen (in Redis too when this broker asked the provider).
-    pub async fn fetch(&self, ask: &Ask<'_>) -> Landed {
+    pub(crate) async fn fetch(&self, ask: &Ask<'_>) -> Landed {
         let mut landed = self.join(ask).await;
         let time_left = ask.deadline.saturating_duration_since(Instant::now());
         if landed == Err(FlightError::Deadline) && time_left >= MIN_PROVIDER_BUDGET {

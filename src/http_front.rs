@@ -52,17 +52,17 @@ use extauth_protocol::extauth::{Command, Secret};
 use extauth_protocol::wire::Reason;
 
 /// Header naming the user on `/auth_request` when the path does not.
-pub const USER_HEADER: &str = "x-extauth-user";
+pub(crate) const USER_HEADER: &str = "x-extauth-user";
 /// Header naming the domain on `/auth_request` when the path does not.
-pub const DOMAIN_HEADER: &str = "x-extauth-domain";
+pub(crate) const DOMAIN_HEADER: &str = "x-extauth-domain";
 /// Response header with the accepted JID (`user@domain`) on `/auth_request`.
-pub const JID_HEADER: &str = "x-extauth-jid";
+pub(crate) const JID_HEADER: &str = "x-extauth-jid";
 /// Response header with the reason of an answer (a fixed word such as `wrong_user`).
-pub const REASON_HEADER: &str = "x-extauth-reason";
+pub(crate) const REASON_HEADER: &str = "x-extauth-reason";
 
 /// Largest request body (bytes): a form-encoded token can take three bytes per byte of the
 /// token (`%XX`), plus the admin endpoint's room for a user, a domain and the syntax around them.
-pub fn body_limit(max_token_len: usize) -> usize {
+pub(crate) fn body_limit(max_token_len: usize) -> usize {
     crate::admin::body_limit(max_token_len.saturating_mul(3))
 }
 
@@ -75,7 +75,7 @@ struct Checker {
 }
 
 /// Serves the front on `listener` until `shutdown` is cancelled.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     engine: Arc<Engine>,
     config: HttpFrontConfig,

@@ -11,17 +11,17 @@ use sha2::Sha256;
 use extauth_protocol::extauth::Secret;
 
 /// A 32-byte HMAC-SHA256 digest naming a token or a user.
-pub type Key = [u8; 32];
+pub(crate) type Key = [u8; 32];
 
 /// Derives keys with the cache secret. Cheap to clone.
 #[derive(Clone)]
-pub struct KeyDeriver {
+pub(crate) struct KeyDeriver {
     mac: Hmac<Sha256>,
 }
 
 impl KeyDeriver {
     /// A deriver keyed with `secret`.
-    pub fn new(secret: &Secret) -> Self {
+    pub(crate) fn new(secret: &Secret) -> Self {
         let mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes())
             .expect("HMAC takes any key length");
         KeyDeriver { mac }
@@ -31,7 +31,7 @@ impl KeyDeriver {
     /// depends on the user asked about (a site API with `{user}` in its URL) pass that `user`,
     /// so each user's answer is kept apart; for the others one answer serves every user the
     /// token is tried for (one provider call per token, not per user).
-    pub fn token(&self, domain: &str, token: &str, user: Option<&str>) -> Key {
+    pub(crate) fn token(&self, domain: &str, token: &str, user: Option<&str>) -> Key {
         match user {
             None => self.digest(&[
                 b"extauth-broker/token/v2",
@@ -49,7 +49,7 @@ impl KeyDeriver {
 
     /// The key of `user@domain` itself: what a verdict binds to, and where the user's
     /// revocation mark and "seen" marker live.
-    pub fn user(&self, domain: &str, user: &str) -> Key {
+    pub(crate) fn user(&self, domain: &str, user: &str) -> Key {
         self.digest(&[
             b"extauth-broker/user/v2",
             domain.as_bytes(),
@@ -70,13 +70,13 @@ impl KeyDeriver {
 /// The first 8 bytes of a key, as the in-process tables keep it (the L1 verdict's named user,
 /// the "seen" markers, the revocation marks). A 64-bit slice of an HMAC output: two keys share
 /// it by a 2^-64 chance, and nobody can aim at a given one without the cache secret.
-pub fn short(key: &Key) -> u64 {
+pub(crate) fn short(key: &Key) -> u64 {
     u64::from_le_bytes(key[..8].try_into().expect("8 bytes"))
 }
 
 /// Reads a key as `hex::encode` writes it: 64 lowercase hex digits; `None` for anything else
 /// (capitals included), so a stored value has one spelling only.
-pub fn parse_hex(text: &str) -> Option<Key> {
+pub(crate) fn parse_hex(text: &str) -> Option<Key> {
     if !lowercase_hex(text) {
         return None;
     }
@@ -86,7 +86,7 @@ pub fn parse_hex(text: &str) -> Option<Key> {
 }
 
 /// Only the digits `hex::encode` writes (`0-9`, `a-f`)?
-pub fn lowercase_hex(text: &str) -> bool {
+pub(crate) fn lowercase_hex(text: &str) -> bool {
     text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 

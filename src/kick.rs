@@ -44,7 +44,7 @@ const QUOTED: usize = 200;
 /// The `[on_revoke]` table of the configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct OnRevoke {
+pub(crate) struct OnRevoke {
     /// End the revoked user's sessions through ejabberd: `{ kind = "http_api" | "command", ... }`.
     pub kick: Option<KickConfig>,
 }
@@ -52,7 +52,7 @@ pub struct OnRevoke {
 /// How to call ejabberd's `kick_user`: TOML `kick = { kind = "...", ... }`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum KickConfig {
+pub(crate) enum KickConfig {
     /// `mod_http_api`: `POST url` with `{"user", "host"}`.
     HttpApi(HttpApiKick),
     /// A command run without a shell (`ejabberdctl kick_user {user} {host}`).
@@ -62,7 +62,7 @@ pub enum KickConfig {
 /// `kind = "http_api"`: ejabberd's HTTP API.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HttpApiKick {
+pub(crate) struct HttpApiKick {
     /// The `kick_user` command's URL, e.g. `http://127.0.0.1:5281/api/kick_user`; `http://` only
     /// to a loopback host unless `insecure_provider_http`. Credentials in it (`http://u:p@...`)
     /// are sent as HTTP Basic and redacted wherever the URL is shown.
@@ -82,7 +82,7 @@ pub struct HttpApiKick {
 /// `kind = "command"`: a program run directly (argv, no shell).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CommandKick {
+pub(crate) struct CommandKick {
     /// The program (an absolute path) and its arguments; `{user}` and `{host}` are replaced in
     /// every argument and must each appear at least once.
     pub argv: Vec<String>,
@@ -136,7 +136,7 @@ pub enum KickConfigError {
 
 impl KickConfig {
     /// The kick's time bound.
-    pub fn timeout(&self) -> Duration {
+    pub(crate) fn timeout(&self) -> Duration {
         let seconds = match self {
             KickConfig::HttpApi(c) => c.timeout,
             KickConfig::Command(c) => c.timeout,
@@ -146,7 +146,7 @@ impl KickConfig {
 
     /// What `check-config` shows: the kind, the redacted URL or the argv, the credentials'
     /// kind (never their value), the timeout.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             KickConfig::HttpApi(c) => {
                 let in_url = reqwest::Url::parse(c.url.expose())
@@ -172,7 +172,7 @@ impl KickConfig {
     ///
     /// # Errors
     /// A message naming the bad setting (a URL only in redacted form).
-    pub fn check(&self) -> Result<(), KickConfigError> {
+    pub(crate) fn check(&self) -> Result<(), KickConfigError> {
         let timeout = match self {
             KickConfig::HttpApi(c) => c.timeout,
             KickConfig::Command(c) => c.timeout,
@@ -215,12 +215,12 @@ fn check_argv(argv: &[String]) -> Result<(), KickConfigError> {
 /// Why a kick failed (the message never holds a secret).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct KickError(String);
+pub(crate) struct KickError(String);
 
 /// What happened to the revoked user's sessions; reported by the `revoke` command and the admin
 /// endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KickReport {
+pub(crate) enum KickReport {
     /// No kick hook is configured (or the caller turned it off).
     Off,
     /// One token was revoked: its sessions cannot be told from the user's other devices', so
@@ -237,7 +237,7 @@ pub enum KickReport {
 
 impl KickReport {
     /// `off`, `not_for_token`, `kicked` or `failed`.
-    pub fn outcome(&self) -> &'static str {
+    pub(crate) fn outcome(&self) -> &'static str {
         match self {
             KickReport::Off => "off",
             KickReport::NotForToken => "not_for_token",
@@ -247,7 +247,7 @@ impl KickReport {
     }
 
     /// One sentence for an operator about `user@host`.
-    pub fn describe(&self, user: &str, host: &str) -> String {
+    pub(crate) fn describe(&self, user: &str, host: &str) -> String {
         match self {
             KickReport::Off => "no kick hook configured: open sessions stay open".into(),
             KickReport::NotForToken => format!(
@@ -271,7 +271,7 @@ impl KickReport {
 /// What follows a successful revocation of `user@host` (normalised): nothing without a hook,
 /// nothing for a single token (its sessions cannot be told from the user's other devices'),
 /// otherwise the kick. Shared by the `revoke` command and the admin endpoint.
-pub async fn after_revoke(
+pub(crate) async fn after_revoke(
     kicker: Option<&Kicker>,
     user: &str,
     host: &str,
@@ -285,7 +285,7 @@ pub async fn after_revoke(
 }
 
 /// A configured kick hook, ready to call.
-pub struct Kicker {
+pub(crate) struct Kicker {
     how: How,
     timeout: Duration,
 }
@@ -314,7 +314,10 @@ impl Kicker {
     /// # Errors
     /// A bad setting or an unreadable secret file (the message names the setting, never a
     /// secret).
-    pub fn new(config: &KickConfig, policy: &ProviderPolicy) -> Result<Kicker, KickConfigError> {
+    pub(crate) fn new(
+        config: &KickConfig,
+        policy: &ProviderPolicy,
+    ) -> Result<Kicker, KickConfigError> {
         config.check()?;
         let timeout = config.timeout();
         let how = match config {
@@ -355,7 +358,7 @@ impl Kicker {
 
     /// Ends every session of `user@host` (already normalised as ejabberd does), within the
     /// timeout; logs and counts the outcome.
-    pub async fn kick(&self, user: &str, host: &str) -> KickReport {
+    pub(crate) async fn kick(&self, user: &str, host: &str) -> KickReport {
         // A command kills its own process group at the timeout; this outer bound (a little
         // later, so that kill happens first) covers everything else.
         let bound = self.timeout + Duration::from_millis(500);

@@ -5,35 +5,58 @@
 //! are the std-only `extauth-protocol` crate (`src/protocol/`); the load harness is its own
 //! package (`tests/load/`). See `docs/architecture.md` for the module map and the request path.
 
-pub mod admin;
-pub mod admission;
-pub mod cache;
-pub mod config;
-pub mod daemon;
-pub mod decision;
+mod admin;
+mod admission;
+mod cache;
+mod config;
+mod daemon;
+mod decision;
 pub mod demo;
 pub mod devprovider;
-pub mod directory;
-pub mod domain;
-pub mod endpoint;
-pub mod engine;
-pub mod fds;
-pub mod flight;
-pub mod http_front;
-pub mod keys;
-pub mod kick;
-pub mod listener;
-pub mod metrics;
+mod directory;
+mod domain;
+mod endpoint;
+mod engine;
+mod fds;
+mod flight;
+mod http_front;
+mod keys;
+mod kick;
+mod listener;
+mod metrics;
 pub mod ops;
-pub mod privileges;
-pub mod revoke;
-pub mod scrape;
-pub mod seal;
-pub mod secrets;
-pub mod server;
-pub mod store;
-pub mod summary;
-pub mod systemd;
-pub mod throttle;
-pub mod validate;
-pub mod verdict;
+mod privileges;
+mod revoke;
+mod scrape;
+mod seal;
+mod secrets;
+mod server;
+mod store;
+mod summary;
+mod systemd;
+mod throttle;
+mod validate;
+mod verdict;
+
+// The public API: what `main`, the load harness, the test kit, the benches and the fuzz targets
+// use, and the error types those items return. Every other item is `pub(crate)`; the
+// `unreachable_pub` lint (workspace lints) flags a `pub` that is not reachable from here.
+pub use config::{Config, ConfigError, ListenAddr, RedisArgs, RunArgs};
+pub use daemon::{build_engine, run, LogLevelSetter, Reloader, RunContext};
+pub use decision::{is_canonical, Folding};
+pub use endpoint::EndpointError;
+pub use engine::{Engine, Outcome};
+pub use kick::KickConfigError;
+pub use secrets::SecretError;
+pub use store::RedisMode;
+pub use systemd::{take_listeners, Inherited, Role, SystemdError};
+pub use validate::SetupError;
+pub use verdict::now_ms;
+
+/// The parsers of values read from Redis (untrusted storage), public for the fuzz targets
+/// (`tests/fuzz`): sealed values, verdict payloads and revocation hints.
+pub mod untrusted {
+    pub use crate::seal::{Purpose, SealError, Sealer};
+    pub use crate::store::Hint;
+    pub use crate::verdict::{parse_ms, Answer, Lifetimes, Verdict};
+}

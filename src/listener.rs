@@ -27,7 +27,7 @@ static TLS_WARNING: Throttle = Throttle::new(WARNING_WINDOW);
 
 /// Why a listening socket could not be set up.
 #[derive(Debug, thiserror::Error)]
-pub enum ListenError {
+pub(crate) enum ListenError {
     /// bind(2) failed.
     #[error("binding {address}")]
     Bind {
@@ -78,13 +78,13 @@ pub enum ListenError {
 }
 
 /// The two halves of an accepted, checked stream.
-pub type Halves = (
+pub(crate) type Halves = (
     Box<dyn AsyncRead + Send + Unpin>,
     Box<dyn AsyncWrite + Send + Unpin>,
 );
 
 /// A listening socket.
-pub enum Listener {
+pub(crate) enum Listener {
     /// A Unix stream socket; `bound` is its path when this process created it (removed on
     /// shutdown; a socket inherited from systemd is left alone).
     Unix {
@@ -105,7 +105,7 @@ pub enum Listener {
 }
 
 /// An accepted connection, not yet checked.
-pub enum Incoming {
+pub(crate) enum Incoming {
     /// A Unix peer; `path` locates the socket whose group the default policy uses.
     Unix {
         /// The connection.
@@ -126,7 +126,7 @@ impl Listener {
     ///
     /// # Errors
     /// Bind failures, a live socket already at the path, an unprotected non-loopback address.
-    pub async fn bind(
+    pub(crate) async fn bind(
         addr: &ListenAddr,
         mode: u32,
         security: &TcpSecurity,
@@ -168,7 +168,10 @@ impl Listener {
     ///
     /// # Errors
     /// A socket that cannot be registered with the runtime, or an unprotected non-loopback one.
-    pub fn inherited(socket: Inherited, security: &TcpSecurity) -> Result<Listener, ListenError> {
+    pub(crate) fn inherited(
+        socket: Inherited,
+        security: &TcpSecurity,
+    ) -> Result<Listener, ListenError> {
         match socket {
             Inherited::Unix(l) => {
                 l.set_nonblocking(true)?;
@@ -201,7 +204,7 @@ impl Listener {
     }
 
     /// The path of a Unix socket this process bound, if it is one.
-    pub fn bound_path(&self) -> Option<&Path> {
+    pub(crate) fn bound_path(&self) -> Option<&Path> {
         match self {
             Listener::Unix {
                 path, bound: true, ..
@@ -211,7 +214,7 @@ impl Listener {
     }
 
     /// The address for logs (`unix:/path`, `tcp:127.0.0.1:7000`, `tls:...`).
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Listener::Unix { path, .. } => path
                 .as_ref()
@@ -229,7 +232,7 @@ impl Listener {
     ///
     /// # Errors
     /// accept(2) errors (EMFILE, ...).
-    pub async fn accept(&self) -> io::Result<Incoming> {
+    pub(crate) async fn accept(&self) -> io::Result<Incoming> {
         match self {
             Listener::Unix { listener, path, .. } => Ok(Incoming::Unix {
                 stream: listener.accept().await?.0,
@@ -264,7 +267,7 @@ async fn remove_stale_socket(path: &Path) -> Result<(), ListenError> {
 
 impl Incoming {
     /// Where the connection comes from, for the handshake budget.
-    pub fn origin(&self) -> Origin {
+    pub(crate) fn origin(&self) -> Origin {
         let stream = match self {
             // A peer whose credentials cannot be read is refused by the peer check at once.
             Incoming::Unix { stream, .. } => {
@@ -283,7 +286,7 @@ impl Incoming {
 
     /// Checks a Unix peer against `peers` and completes a TLS handshake; the halves to serve,
     /// or `None` when the peer is refused (logged and counted) or the handshake fails.
-    pub async fn open(self, peers: &PeerPolicy) -> Option<Halves> {
+    pub(crate) async fn open(self, peers: &PeerPolicy) -> Option<Halves> {
         match self {
             Incoming::Unix { stream, path } => {
                 let cred = stream.peer_cred().ok()?;

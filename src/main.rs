@@ -10,9 +10,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
-use extauth_broker::config::RunArgs;
-use extauth_broker::daemon::{self, RunContext};
-use extauth_broker::{demo, ops, systemd};
+use extauth_broker::{self as broker, demo, ops, RunArgs, RunContext};
 
 /// Validates ejabberd extauth logins whose password is an OAuth access token, once for the
 /// whole cluster. Without a subcommand, `run` is assumed.
@@ -88,7 +86,7 @@ fn main() -> ExitCode {
 /// merged configuration, and re-reads the same sources on SIGHUP.
 fn serve(args: RunArgs) -> Result<()> {
     // SAFETY: no other thread exists yet (the runtime is started below).
-    let inherited = unsafe { systemd::take_listeners()? };
+    let inherited = unsafe { broker::take_listeners()? };
     let merged = args.clone().with_file()?;
     let json = merged.log_format.as_deref() == Some("json");
     let set_log_level = init_logging(merged.log_level.as_deref().unwrap_or("info"), json)?;
@@ -101,7 +99,7 @@ fn serve(args: RunArgs) -> Result<()> {
     let shutdown = CancellationToken::new();
     runtime()?.block_on(async {
         tokio::spawn(cancel_on_signal(shutdown.clone()));
-        daemon::run(config, context, shutdown).await
+        broker::run(config, context, shutdown).await
     })
 }
 
@@ -116,7 +114,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Logs to stderr, as text or JSON lines, with a filter that can be changed later.
-fn init_logging(level: &str, json: bool) -> Result<daemon::LogLevelSetter> {
+fn init_logging(level: &str, json: bool) -> Result<broker::LogLevelSetter> {
     let filter =
         EnvFilter::try_new(level).map_err(|e| anyhow::anyhow!("bad --log-level {level:?}: {e}"))?;
     let (filter, handle) = reload::Layer::new(filter);

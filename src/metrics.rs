@@ -54,7 +54,7 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 ///
 /// # Errors
 /// When another recorder was installed first.
-pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+pub(crate) fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
     if let Some(h) = HANDLE.get() {
         return Ok(h.clone());
     }
@@ -67,7 +67,7 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 /// Drains histogram samples into their buckets every 5 s until `shutdown`. The recorder keeps
 /// raw samples until a scrape or an upkeep folds them, so without this a broker nobody scrapes
 /// grows by every request's latency sample (found by the soak run in docs/benchmarks.md).
-pub async fn upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
+pub(crate) async fn upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -77,7 +77,7 @@ pub async fn upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
 }
 
 /// Counts and times one answered request; `front` is where it came in (`shim` or `http`).
-pub fn request(
+pub(crate) fn request(
     command: &'static str,
     front: &'static str,
     outcome: (bool, Reason, Source),
@@ -91,18 +91,18 @@ pub fn request(
 }
 
 /// Counts a cache hit in `layer` (`Source::L1` or `Source::Redis`).
-pub fn cache_hit(layer: Source) {
+pub(crate) fn cache_hit(layer: Source) {
     counter!("extauth_cache_hits_total", "layer" => layer.as_str()).increment(1);
 }
 
 /// Counts a request answered by another request's flight.
-pub fn coalesced_waiter() {
+pub(crate) fn coalesced_waiter() {
     counter!("extauth_coalesced_waiters_total").increment(1);
 }
 
 /// Counts and times one provider call; `outcome` is `valid`, `invalid` or `unavailable`
 /// (`Validation::outcome` in the validate module).
-pub fn provider_call(validator: &'static str, outcome: &'static str, elapsed: Duration) {
+pub(crate) fn provider_call(validator: &'static str, outcome: &'static str, elapsed: Duration) {
     counter!("extauth_provider_calls_total", "validator" => validator, "outcome" => outcome)
         .increment(1);
     histogram!("extauth_provider_duration_seconds", "validator" => validator)
@@ -110,69 +110,69 @@ pub fn provider_call(validator: &'static str, outcome: &'static str, elapsed: Du
 }
 
 /// Counts a failed Redis operation (`op`: the store's `Op::as_str`).
-pub fn redis_error(op: &'static str) {
+pub(crate) fn redis_error(op: &'static str) {
     counter!("extauth_redis_errors_total", "op" => op).increment(1);
 }
 
 /// Counts a value read from Redis that was not believed (not UTF-8, not a string, its seal failed
 /// or it does not parse); `kind` is the seal purpose (`entry`, `user_mark`, `token_mark`,
 /// `seen`, `hint`), or `index` for a user's index of tokens that is not a set.
-pub fn redis_rejected(kind: &'static str) {
+pub(crate) fn redis_rejected(kind: &'static str) {
     counter!("extauth_redis_rejected_total", "kind" => kind).increment(1);
 }
 
 /// Counts a revocation hint whose mark was kept (`outcome="applied"`, the only outcome since
 /// hints carry their mark).
-pub fn hint_applied() {
+pub(crate) fn hint_applied() {
     counter!("extauth_revocation_hints_total", "outcome" => "applied").increment(1);
 }
 
 /// Counts a call of the revoke hook (the kick module) by outcome (`kicked`, `failed`).
-pub fn kick(outcome: &'static str) {
+pub(crate) fn kick(outcome: &'static str) {
     counter!("extauth_kicks_total", "outcome" => outcome).increment(1);
 }
 
 /// Counts a valid token that names no user of its domain, by reason (`no_user`,
 /// `non_canonical_claim`, `wrong_domain`).
-pub fn unbound(reason: Reason) {
+pub(crate) fn unbound(reason: Reason) {
     counter!("extauth_unbound_tokens_total", "reason" => reason.as_str()).increment(1);
 }
 
 /// Records how far in the past (s) the `exp` of a token the provider calls valid was: a clock
 /// or time-zone problem at the provider.
-pub fn provider_clock_skew(validator: &'static str, seconds: u64) {
+pub(crate) fn provider_clock_skew(validator: &'static str, seconds: u64) {
     gauge!("extauth_provider_clock_skew_seconds", "validator" => validator).set(seconds as f64);
 }
 
 /// Counts a connection refused before any request (peer credentials, TLS).
-pub fn peer_refused() {
+pub(crate) fn peer_refused() {
     counter!("extauth_peers_refused_total").increment(1);
 }
 
 /// Records whether the Redis connection, reads or writes (`op`) work, as a 1/0 gauge.
-pub fn redis_up(op: &'static str, up: bool) {
+pub(crate) fn redis_up(op: &'static str, up: bool) {
     gauge!("extauth_redis_up", "op" => op).set(if up { 1.0 } else { 0.0 });
 }
 
 /// Records how many connections hold a `--max-connections` slot.
-pub fn connections_open(n: usize) {
+pub(crate) fn connections_open(n: usize) {
     gauge!("extauth_connections_open").set(n as f64);
 }
 
 /// Counts a connection closed to give its slot to a new one.
-pub fn connection_evicted() {
+pub(crate) fn connection_evicted() {
     counter!("extauth_connections_evicted_total").increment(1);
 }
 
 /// Records how many connections are in their handshake (peer check, TLS, `Hello`, first request).
-pub fn handshakes_in_progress(n: usize) {
+pub(crate) fn handshakes_in_progress(n: usize) {
     gauge!("extauth_handshakes_in_progress").set(n as f64);
 }
 
 /// Why a connection ended before it was served: the `reason` label of
 /// `extauth_handshakes_failed_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandshakeFailure {
+pub(crate) enum HandshakeFailure {
     /// No `Hello` and first request within `--handshake-timeout`.
     Timeout,
     /// Dropped, as the oldest of the busiest source, because `--max-handshakes` were in progress.
@@ -193,7 +193,7 @@ pub enum HandshakeFailure {
 
 impl HandshakeFailure {
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             HandshakeFailure::Timeout => "timeout",
             HandshakeFailure::Budget => "budget",
@@ -207,34 +207,34 @@ impl HandshakeFailure {
 }
 
 /// Counts a connection that ended in its handshake.
-pub fn handshake_failed(why: HandshakeFailure) {
+pub(crate) fn handshake_failed(why: HandshakeFailure) {
     counter!("extauth_handshakes_failed_total", "reason" => why.as_str()).increment(1);
 }
 
 /// Records a circuit breaker's state.
-pub fn circuit(validator: &'static str, open: bool) {
+pub(crate) fn circuit(validator: &'static str, open: bool) {
     gauge!("extauth_circuit_open", "validator" => validator).set(if open { 1.0 } else { 0.0 });
 }
 
 /// Records how many provider calls wait for one of the domain's `provider_concurrency` slots.
-pub fn provider_calls_queued(validator: &'static str, waiting: usize) {
+pub(crate) fn provider_calls_queued(validator: &'static str, waiting: usize) {
     gauge!("extauth_provider_calls_queued", "validator" => validator).set(waiting as f64);
 }
 
 /// Counts a connection to an HTTP endpoint (`metrics`, `admin`) closed as soon as it was
 /// accepted, because the endpoint held its connection cap.
-pub fn endpoint_refused(endpoint: &'static str) {
+pub(crate) fn endpoint_refused(endpoint: &'static str) {
     counter!("extauth_endpoint_connections_refused_total", "endpoint" => endpoint).increment(1);
 }
 
 /// Counts an endpoint connection closed by a timeout (`phase`: `header`, `idle`, `request`).
-pub fn endpoint_timeout(endpoint: &'static str, phase: &'static str) {
+pub(crate) fn endpoint_timeout(endpoint: &'static str, phase: &'static str) {
     counter!("extauth_endpoint_timeouts_total", "endpoint" => endpoint, "phase" => phase)
         .increment(1);
 }
 
 /// Tracks an endpoint's open connections (`opened`: one more, else one fewer).
-pub fn endpoint_connection(endpoint: &'static str, opened: bool) {
+pub(crate) fn endpoint_connection(endpoint: &'static str, opened: bool) {
     let open = gauge!("extauth_endpoint_connections_open", "endpoint" => endpoint);
     if opened {
         open.increment(1.0);

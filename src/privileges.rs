@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 /// Why the broker could not become `--user`/`--group`.
 #[derive(Debug, thiserror::Error)]
-pub enum PrivilegeError {
+pub(crate) enum PrivilegeError {
     /// No user has this name or number.
     #[error("--user {name}: no such user")]
     NoSuchUser {
@@ -55,7 +55,11 @@ pub enum PrivilegeError {
 ///
 /// # Errors
 /// An unknown user or group, or a failing system call.
-pub fn drop_to(user: &str, group: Option<&str>, sockets: &[&Path]) -> Result<(), PrivilegeError> {
+pub(crate) fn drop_to(
+    user: &str,
+    group: Option<&str>,
+    sockets: &[&Path],
+) -> Result<(), PrivilegeError> {
     if !Uid::effective().is_root() {
         warn!(user, "--user/--group ignored: not running as root");
         return Ok(());

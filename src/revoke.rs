@@ -36,7 +36,7 @@ use extauth_protocol::extauth::Secret;
 /// What to revoke: one token's verdict for `user@domain`, or (without a token) every verdict
 /// naming that user.
 #[derive(Debug, Clone, Copy)]
-pub struct Target<'a> {
+pub(crate) struct Target<'a> {
     /// The XMPP domain (vhost).
     pub domain: &'a str,
     /// The localpart; normalised with nodeprep as ejabberd does, so `Alice` revokes `alice`.
@@ -47,7 +47,7 @@ pub struct Target<'a> {
 
 /// What a revocation did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Revoked {
+pub(crate) struct Revoked {
     /// The instant of the marks, ms since the epoch (the Redis server's clock when shared).
     pub at_ms: u64,
     /// Verdicts deleted from Redis.
@@ -56,7 +56,7 @@ pub struct Revoked {
 
 /// Why a revocation failed.
 #[derive(Debug, thiserror::Error)]
-pub enum RevokeError {
+pub(crate) enum RevokeError {
     /// The user or domain cannot be a JID part.
     #[error("the user or domain is not a valid JID part")]
     BadJid,
@@ -73,7 +73,7 @@ pub enum RevokeError {
 /// # Errors
 /// [`RevokeError`]: a bad JID, or a Redis failure (the hint is best effort; everything else
 /// must succeed for the revocation to be complete).
-pub async fn revoke(
+pub(crate) async fn revoke(
     target: &Target<'_>,
     keys: &KeyDeriver,
     redis: Option<&Redis>,
@@ -124,7 +124,7 @@ pub async fn revoke(
 ///
 /// # Errors
 /// [`RevokeError::BadJid`] when either cannot be a JID part.
-pub fn normalise(target: &Target<'_>) -> Result<(String, String), RevokeError> {
+pub(crate) fn normalise(target: &Target<'_>) -> Result<(String, String), RevokeError> {
     let user = stringprep::nodeprep(target.user).map_err(|_| RevokeError::BadJid)?;
     let domain = stringprep::nameprep(target.domain).map_err(|_| RevokeError::BadJid)?;
     if user.is_empty() || domain.is_empty() {
@@ -136,7 +136,7 @@ pub fn normalise(target: &Target<'_>) -> Result<(String, String), RevokeError> {
 /// Listens to revocation hints from other brokers until the process ends, re-subscribing after
 /// errors. Each re-subscription drops every in-process verdict (hints may have been missed);
 /// verdicts read from Redis are checked against the marks there, so nothing else is needed.
-pub async fn listen(redis: Redis, l1: L1) {
+pub(crate) async fn listen(redis: Redis, l1: L1) {
     let mut first = true;
     // Logged once per outage: the first failure warns, the retries (every second) do not.
     let mut down = false;

@@ -18,11 +18,11 @@ use crate::endpoint::{self, EndpointLimits};
 
 /// Whether the broker is ready to serve (listeners bound, not shutting down).
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub(crate) struct Readiness(Arc<AtomicBool>);
 
 impl Readiness {
     /// Marks the broker ready (`true`) or not.
-    pub fn set(&self, ready: bool) {
+    pub(crate) fn set(&self, ready: bool) {
         self.0.store(ready, Ordering::Release);
     }
 
@@ -34,7 +34,7 @@ impl Readiness {
 /// Serves `/metrics` (Prometheus text format), `/healthz` (200 while the process runs) and
 /// `/readyz` (200 once listeners are up and until shutdown starts; Redis trouble only degrades,
 /// so it does not make the broker unready) until `shutdown` is cancelled, within `limits`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
     ready: Readiness,

@@ -24,7 +24,7 @@ const SECRET_PARAMS: [&str; 6] = ["token", "secret", "pass", "key", "auth", "sig
 /// comma-separated list of URLs (`--redis` with sentinels or cluster seeds) is redacted item by
 /// item. The userinfo is what precedes the last `@` before the first `/` after the scheme, as in
 /// RFC 3986 (a password must percent-encode its `/`, `?`, `#` and `@`).
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     if url.contains(',') && url.split(',').all(|u| u.contains("://")) {
         return url
             .split(',')
@@ -88,11 +88,11 @@ fn redact_one_url(url: &str) -> String {
 /// through [`redact_url`]; [`ConfigUrl::expose`] gives the URL itself, for connecting.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
-pub struct ConfigUrl(String);
+pub(crate) struct ConfigUrl(String);
 
 impl ConfigUrl {
     /// The URL as configured, credentials included; callers must not log it.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -149,7 +149,7 @@ pub enum SecretError {
 ///
 /// # Errors
 /// An unreadable or empty file; the message names the flag and path, never the content.
-pub fn read_secret(path: &Path, flag: &str) -> Result<Secret, SecretError> {
+pub(crate) fn read_secret(path: &Path, flag: &str) -> Result<Secret, SecretError> {
     let text = std::fs::read_to_string(path).map_err(|error| SecretError::Read {
         flag: flag.to_owned(),
         path: path.to_owned(),

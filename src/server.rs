@@ -33,7 +33,7 @@ const RESPONSE_QUEUE: usize = 256;
 
 /// Serves shims on every listener until `shutdown` is cancelled, then waits for in-flight
 /// requests (at most `drain`) and removes the Unix socket files it bound.
-pub async fn serve(
+pub(crate) async fn serve(
     listeners: Vec<Listener>,
     engine: Arc<Engine>,
     limits: Limits,

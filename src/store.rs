@@ -40,11 +40,11 @@ use crate::throttle::Throttle;
 use crate::verdict::{now_ms, parse_ms, Verdict, HORIZON};
 
 /// Pub/sub channel on which brokers hint at revocations.
-pub const HINT_CHANNEL: &str = "extauth:v2:hints";
+pub(crate) const HINT_CHANNEL: &str = "extauth:v2:hints";
 
 /// Most index members one user revocation examines: a Redis writer could stuff the index, and
 /// the user's mark revokes whatever is not deleted.
-pub const MAX_REVOKED_PER_USER: usize = 100_000;
+pub(crate) const MAX_REVOKED_PER_USER: usize = 100_000;
 
 /// Key names.
 mod names {
@@ -85,7 +85,7 @@ mod names {
 
 /// What Redis holds about a token.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Stored {
+pub(crate) struct Stored {
     /// The verdict, if present and authentic.
     pub verdict: Option<Verdict>,
     /// The token's revocation mark (ms since the epoch), if present and authentic.
@@ -210,7 +210,7 @@ pub enum RedisMode {
 
 /// Where the shared store is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedisConfig {
+pub(crate) struct RedisConfig {
     /// Deployment kind.
     pub mode: RedisMode,
     /// `redis://` or `rediss://` URLs: the server, the sentinels, or cluster seed nodes.
@@ -226,7 +226,7 @@ fn exposed(urls: &[ConfigUrl]) -> Vec<String> {
 
 /// A connection to the shared store; cheap to clone.
 #[derive(Clone)]
-pub struct Redis {
+pub(crate) struct Redis {
     backend: Backend,
     gate: Arc<Gate>,
     sealer: Sealer,
@@ -307,7 +307,7 @@ impl Redis {
     ///
     /// # Errors
     /// Malformed URLs; for a cluster, no reachable seed node.
-    pub async fn new(config: &RedisConfig, sealer: Sealer) -> RedisResult<Self> {
+    pub(crate) async fn new(config: &RedisConfig, sealer: Sealer) -> RedisResult<Self> {
         let backend = match config.mode {
             RedisMode::Standalone => {
                 let client = Client::open(
@@ -400,7 +400,7 @@ impl Redis {
     ///
     /// # Errors
     /// No reachable node or master.
-    pub async fn pubsub_client(&self) -> RedisResult<Client> {
+    pub(crate) async fn pubsub_client(&self) -> RedisResult<Client> {
         match &self.backend {
             Backend::Standalone { client, .. } => Ok(client.clone()),
             Backend::Cluster { seeds, .. } => {
@@ -433,7 +433,7 @@ impl Redis {
     ///
     /// # Errors
     /// Redis errors (connection refused, timeout, ...).
-    pub async fn verdict(&self, token: &Key) -> RedisResult<Stored> {
+    pub(crate) async fn verdict(&self, token: &Key) -> RedisResult<Stored> {
         let (verdict_name, mark_name) = (names::verdict(token), names::token_mark(token));
         // Bytes: a value that is not UTF-8 is rejected like any other, not a failed read. (MGET
         // answers nil for a key of another type.)
@@ -452,7 +452,7 @@ impl Redis {
     ///
     /// # Errors
     /// Redis errors, including a full (`noeviction`) or read-only Redis.
-    pub async fn put_verdict(&self, token: &Key, verdict: &Verdict) -> RedisResult<()> {
+    pub(crate) async fn put_verdict(&self, token: &Key, verdict: &Verdict) -> RedisResult<()> {
         if !verdict.is_usable_at(now_ms()) {
             return Ok(());
         }
@@ -496,7 +496,7 @@ impl Redis {
     ///
     /// # Errors
     /// Redis errors.
-    pub async fn delete_verdict(&self, token: &Key) -> RedisResult<usize> {
+    pub(crate) async fn delete_verdict(&self, token: &Key) -> RedisResult<usize> {
         self.query(redis::cmd("DEL").arg(names::verdict(token)))
             .await
     }
@@ -505,7 +505,7 @@ impl Redis {
     ///
     /// # Errors
     /// Redis errors.
-    pub async fn user_mark(&self, user: &Key) -> RedisResult<Option<u64>> {
+    pub(crate) async fn user_mark(&self, user: &Key) -> RedisResult<Option<u64>> {
         self.get_sealed(Purpose::UserMark, &names::user_mark(user), parse_ms)
             .await
     }
@@ -514,7 +514,7 @@ impl Redis {
     ///
     /// # Errors
     /// Redis errors.
-    pub async fn token_mark(&self, token: &Key) -> RedisResult<Option<u64>> {
+    pub(crate) async fn token_mark(&self, token: &Key) -> RedisResult<Option<u64>> {
         self.get_sealed(Purpose::TokenMark, &names::token_mark(token), parse_ms)
             .await
     }
@@ -524,7 +524,7 @@ impl Redis {
     ///
     /// # Errors
     /// Redis errors.
-    pub async fn mark_user_revoked(&self, user: &Key, at_ms: u64) -> RedisResult<()> {
+    pub(crate) async fn mark_user_revoked(&self, user: &Key, at_ms: u64) -> RedisResult<()> {
         self.set_mark(Purpose::UserMark, &names::user_mark(user), at_ms)
             .await
     }
@@ -533,7 +533,7 @@ impl Redis {
     ///
     /// # Errors
     /// Redis errors.
-    pub async fn mark_token_revoked(&self, token: &Key, at_ms: u64) -> RedisResult<()> {
+    pub(crate) async fn mark_token_revoked(&self, token: &Key, at_ms: u64) -> RedisResult<()> {
         self.set_mark(Purpose::TokenMark, &names::token_mark(token), at_ms)
             .await
     }
@@ -557,7 +557,7 @@ impl Redis {
     ///
     /// # Errors
     /// Redis errors; some verdicts may have been deleted already.
-    pub async fn drop_user_verdicts(&self, user: &Key) -> RedisResult<usize> {
+    pub(crate) async fn drop_user_verdicts(&self, user: &Key) -> RedisResult<usize> {
         let index = names::user_index(user);
         let (mut cursor, mut examined, mut dropped) = (0u64, 0, 0);
         loop {
@@ -599,7 +599,7 @@ impl Redis {
     ///
     /// # Errors
     /// Redis errors.
-    pub async fn mark_seen(&self, user: &Key, until_ms: u64) -> RedisResult<()> {
+    pub(crate) async fn mark_seen(&self, user: &Key, until_ms: u64) -> RedisResult<()> {
         let name = names::seen(user);
         let value = self
             .sealer
@@ -618,7 +618,7 @@ impl Redis {
     ///
     /// # Errors
     /// Redis errors.
-    pub async fn seen(&self, user: &Key) -> RedisResult<bool> {
+    pub(crate) async fn seen(&self, user: &Key) -> RedisResult<bool> {
         let until = self
             .get_sealed(Purpose::Seen, &names::seen(user), parse_ms)
             .await?;
@@ -632,7 +632,7 @@ impl Redis {
     ///
     /// # Errors
     /// Redis errors.
-    pub async fn lock(&self, token: &Key, owner: &str, ttl: Duration) -> RedisResult<bool> {
+    pub(crate) async fn lock(&self, token: &Key, owner: &str, ttl: Duration) -> RedisResult<bool> {
         let set: Option<String> = self
             .query(
                 redis::cmd("SET")
@@ -650,7 +650,7 @@ impl Redis {
     ///
     /// # Errors
     /// Redis errors.
-    pub async fn locked(&self, token: &Key) -> RedisResult<bool> {
+    pub(crate) async fn locked(&self, token: &Key) -> RedisResult<bool> {
         self.query(redis::cmd("EXISTS").arg(names::lock(token)))
             .await
     }
@@ -660,7 +660,7 @@ impl Redis {
     ///
     /// # Errors
     /// Redis errors.
-    pub async fn unlock(&self, token: &Key) -> RedisResult<()> {
+    pub(crate) async fn unlock(&self, token: &Key) -> RedisResult<()> {
         self.query(redis::cmd("DEL").arg(names::lock(token))).await
     }
 
@@ -668,7 +668,7 @@ impl Redis {
     ///
     /// # Errors
     /// Redis errors.
-    pub async fn publish(&self, hint: Hint) -> RedisResult<()> {
+    pub(crate) async fn publish(&self, hint: Hint) -> RedisResult<()> {
         let message = self
             .sealer
             .seal(Purpose::Hint, HINT_CHANNEL, &hint.to_payload());
@@ -678,7 +678,7 @@ impl Redis {
 
     /// Opens a message received on [`HINT_CHANNEL`]; `None` (counted and logged) for anything
     /// not sealed by a broker holding the cache secret.
-    pub fn open_hint(&self, message: &[u8]) -> Option<Hint> {
+    pub(crate) fn open_hint(&self, message: &[u8]) -> Option<Hint> {
         self.open(Purpose::Hint, HINT_CHANNEL, message, Hint::from_payload)
     }
 
@@ -687,7 +687,7 @@ impl Redis {
     ///
     /// # Errors
     /// Redis errors.
-    pub async fn time_ms(&self) -> RedisResult<u64> {
+    pub(crate) async fn time_ms(&self) -> RedisResult<u64> {
         let (secs, micros): (u64, u64) = self.query(&redis::cmd("TIME")).await?;
         Ok(secs * 1000 + micros / 1000)
     }
@@ -737,7 +737,7 @@ impl Redis {
 
 /// A Redis operation, for metrics (`extauth_redis_errors_total{op}`) and outage logging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum Op {
     /// Reading a verdict (and its token's mark).
     Read,
     /// Writing a verdict.
@@ -758,7 +758,7 @@ pub enum Op {
 
 impl Op {
     /// The metric label.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Op::Read => "read",
             Op::Write => "write",
@@ -785,7 +785,7 @@ impl Op {
 /// What is known to fail in Redis, so each outage is logged (and shown in `extauth_redis_up`)
 /// once, not once per request. A lost connection affects everything; a server that refuses
 /// writes (full, read-only) still answers reads, so reads and writes are tracked apart.
-pub struct Health {
+pub(crate) struct Health {
     connection: AtomicBool,
     reads: AtomicBool,
     writes: AtomicBool,
@@ -804,7 +804,7 @@ impl Default for Health {
 impl Health {
     /// The value of a successful operation; `None` (counted, logged once per outage) on error.
     /// Every caller treats `None` as "degraded: L1 + provider", never as a verdict.
-    pub fn check<T>(&self, op: Op, result: RedisResult<T>) -> Option<T> {
+    pub(crate) fn check<T>(&self, op: Op, result: RedisResult<T>) -> Option<T> {
         match result {
             Ok(v) => {
                 self.recovered(op);

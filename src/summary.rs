@@ -9,7 +9,7 @@ use crate::decision::{BindingRules, Subject};
 use crate::validate::ValidatorConfig;
 
 /// The readable summary of `config`.
-pub fn summary(config: &Config) -> String {
+pub(crate) fn summary(config: &Config) -> String {
     let mut out = String::new();
     let mut line = |label: &str, value: String| {
         let _ = writeln!(out, "{:<18}{value}", format!("{label}:"));
@@ -151,7 +151,7 @@ fn http_front(config: &Config) -> String {
 }
 
 /// Settings that work but are probably not what was meant (also logged at start-up).
-pub fn warnings(config: &Config) -> Vec<String> {
+pub(crate) fn warnings(config: &Config) -> Vec<String> {
     let mut warnings = Vec::new();
     let domains: Vec<_> = config.domains.iter().collect();
     for (i, (a, da)) in domains.iter().enumerate() {

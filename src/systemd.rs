@@ -105,14 +105,14 @@ unsafe fn inherit(fd: RawFd) -> Result<Inherited, SystemdError> {
 
 /// Sends notifications to systemd when `NOTIFY_SOCKET` is set (a no-op otherwise). Failures are
 /// logged, never fatal: the broker works without systemd.
-pub fn notify(states: &[NotifyState]) {
+pub(crate) fn notify(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
         warn!("sd_notify failed: {e}");
     }
 }
 
 /// How often to send WATCHDOG=1: half the configured `WatchdogSec=`, if any.
-pub fn watchdog_interval() -> Option<Duration> {
+pub(crate) fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled().map(|d| d / 2)
 }
 

@@ -15,7 +15,7 @@ fn now_ms() -> u64 {
 /// Lets one caller through per period and counts the callers held back in between. `const`, so
 /// it can be a `static` for a warning logged from many places.
 #[derive(Debug)]
-pub struct Throttle {
+pub(crate) struct Throttle {
     period_ms: u64,
     /// When the last caller was let through ([`now_ms`]; 0: never).
     last_ms: AtomicU64,
@@ -25,7 +25,7 @@ pub struct Throttle {
 
 impl Throttle {
     /// A gate that opens at most once per `period`.
-    pub const fn new(period: Duration) -> Self {
+    pub(crate) const fn new(period: Duration) -> Self {
         Throttle {
             period_ms: period.as_millis() as u64,
             last_ms: AtomicU64::new(0),
@@ -35,7 +35,7 @@ impl Throttle {
 
     /// `Some(n)` for the first caller of each period (and the very first caller), `n` being how
     /// many were held back since the last one let through; `None` for the others.
-    pub fn ready(&self) -> Option<u64> {
+    pub(crate) fn ready(&self) -> Option<u64> {
         let now = now_ms();
         let last = self.last_ms.load(Ordering::Relaxed);
         let open = (last == 0 || now.saturating_sub(last) >= self.period_ms)
@@ -52,7 +52,7 @@ impl Throttle {
     }
 
     /// True for the first caller of each period ([`Throttle::ready`] without the count).
-    pub fn allow(&self) -> bool {
+    pub(crate) fn allow(&self) -> bool {
         self.ready().is_some()
     }
 }

@@ -35,20 +35,20 @@ pub fn parse_ms(text: &str) -> Option<u64> {
 
 /// The longest `max_ttl`, `negative_ttl` and `stale_if_error` accepted (one day each), so that a
 /// revocation mark kept for [`HORIZON`] outlives every verdict it revokes.
-pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// How long a revocation mark is kept: longer than any verdict it revokes can live
 /// (`max_ttl` + `stale_if_error`, each at most [`MAX_LIFETIME`]), with a minute to spare.
-pub const HORIZON: Duration = Duration::from_secs(2 * MAX_LIFETIME.as_secs() + 60);
+pub(crate) const HORIZON: Duration = Duration::from_secs(2 * MAX_LIFETIME.as_secs() + 60);
 
 /// Clocks of brokers and Redis may disagree by this much (ms; NTP keeps them far closer): a
 /// verdict issued up to this long after a revocation mark is still taken as revoked by it,
 /// which costs a provider call, never a wrong yes.
-pub const SKEW_MS: u64 = 500;
+pub(crate) const SKEW_MS: u64 = 500;
 
 /// Does a revocation mark set at `mark_ms` revoke a verdict issued at `issued_ms` (both ms
 /// since the epoch)? Yes up to [`SKEW_MS`] after the mark.
-pub fn covers(mark_ms: u64, issued_ms: u64) -> bool {
+pub(crate) fn covers(mark_ms: u64, issued_ms: u64) -> bool {
     issued_ms <= mark_ms.saturating_add(SKEW_MS)
 }
 
@@ -59,7 +59,7 @@ const FUTURE_SKEW_MS: u64 = 5_000;
 /// What a token proved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
-    /// Valid, and it names the user with this [`crate::keys::KeyDeriver::user`] key.
+    /// Valid, and it names the user with this key (`KeyDeriver::user` of `user@domain`).
     Names(Key),
     /// Refused for every user, for this reason.
     Refused(Reason),

@@ -18,7 +18,7 @@ use super::{BoxFuture, ProviderError, TokenCheck, Validation, Validator};
 /// Breaker settings (TOML: `breaker = { threshold = 5, cooldown = 10 }`).
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct BreakerConfig {
+pub(crate) struct BreakerConfig {
     /// Consecutive unavailable answers that open the circuit [default: 5].
     #[serde(default = "default_threshold")]
     pub threshold: u32,
@@ -45,7 +45,7 @@ impl Default for BreakerConfig {
 }
 
 /// A validator behind a circuit breaker.
-pub struct Breaker {
+pub(crate) struct Breaker {
     inner: Arc<dyn Validator>,
     config: BreakerConfig,
     /// Consecutive unavailable answers.
@@ -59,7 +59,7 @@ pub struct Breaker {
 
 impl Breaker {
     /// Wraps `inner`.
-    pub fn new(inner: Arc<dyn Validator>, config: BreakerConfig) -> Self {
+    pub(crate) fn new(inner: Arc<dyn Validator>, config: BreakerConfig) -> Self {
         Breaker {
             inner,
             config,
@@ -71,7 +71,7 @@ impl Breaker {
     }
 
     /// True when the circuit is open (calls fail fast).
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.opened_at_ms.load(Ordering::Acquire) != 0
     }
 

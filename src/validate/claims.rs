@@ -9,7 +9,7 @@ use extauth_protocol::wire::Reason;
 /// `require = { scopes = ["xmpp"], audience = "ejabberd", issuer = "https://idp.example.com" }`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct ClaimRules {
+pub(crate) struct ClaimRules {
     /// Every one of these must appear in the space-separated `scope` claim (RFC 7662 section 2.2,
     /// RFC 8693 section 4.2).
     #[serde(default)]
@@ -24,7 +24,7 @@ pub struct ClaimRules {
 
 impl ClaimRules {
     /// `, requires scope [..], audience .., issuer ..` for `check-config`; empty without rules.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let mut parts = Vec::new();
         if !self.scopes.is_empty() {
             parts.push(format!("scopes {:?}", self.scopes));
@@ -46,7 +46,7 @@ impl ClaimRules {
     /// # Errors
     /// The [`Reason`] of the first rule that fails: `insufficient_scope`, `wrong_audience`,
     /// `wrong_issuer`.
-    pub fn check(&self, claims: &Map<String, Value>) -> Result<(), Reason> {
+    pub(crate) fn check(&self, claims: &Map<String, Value>) -> Result<(), Reason> {
         if !self.scopes.is_empty() {
             let granted: Vec<&str> = claims
                 .get("scope")

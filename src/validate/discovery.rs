@@ -20,7 +20,7 @@ use super::{ProviderError, SetupError};
 use crate::secrets::{redact_url, ConfigUrl};
 
 /// How long a metadata document is used before it is fetched again.
-pub const REFRESH: Duration = Duration::from_secs(3600);
+pub(crate) const REFRESH: Duration = Duration::from_secs(3600);
 
 /// After a failed fetch with nothing known, how long logins get the same error without a new
 /// fetch (so a down provider costs one request per period, not one per login).
@@ -28,7 +28,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// An endpoint a validator takes from the metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
+pub(crate) enum Endpoint {
     /// `introspection_endpoint` (RFC 8414 section 2; RFC 7662).
     Introspection,
     /// `userinfo_endpoint` (OpenID Connect Discovery section 3).
@@ -39,7 +39,7 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// The metadata field's name.
-    pub fn field(self) -> &'static str {
+    pub(crate) fn field(self) -> &'static str {
         match self {
             Endpoint::Introspection => "introspection_endpoint",
             Endpoint::Userinfo => "userinfo_endpoint",
@@ -50,7 +50,7 @@ impl Endpoint {
 
 /// The part of a provider's metadata the broker uses.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub struct Metadata {
+pub(crate) struct Metadata {
     /// The issuer identifier; must equal the configured one.
     pub issuer: String,
     /// RFC 7662 introspection endpoint, when listed (django-oauth-toolkit does not list it).
@@ -84,7 +84,7 @@ struct Known {
 }
 
 /// One issuer's metadata, fetched and kept fresh.
-pub struct Discovery {
+pub(crate) struct Discovery {
     issuer: String,
     client: ProviderClient,
     policy: ProviderPolicy,
@@ -98,7 +98,7 @@ impl Discovery {
     ///
     /// # Errors
     /// A bad issuer URL or timeout, or a TLS set-up failure.
-    pub fn new(
+    pub(crate) fn new(
         issuer: &ConfigUrl,
         timeouts: HttpTimeouts,
         policy: &ProviderPolicy,
@@ -120,7 +120,7 @@ impl Discovery {
     }
 
     /// The configured issuer, redacted for messages.
-    pub fn issuer(&self) -> String {
+    pub(crate) fn issuer(&self) -> String {
         redact_url(&self.issuer)
     }
 
@@ -128,7 +128,7 @@ impl Discovery {
     ///
     /// # Errors
     /// [`ProviderError::Discovery`]: no metadata could be fetched, or it does not list `which`.
-    pub async fn endpoint(&self, which: Endpoint) -> Result<String, ProviderError> {
+    pub(crate) async fn endpoint(&self, which: Endpoint) -> Result<String, ProviderError> {
         let metadata = self.metadata().await?;
         metadata.get(which).map(str::to_owned).ok_or_else(|| {
             self.failed(format!(
@@ -152,7 +152,7 @@ impl Discovery {
     /// # Errors
     /// Nothing known and the fetch failed (the same error is returned without a new fetch for
     /// a few seconds).
-    pub async fn metadata(&self) -> Result<Metadata, ProviderError> {
+    pub(crate) async fn metadata(&self) -> Result<Metadata, ProviderError> {
         if let Some(kept) = self.kept() {
             return kept;
         }
@@ -278,7 +278,7 @@ fn metadata_urls(issuer: &str) -> Vec<String> {
 ///
 /// # Errors
 /// Neither given (`setting` names what to add), a bad URL or issuer, a bad timeout.
-pub fn client_and_url(
+pub(crate) fn client_and_url(
     what: &'static str,
     setting: &str,
     url: Option<&ConfigUrl>,
@@ -299,7 +299,7 @@ pub fn client_and_url(
 
 /// Where a validator's endpoint URL comes from; `Display` shows it redacted.
 #[derive(Clone)]
-pub enum EndpointUrl {
+pub(crate) enum EndpointUrl {
     /// Configured explicitly (checked at start-up).
     Fixed(String),
     /// Taken from the issuer's metadata.
@@ -322,7 +322,7 @@ impl EndpointUrl {
     ///
     /// # Errors
     /// Neither is configured (`setting` names what to add), or a bad issuer.
-    pub fn new(
+    pub(crate) fn new(
         url: Option<&ConfigUrl>,
         discovery: Option<&Arc<Discovery>>,
         which: Endpoint,
@@ -341,7 +341,7 @@ impl EndpointUrl {
     ///
     /// # Errors
     /// [`ProviderError::Discovery`]: discovery failed or the metadata lacks the endpoint.
-    pub async fn get(&self) -> Result<String, ProviderError> {
+    pub(crate) async fn get(&self) -> Result<String, ProviderError> {
         match self {
             EndpointUrl::Fixed(url) => Ok(url.clone()),
             EndpointUrl::Discovered(discovery, which) => discovery.endpoint(*which).await,
@@ -349,7 +349,7 @@ impl EndpointUrl {
     }
 
     /// Is this URL taken from the provider's metadata?
-    pub fn is_discovered(&self) -> bool {
+    pub(crate) fn is_discovered(&self) -> bool {
         matches!(self, EndpointUrl::Discovered(..))
     }
 }

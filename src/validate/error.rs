@@ -61,7 +61,7 @@ pub enum SetupError {
 
 /// Why a provider gave no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum ProviderError {
+pub(crate) enum ProviderError {
     /// No answer: could not connect, timed out, or the transport failed. `detail` is the
     /// innermost cause (a TLS or socket error), without the URL.
     #[error("{what} request {failure}: {detail}")]

@@ -23,17 +23,17 @@ use super::{BoxFuture, ProviderError, TokenCheck, Validation, Validator};
 use crate::metrics;
 
 /// Default cap on a domain's concurrent provider calls (TOML `provider_concurrency`).
-pub const DEFAULT_CONCURRENCY: usize = 32;
+pub(crate) const DEFAULT_CONCURRENCY: usize = 32;
 
 /// A validator whose calls wait for one of `cap` slots, served in turn by user.
-pub struct Gate {
+pub(crate) struct Gate {
     inner: Arc<dyn Validator>,
     slots: Arc<Slots>,
 }
 
 impl Gate {
     /// Wraps `inner`; at most `cap` (at least 1) of its calls run at once.
-    pub fn new(inner: Arc<dyn Validator>, cap: usize) -> Gate {
+    pub(crate) fn new(inner: Arc<dyn Validator>, cap: usize) -> Gate {
         let slots = Slots {
             cap: cap.max(1),
             kind: inner.kind(),

@@ -14,7 +14,7 @@ use crate::secrets::redact_url;
 
 /// Default of [`ProviderPolicy::max_response_bytes`]: 1 MiB, hundreds of times an
 /// introspection answer, a userinfo document or a JWK Set of a dozen RSA keys.
-pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 1 << 20;
+pub(crate) const DEFAULT_MAX_RESPONSE_BYTES: u64 = 1 << 20;
 
 /// Broker-wide rules for every provider call (flags `--provider-max-response-bytes`,
 /// `--insecure-provider-http`; TOML `provider_max_response_bytes`, `insecure_provider_http`).
@@ -22,7 +22,7 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 1 << 20;
 /// Broker-wide rather than per validator: the cap bounds the memory of the whole process (cap x
 /// provider calls in flight), which is sized per host, not per provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProviderPolicy {
+pub(crate) struct ProviderPolicy {
     /// Largest response body read, bytes; a larger answer is refused (`upstream_unavailable`)
     /// [default: [`DEFAULT_MAX_RESPONSE_BYTES`]].
     pub max_response_bytes: u64,
@@ -43,7 +43,7 @@ impl Default for ProviderPolicy {
 /// Timeouts of one validator's HTTP calls: TOML `timeouts = { connect = 2, total = 5 }`, seconds.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HttpTimeouts {
+pub(crate) struct HttpTimeouts {
     /// Time to establish a connection, seconds [default: 2].
     #[serde(default = "default_connect_timeout")]
     pub connect: f64,
@@ -74,7 +74,7 @@ impl HttpTimeouts {
     ///
     /// # Errors
     /// [`SetupError::Timeout`] naming the bad value.
-    pub fn check(&self) -> Result<(), SetupError> {
+    pub(crate) fn check(&self) -> Result<(), SetupError> {
         for (name, v) in [
             ("timeouts.connect", self.connect),
             ("timeouts.total", self.total),
@@ -93,7 +93,7 @@ impl HttpTimeouts {
 /// An HTTP client for one provider endpoint: both timeouts set (reqwest has none by default), a
 /// bounded idle pool, redirects never followed, answers read up to a size cap.
 #[derive(Clone)]
-pub struct ProviderClient {
+pub(crate) struct ProviderClient {
     http: reqwest::Client,
     /// Names the call in messages: "introspection", "JWKS", ...
     what: &'static str,
@@ -106,7 +106,7 @@ impl ProviderClient {
     ///
     /// # Errors
     /// A bad URL or timeout (naming `setting`), or a TLS set-up failure.
-    pub fn new(
+    pub(crate) fn new(
         what: &'static str,
         setting: &str,
         url: &str,
@@ -136,7 +136,7 @@ impl ProviderClient {
     }
 
     /// A request to `url` (the checked URL, or one expanded from a checked template).
-    pub fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+    pub(crate) fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
         self.http.request(method, url)
     }
 
@@ -146,7 +146,7 @@ impl ProviderClient {
     /// # Errors
     /// [`ProviderError::Transport`] or [`ProviderError::Redirect`] (3xx), without token or
     /// secret.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ProviderError> {
@@ -168,7 +168,10 @@ impl ProviderClient {
     ///
     /// # Errors
     /// [`ProviderError::TooLarge`], or [`ProviderError::Transport`] while reading.
-    pub async fn body(&self, mut response: reqwest::Response) -> Result<Vec<u8>, ProviderError> {
+    pub(crate) async fn body(
+        &self,
+        mut response: reqwest::Response,
+    ) -> Result<Vec<u8>, ProviderError> {
         let too_large = || ProviderError::TooLarge {
             what: self.what,
             limit: self.max_body,
@@ -195,7 +198,7 @@ impl ProviderClient {
     ///
     /// # Errors
     /// As [`ProviderClient::body`], or [`ProviderError::Malformed`] ("is not JSON").
-    pub async fn json(
+    pub(crate) async fn json(
         &self,
         response: reqwest::Response,
     ) -> Result<serde_json::Value, ProviderError> {
@@ -204,7 +207,7 @@ impl ProviderClient {
     }
 
     /// [`ProviderError::Malformed`] for this call.
-    pub fn malformed(&self, problem: impl Into<String>) -> ProviderError {
+    pub(crate) fn malformed(&self, problem: impl Into<String>) -> ProviderError {
         ProviderError::Malformed {
             what: self.what,
             problem: problem.into(),
@@ -213,7 +216,7 @@ impl ProviderClient {
 
     /// [`ProviderError::Status`] for this call: `response`'s status when the protocol gives it
     /// no meaning.
-    pub fn status(&self, response: &reqwest::Response) -> ProviderError {
+    pub(crate) fn status(&self, response: &reqwest::Response) -> ProviderError {
         ProviderError::Status {
             what: self.what,
             status: response.status().as_u16(),
@@ -261,7 +264,11 @@ fn shown_location(base: &reqwest::Url, location: &str) -> String {
 /// # Errors
 /// [`SetupError::NotHttpUrl`] or [`SetupError::PlainHttp`] naming `setting` and the value, its
 /// credentials redacted ([`redact_url`]).
-pub fn check_url(setting: &str, url: &str, policy: &ProviderPolicy) -> Result<(), SetupError> {
+pub(crate) fn check_url(
+    setting: &str,
+    url: &str,
+    policy: &ProviderPolicy,
+) -> Result<(), SetupError> {
     let parsed = match reqwest::Url::parse(&expand_template(url, "u", "d")) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => u,
         _ => {
@@ -306,7 +313,7 @@ fn is_loopback(url: &reqwest::Url) -> bool {
 ///
 /// # Errors
 /// [`SetupError::Method`] when `name` is not an HTTP token (RFC 9110 section 9.1).
-pub fn method(setting: &str, name: &str) -> Result<reqwest::Method, SetupError> {
+pub(crate) fn method(setting: &str, name: &str) -> Result<reqwest::Method, SetupError> {
     reqwest::Method::from_bytes(name.to_uppercase().as_bytes()).map_err(|_| SetupError::Method {
         setting: setting.to_owned(),
         name: name.to_owned(),
@@ -315,7 +322,7 @@ pub fn method(setting: &str, name: &str) -> Result<reqwest::Method, SetupError> 
 
 /// Expands `{user}` and `{domain}` in a URL template, percent-encoding each value (RFC 3986
 /// section 2.1) so a localpart like `a&b` or `a/b` cannot change the URL's structure.
-pub fn expand_template(template: &str, user: &str, domain: &str) -> String {
+pub(crate) fn expand_template(template: &str, user: &str, domain: &str) -> String {
     use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
     template
         .replace(

@@ -24,7 +24,7 @@ use extauth_protocol::wire::Reason;
 /// Where the token travels.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum TokenIn {
+pub(crate) enum TokenIn {
     /// `Authorization: Bearer <token>` (the default).
     #[default]
     Bearer,
@@ -35,7 +35,7 @@ pub enum TokenIn {
 /// Settings of a custom API validator (TOML: `validator = { kind = "http", ... }`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HttpApiConfig {
+pub(crate) struct HttpApiConfig {
     /// URL template (http:// or https://); `{user}` and `{domain}` are replaced, percent-encoded.
     /// With `{user}`, a yes binds the token to that user by itself; without, the JSON body's
     /// claims name the user (`subject_claim`, `jid_claim`).
@@ -82,7 +82,7 @@ struct BodyRule {
 }
 
 /// A custom API client.
-pub struct HttpApi {
+pub(crate) struct HttpApi {
     http: ProviderClient,
     method: reqwest::Method,
     config: HttpApiConfig,
@@ -97,7 +97,7 @@ impl HttpApi {
     /// # Errors
     /// A bad URL, method, form field, JSON pointer or timeout, a `{user}` URL without a rule or
     /// `trust_status`, or a TLS set-up failure.
-    pub fn new(config: HttpApiConfig, policy: &ProviderPolicy) -> Result<Self, SetupError> {
+    pub(crate) fn new(config: HttpApiConfig, policy: &ProviderPolicy) -> Result<Self, SetupError> {
         let http = ProviderClient::new(
             "http validator",
             "http validator url",

@@ -25,7 +25,7 @@ use extauth_protocol::wire::Reason;
 /// How the broker authenticates to the introspection endpoint.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum ClientAuth {
+pub(crate) enum ClientAuth {
     /// HTTP Basic with client id and secret (the common case).
     #[default]
     ClientSecretBasic,
@@ -36,7 +36,7 @@ pub enum ClientAuth {
 /// Settings of an introspection validator (TOML: `validator = { kind = "introspection", ... }`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct IntrospectionConfig {
+pub(crate) struct IntrospectionConfig {
     /// Endpoint URL (`https://`, or `http://` on loopback); without it, the
     /// `introspection_endpoint` discovered from `issuer`.
     #[serde(default)]
@@ -65,7 +65,7 @@ pub struct IntrospectionConfig {
 }
 
 /// An RFC 7662 introspection client.
-pub struct Introspection {
+pub(crate) struct Introspection {
     http: ProviderClient,
     url: EndpointUrl,
     config: IntrospectionConfig,
@@ -80,7 +80,10 @@ impl Introspection {
     ///
     /// # Errors
     /// A bad URL or timeout, a missing or unreadable secret, or a TLS set-up failure.
-    pub fn new(config: IntrospectionConfig, policy: &ProviderPolicy) -> Result<Self, SetupError> {
+    pub(crate) fn new(
+        config: IntrospectionConfig,
+        policy: &ProviderPolicy,
+    ) -> Result<Self, SetupError> {
         let (http, url) = client_and_url(
             "introspection",
             "introspection url",
@@ -197,7 +200,7 @@ impl Introspection {
 ///
 /// # Errors
 /// A message when the claim is present but not a non-negative number.
-pub fn seconds_claim(
+pub(crate) fn seconds_claim(
     claims: &serde_json::Map<String, Value>,
     name: &str,
 ) -> Result<Option<u64>, String> {

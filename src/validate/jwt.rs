@@ -47,7 +47,7 @@ use crate::secrets::ConfigUrl;
 use extauth_protocol::wire::Reason;
 
 /// The algorithms this validator implements (RFC 7518 section 3.1, RFC 8037 section 3.1).
-pub const SUPPORTED: [Algorithm; 4] = [
+pub(crate) const SUPPORTED: [Algorithm; 4] = [
     Algorithm::RS256,
     Algorithm::ES256,
     Algorithm::EdDSA,
@@ -55,12 +55,12 @@ pub const SUPPORTED: [Algorithm; 4] = [
 ];
 
 /// The largest `leeway` accepted, seconds: more would keep expired tokens alive.
-pub const MAX_LEEWAY: u64 = 60;
+pub(crate) const MAX_LEEWAY: u64 = 60;
 
 /// Settings of a JWT validator (TOML: `validator = { kind = "jwt", ... }`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct JwtConfig {
+pub(crate) struct JwtConfig {
     /// URL of the issuer's JWK Set (the `jwks_uri` of its discovery document).
     #[serde(default)]
     pub jwks_url: Option<ConfigUrl>,
@@ -114,7 +114,7 @@ fn default_leeway() -> u64 {
 }
 
 /// A local JWT verifier.
-pub struct Jwt {
+pub(crate) struct Jwt {
     /// One rule set per accepted algorithm, each accepting only that algorithm.
     rules: Vec<jsonwebtoken::Validation>,
     /// The `require.scopes` part of the claim rules (jsonwebtoken checks `iss` and `aud`).
@@ -134,7 +134,7 @@ impl Jwt {
     /// Conflicting or missing key sources, an unsupported algorithm, a leeway over
     /// [`MAX_LEEWAY`], an unreadable or short secret, an unreadable JWKS file or one without a
     /// usable key, a bad URL (`policy` decides on `http://`) or timeout, no audience.
-    pub fn new(config: JwtConfig, policy: &ProviderPolicy) -> Result<Self, SetupError> {
+    pub(crate) fn new(config: JwtConfig, policy: &ProviderPolicy) -> Result<Self, SetupError> {
         let Some(audience) = config.require.audience.clone() else {
             return Err(SetupError::Rule(
                 "the jwt validator needs require.audience: the identifier of this service that \

@@ -4,16 +4,16 @@
 //! A validator only reports what the provider said ([`Validation`]); binding the token to the JID
 //! (claim vs. localpart) and caching are the engine's job, the same for every validator.
 
-pub mod breaker;
-pub mod claims;
-pub mod discovery;
-pub mod error;
-pub mod gate;
-pub mod http;
-pub mod http_api;
-pub mod introspection;
-pub mod jwt;
-pub mod userinfo;
+pub(crate) mod breaker;
+pub(crate) mod claims;
+pub(crate) mod discovery;
+pub(crate) mod error;
+pub(crate) mod gate;
+pub(crate) mod http;
+pub(crate) mod http_api;
+pub(crate) mod introspection;
+pub(crate) mod jwt;
+pub(crate) mod userinfo;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,13 +23,14 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::secrets::ConfigUrl;
-pub use error::{ProviderError, SetupError};
+pub(crate) use error::ProviderError;
+pub use error::SetupError;
 use extauth_protocol::extauth::Secret;
 use extauth_protocol::wire::Reason;
 
 /// What a validator is asked: may `token` log in `user@domain`?
 #[derive(Debug, Clone, Copy)]
-pub struct TokenCheck<'a> {
+pub(crate) struct TokenCheck<'a> {
     /// The JID localpart as ejabberd sent it (already nodeprep'd).
     pub user: &'a str,
     /// The JID domain (the ejabberd vhost).
@@ -40,7 +41,7 @@ pub struct TokenCheck<'a> {
 
 /// An accepted token, as far as the provider is concerned.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Grant {
+pub(crate) struct Grant {
     /// The token's claims (introspection answer, userinfo document, JWT payload); the engine
     /// reads the subject from them. Empty when the provider vouched for the user itself.
     pub claims: Map<String, Value>,
@@ -53,7 +54,7 @@ pub struct Grant {
 
 /// What a provider said about a token.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Validation {
+pub(crate) enum Validation {
     /// The token is valid; whose it is, the engine decides from the grant.
     Valid(Grant),
     /// A definitive "no" (cacheable as a negative verdict), with its reason.
@@ -65,7 +66,7 @@ pub enum Validation {
 
 impl Validation {
     /// Its label in metrics: `valid`, `invalid` or `unavailable`.
-    pub fn outcome(&self) -> &'static str {
+    pub(crate) fn outcome(&self) -> &'static str {
         match self {
             Validation::Valid(_) => "valid",
             Validation::Invalid(_) => "invalid",
@@ -75,10 +76,10 @@ impl Validation {
 }
 
 /// A boxed future, so validators can live behind `dyn Validator`.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A token validator (one per provider kind, one instance per configured domain).
-pub trait Validator: Send + Sync {
+pub(crate) trait Validator: Send + Sync {
     /// Decides on `check`. Must not log the token or put it in the `Unavailable` message.
     fn validate<'a>(&'a self, check: TokenCheck<'a>) -> BoxFuture<'a, Validation>;
 
@@ -102,7 +103,7 @@ pub trait Validator: Send + Sync {
 /// A validator's settings: the TOML table `validator = { kind = "...", ... }`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum ValidatorConfig {
+pub(crate) enum ValidatorConfig {
     /// RFC 7662 token introspection.
     Introspection(introspection::IntrospectionConfig),
     /// OpenID Connect UserInfo (OIDC Core 5.3).
@@ -116,7 +117,7 @@ pub enum ValidatorConfig {
 impl ValidatorConfig {
     /// Where the provider is (the redacted endpoint URL, or the JWKS source): two domains with
     /// the same endpoint share a provider.
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         match self {
             ValidatorConfig::Introspection(c) => shown(&c.url, &c.issuer),
             ValidatorConfig::Userinfo(c) => shown(&c.url, &c.issuer),
@@ -131,7 +132,7 @@ impl ValidatorConfig {
 
     /// One line for `check-config`: kind, endpoint and what is required of tokens; secrets are
     /// never shown, only whether and where they are set.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let timeouts = |t: &http::HttpTimeouts| format!("timeouts {} s/{} s", t.connect, t.total);
         match self {
             ValidatorConfig::Introspection(c) => format!(
@@ -200,7 +201,7 @@ fn shown(url: &Option<ConfigUrl>, issuer: &Option<ConfigUrl>) -> String {
 ///
 /// # Errors
 /// A message naming the bad setting (unreadable secret file, bad URL, ...).
-pub fn build(
+pub(crate) fn build(
     config: &ValidatorConfig,
     breaker: breaker::BreakerConfig,
     concurrency: usize,

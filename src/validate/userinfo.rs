@@ -22,7 +22,7 @@ use extauth_protocol::wire::Reason;
 /// Settings of a userinfo validator (TOML: `validator = { kind = "userinfo", ... }`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct UserinfoConfig {
+pub(crate) struct UserinfoConfig {
     /// The UserInfo endpoint (`https://`, or `http://` on loopback); without it, the
     /// `userinfo_endpoint` discovered from `issuer`.
     #[serde(default)]
@@ -41,7 +41,7 @@ pub struct UserinfoConfig {
 }
 
 /// An OIDC UserInfo client.
-pub struct Userinfo {
+pub(crate) struct Userinfo {
     http: ProviderClient,
     url: EndpointUrl,
     config: UserinfoConfig,
@@ -52,7 +52,7 @@ impl Userinfo {
     ///
     /// # Errors
     /// A bad URL or timeout, or a TLS set-up failure.
-    pub fn new(config: UserinfoConfig, policy: &ProviderPolicy) -> Result<Self, SetupError> {
+    pub(crate) fn new(config: UserinfoConfig, policy: &ProviderPolicy) -> Result<Self, SetupError> {
         let (http, url) = client_and_url(
             "userinfo",
             "userinfo url",

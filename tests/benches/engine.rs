@@ -8,10 +8,8 @@ use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use divan::{black_box, Bencher};
-use extauth_broker::config::RunArgs;
-use extauth_broker::daemon;
 use extauth_broker::devprovider::DevProvider;
-use extauth_broker::engine::Engine;
+use extauth_broker::{build_engine, Engine, RunArgs};
 use extauth_protocol::extauth::{self, Command};
 use serde_json::json;
 use tokio::runtime::Runtime;
@@ -41,16 +39,13 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("client.secret");
     std::fs::write(&secret, "bench-secret\n").unwrap();
-    let config = RunArgs {
-        listen: vec!["unix:/nonexistent/bench.sock".into()],
-        introspection_url: Some(provider.url()),
-        client_id: Some("bench".into()),
-        client_secret_file: Some(secret),
-        ..RunArgs::default()
-    }
-    .resolve()
-    .unwrap();
-    let engine = rt.block_on(daemon::engine(&config)).unwrap();
+    let mut args = RunArgs::default();
+    args.listen = vec!["unix:/nonexistent/bench.sock".into()];
+    args.introspection_url = Some(provider.url());
+    args.client_id = Some("bench".into());
+    args.client_secret_file = Some(secret);
+    let config = args.resolve().unwrap();
+    let engine = rt.block_on(build_engine(&config)).unwrap();
     let hit = extauth::parse(b"auth:alice:localhost:tok-bench").unwrap();
     assert!(
         rt.block_on(engine.handle(&hit, deadline())).ok,

@@ -14,8 +14,7 @@
 
 use std::time::Duration;
 
-use extauth_broker::store::Hint;
-use extauth_broker::verdict::{parse_ms, Answer, Lifetimes, Verdict};
+use extauth_broker::untrusted::{parse_ms, Answer, Hint, Lifetimes, Verdict};
 use extauth_protocol::wire::Reason;
 use libfuzzer_sys::fuzz_target;
 

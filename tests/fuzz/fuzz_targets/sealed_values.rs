@@ -13,7 +13,7 @@
 #![no_main]
 
 use extauth_protocol::extauth::Secret;
-use extauth_broker::seal::{Purpose, SealError, Sealer};
+use extauth_broker::untrusted::{Purpose, SealError, Sealer};
 use libfuzzer_sys::fuzz_target;
 
 const PURPOSES: [Purpose; 5] = [

@@ -15,7 +15,7 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-use extauth_broker::verdict::now_ms;
+use extauth_broker::now_ms;
 use extauth_protocol::extauth::{parse, read_request, reply, Command};
 use extauth_protocol::wire::{self, ClientMsg, Reason, Response, ServerMsg, Source, Welcome};
 

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use super::services::Rss;
-use extauth_broker::config::ListenAddr;
+use extauth_broker::ListenAddr;
 use extauth_protocol::extauth::{reply, Command, Secret};
 use extauth_protocol::wire::{self, ClientMsg, Hello, Reason, Request, ServerMsg};
 

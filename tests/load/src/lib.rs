@@ -38,7 +38,7 @@ use self::schedule::{LaneSchedule, Pace, Plan, Schedule};
 use self::services::{sibling_binary, Services};
 use self::stats::{Counts, LaneTally, Reply, Shared};
 use extauth_broker::devprovider::DevProvider;
-use extauth_broker::verdict::now_ms;
+use extauth_broker::now_ms;
 use extauth_protocol::wire::Reason;
 
 /// Slack on top of the shim's deadline before a reply counts as late: the harness and the shim

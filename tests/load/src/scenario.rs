@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use super::cli::{LoadArgs, MockValidator, ScenarioKind};
 use super::tokens::{Logins, Signer, Tokens};
 use extauth_broker::devprovider::Resolver;
-use extauth_broker::verdict::now_ms;
+use extauth_broker::now_ms;
 
 /// Lifetime of the tokens of every scenario but `expiry` (seconds): longer than any run.
 const TOKEN_LIFETIME_S: u64 = 24 * 3600;

@@ -11,7 +11,7 @@ use ed25519_dalek::SigningKey;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-use extauth_broker::decision::is_canonical;
+use extauth_broker::is_canonical;
 
 /// `kid` of the mock provider's signing key.
 const KID: &str = "extauth-load";
