@@ -33,6 +33,10 @@ struct Pending {
     user_key: Key,
 }
 
+/// What [`Engine::answer_now`] learnt of a request it could not answer at once (for an auth
+/// request: its domain and keys), for [`Engine::answer_later`], so a miss derives its keys once.
+pub(crate) struct Later(Option<Pending>);
+
 /// The answer to one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
@@ -152,8 +156,22 @@ impl Engine {
         deadline: Duration,
         front: Front,
     ) -> Outcome {
+        self.answer_later(command, Later(None), deadline, front)
+            .await
+    }
+
+    /// [`Engine::answer`] for a request [`Engine::answer_now`] could not answer, with what it
+    /// learnt.
+    pub(crate) async fn answer_later(
+        &self,
+        command: &Command,
+        later: Later,
+        deadline: Duration,
+        front: Front,
+    ) -> Outcome {
         let started = Instant::now();
-        let outcome = tokio::time::timeout(deadline, self.handle(command, started + deadline))
+        let decided = self.decide(command, later.0, started + deadline);
+        let outcome = tokio::time::timeout(deadline, decided)
             .await
             .unwrap_or(Outcome::local(Reason::DeadlineExceeded));
         metrics::request(
@@ -171,12 +189,23 @@ impl Engine {
     /// `deadline` is when the requester stops waiting: no provider call is started with less
     /// than 50 ms left, and a call in progress is cut at the deadline.
     pub async fn handle(&self, command: &Command, deadline: Instant) -> Outcome {
+        self.decide(command, None, deadline).await
+    }
+
+    /// [`Engine::handle`], starting an auth request from `pending` when the cache was already
+    /// asked.
+    async fn decide(
+        &self,
+        command: &Command,
+        pending: Option<Pending>,
+        deadline: Instant,
+    ) -> Outcome {
         match command {
             Command::Auth {
                 user,
                 server,
                 password,
-            } => self.auth(user, server, password, deadline).await,
+            } => self.auth(user, server, password, pending, deadline).await,
             Command::IsUser { user, server } => self.isuser(user, server).await,
             other => {
                 let (user, server) = other.jid_parts();
@@ -190,18 +219,21 @@ impl Engine {
     }
 
     /// The answer to `command` when it needs no waiting: a refusal decided from the request
-    /// alone, or a verdict in this process's cache (L1). `None` when answering needs Redis, the
-    /// provider or the directory: [`Engine::handle`] decides it then. Synchronous, so a cached
-    /// hit is answered where the request is read, without a task. Counted under `front` like [`Engine::answer`].
-    pub(crate) fn answer_now(&self, command: &Command, front: Front) -> Option<Outcome> {
+    /// alone, or a verdict in this process's cache (L1). [`Later`] when answering needs Redis,
+    /// the provider or the directory: [`Engine::answer_later`] decides it then. Synchronous, so
+    /// a cached hit is answered where the request is read, without a task. Counted under
+    /// `front` like [`Engine::answer`].
+    pub(crate) fn answer_now(&self, command: &Command, front: Front) -> Result<Outcome, Later> {
         let started = Instant::now();
         let outcome = match command {
             Command::Auth {
                 user,
                 server,
                 password,
-            } => self.auth_now(user, server, password).ok()?,
-            _ => return None,
+            } => self
+                .auth_now(user, server, password)
+                .map_err(|pending| Later(Some(pending)))?,
+            _ => return Err(Later(None)),
         };
         metrics::request(
             command.name(),
@@ -209,7 +241,7 @@ impl Engine {
             (outcome.ok, outcome.reason, outcome.source),
             started.elapsed(),
         );
-        Some(outcome)
+        Ok(outcome)
     }
 
     /// Decides an auth request from the request alone or from L1; otherwise hands back what a
@@ -261,16 +293,19 @@ impl Engine {
         user: &str,
         domain_name: &str,
         token: &Secret,
+        pending: Option<Pending>,
         deadline: Instant,
     ) -> Outcome {
+        // From answer_now when it was asked first: the flight looks in L1 again itself.
+        let pending = match pending.map_or_else(|| self.auth_now(user, domain_name, token), Err) {
+            Ok(outcome) => return outcome,
+            Err(pending) => pending,
+        };
         let Pending {
             domain,
             token_key,
             user_key,
-        } = match self.auth_now(user, domain_name, token) {
-            Ok(outcome) => return outcome,
-            Err(pending) => pending,
-        };
+        } = pending;
         let ask = Ask {
             token_key,
             user_key,

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::admission::{Handshake, Handshakes, InFlight, Slot, Slots};
 use crate::config::{Limits, PeerPolicy};
-use crate::engine::{Engine, Front, Outcome};
+use crate::engine::{Engine, Front, Later, Outcome};
 use crate::listener::{Incoming, Listener};
 use crate::metrics::{self, HandshakeFailure};
 use extauth_protocol::wire::{
@@ -322,31 +322,20 @@ impl RequestReader<'_> {
             Ok(ClientMsg::Request(request)) => {
                 // A cached verdict is answered here: a task per request costs more than the
                 // lookup (its future holds the engine's whole state machine).
-                if let Some(outcome) = self
+                match self
                     .connection
                     .engine
                     .answer_now(&request.command, Front::Shim)
                 {
-                    let response = response(request.id, outcome);
-                    match self.tx.try_send(response) {
-                        // A full queue: the writer is behind, so this answer waits in a task
-                        // rather than stopping the reader.
-                        Err(TrySendError::Full(response)) => {
-                            let tx = self.tx.clone();
-                            self.requests.spawn(async move {
-                                let _ = tx.send(response).await;
-                                drop(marks);
-                            });
-                        }
-                        Ok(()) | Err(TrySendError::Closed(_)) => drop(marks),
+                    Ok(outcome) => self.reply_now(response(request.id, outcome), marks),
+                    Err(later) => {
+                        let (engine, tx) = (self.connection.engine.clone(), self.tx.clone());
+                        self.requests.spawn(async move {
+                            let _ = tx.send(answer(&engine, request, later).await).await;
+                            drop(marks);
+                        });
                     }
-                    return;
                 }
-                let (engine, tx) = (self.connection.engine.clone(), self.tx.clone());
-                self.requests.spawn(async move {
-                    let _ = tx.send(answer(&engine, request).await).await;
-                    drop(marks);
-                });
             }
             // The length prefix keeps the stream in sync, so a bad frame costs only itself.
             Ok(ClientMsg::Hello(_)) | Err(_) => warn!(
@@ -356,12 +345,30 @@ impl RequestReader<'_> {
             ),
         }
     }
+
+    /// Queues an answer decided where the request was read; a full queue (the writer is
+    /// behind) hands it to a task rather than stopping the reader.
+    fn reply_now(&mut self, response: Response, marks: (OwnedSemaphorePermit, InFlight)) {
+        match self.tx.try_send(response) {
+            Err(TrySendError::Full(response)) => {
+                let tx = self.tx.clone();
+                self.requests.spawn(async move {
+                    let _ = tx.send(response).await;
+                    drop(marks);
+                });
+            }
+            Ok(()) | Err(TrySendError::Closed(_)) => drop(marks),
+        }
+    }
 }
 
-/// Decides one request within its deadline (counted with `front="shim"`).
-async fn answer(engine: &Engine, request: Request) -> Response {
+/// Decides one request [`Engine::answer_now`] could not, within its deadline (counted with
+/// `front="shim"`).
+async fn answer(engine: &Engine, request: Request, later: Later) -> Response {
     let deadline = Duration::from_millis(request.deadline_ms.into());
-    let outcome = engine.answer(&request.command, deadline, Front::Shim).await;
+    let outcome = engine
+        .answer_later(&request.command, later, deadline, Front::Shim)
+        .await;
     response(request.id, outcome)
 }
 
